@@ -1,0 +1,218 @@
+//! Wire types of drover's HTTP/JSON protocols.
+//!
+//! *API Boundary*: this is the only crate that knows the JSON shape of what
+//! travels between the server, agents, proxies and the CLI. The pure core
+//! (`drover-core`) has its own plain types; the server translates.
+//!
+//! Protocols:
+//! - agent → server: `POST /v1/agent/register`, `POST /v1/agent/report`
+//!   (also the heartbeat), `GET /v1/agent/assignments?node=N&index=I&wait_ms=W`
+//!   (a blocking query: returns at once when the server's index is past `I`,
+//!   otherwise waits up to `W` ms for a change), `GET /v1/artifacts/{sha256}`.
+//! - proxy → server: `GET /v1/routes?index=I&wait_ms=W` (blocking query),
+//!   `POST /v1/proxy/report`.
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Latency histogram bucket upper bounds in milliseconds, shared by the proxy
+/// (which records) and the server (which computes p99 from them). The last
+/// implicit bucket is +Inf.
+pub const LATENCY_BUCKETS_MS: [f64; 16] = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 300.0, 500.0, 750.0, 1000.0, 2000.0, 5000.0,
+    10000.0, 30000.0,
+];
+
+// ---------------------------------------------------------------- agent ----
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RegisterRequest {
+    /// Node name, unique in the cluster.
+    pub node: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RegisterResponse {
+    pub node: String,
+    /// The node is marked lost when no report arrives for this long.
+    pub lease_ms: u64,
+    /// How often the agent should report (heartbeat).
+    pub report_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AssignmentsResponse {
+    /// Pass back as `index` to block until something changes.
+    pub index: u64,
+    pub assignments: Vec<Assignment>,
+}
+
+/// One instance the server wants on this node, and whether it should run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Assignment {
+    /// Unique instance id, e.g. `hello-r2-7f3a9c`. Safe as a file name.
+    pub instance: String,
+    pub app: String,
+    /// Release name, e.g. `r2`.
+    pub release: String,
+    pub artifact: ArtifactRef,
+    pub run: RunSpec,
+    pub health: HealthSpec,
+    pub desired: DesiredState,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ArtifactRef {
+    /// Hex sha256 of the `.tar.zst` file; the content address.
+    pub sha256: String,
+    pub size: u64,
+    /// Path on the server, e.g. `/v1/artifacts/<sha256>`.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunSpec {
+    /// Run with `sh -c` in the unpacked release directory. Gets `PORT`.
+    pub command: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub stop_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HealthSpec {
+    /// HTTP path checked with GET on 127.0.0.1:PORT; 2xx = success.
+    pub path: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive successes before the instance counts as healthy.
+    pub healthy_after: u32,
+    /// Consecutive failures before a healthy instance counts as unhealthy.
+    pub unhealthy_after: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DesiredState {
+    Run,
+    /// Stop gracefully (SIGTERM, stop_timeout, SIGKILL). The server only
+    /// says this after the instance left routing and drained.
+    Stop,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentReport {
+    pub node: String,
+    pub instances: Vec<InstanceReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstanceReport {
+    pub instance: String,
+    pub state: InstanceState,
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// `host:port` where the instance listens, once known.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// How many times the agent restarted it after it exited.
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default)]
+    pub health: HealthReport,
+    /// Human-readable detail: why it failed, what it waits for.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HealthReport {
+    pub consecutive_ok: u32,
+    pub consecutive_fail: u32,
+    /// e.g. `GET /healthz → 503 "db down"` or `GET /healthz → connection refused`.
+    #[serde(default)]
+    pub last_response: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    /// Downloading/unpacking the artifact.
+    Preparing,
+    /// Process running, not yet `healthy_after` successful checks.
+    Starting,
+    Healthy,
+    /// Was healthy, then failed `unhealthy_after` checks in a row.
+    Unhealthy,
+    /// Exited unexpectedly; waiting for its backoff to restart it.
+    Crashed,
+    /// SIGTERM sent, waiting for exit.
+    Stopping,
+    /// Gone after a requested stop.
+    Stopped,
+    /// Cannot run at all (artifact download/verify/unpack failed).
+    Failed,
+}
+
+// ---------------------------------------------------------------- proxy ----
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RoutesResponse {
+    pub index: u64,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Route {
+    pub app: String,
+    /// Matched against the request's Host header (port ignored, case-insensitive).
+    pub host: String,
+    /// Healthy, routed instances. Empty = 503.
+    pub upstreams: Vec<Upstream>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Upstream {
+    pub instance: String,
+    pub release: String,
+    /// `host:port`.
+    pub address: String,
+    /// Relative weight (all equal for rolling).
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProxyReport {
+    pub proxy: String,
+    /// Index of the routing table now in use for new requests.
+    pub applied_index: u64,
+    /// Oldest routing-table index still referenced by an in-flight request
+    /// (== applied_index when none). An instance removed from routing at
+    /// index I has drained on this proxy once `oldest_live_index >= I`.
+    pub oldest_live_index: u64,
+    /// Cumulative per-release counters since the proxy started.
+    pub stats: Vec<ReleaseStats>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReleaseStats {
+    pub app: String,
+    pub release: String,
+    pub requests: u64,
+    /// Responses with status >= 500, plus upstream failures answered by the proxy.
+    pub errors: u64,
+    /// Non-cumulative counts per bucket of [`LATENCY_BUCKETS_MS`], plus one
+    /// final +Inf bucket (len = LATENCY_BUCKETS_MS.len() + 1).
+    pub latency_buckets: Vec<u64>,
+}
+
+// ------------------------------------------------------------------ CLI ----
+
+/// Error body of every failed API call.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApiError {
+    pub error: String,
+}
