@@ -1,0 +1,207 @@
+//! Domain types shared by the planner and the server: plain data, no I/O.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Milliseconds since the Unix epoch. The planner's only notion of time.
+pub type Millis = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    Rolling,
+    Recreate,
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Strategy::Rolling => "rolling",
+            Strategy::Recreate => "recreate",
+        })
+    }
+}
+
+/// What the planner needs of a release's spec to move to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploySettings {
+    pub strategy: Strategy,
+    pub instances: u32,
+    pub max_surge: u32,
+    pub max_unavailable: u32,
+    /// An instance not healthy this long after it was placed fails the rollout.
+    pub health_deadline_ms: u64,
+    /// An instance out of routing counts as drained after this long even if
+    /// requests are still in flight.
+    pub drain_timeout_ms: u64,
+    pub stop_timeout_ms: u64,
+    pub auto_rollback: bool,
+}
+
+impl DeploySettings {
+    /// The longest the rollout may go without progress before it fails.
+    pub fn progress_deadline_ms(&self) -> u64 {
+        self.health_deadline_ms + self.drain_timeout_ms + self.stop_timeout_ms + 30_000
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    Pending,
+    Progressing,
+    Paused,
+    Succeeded,
+    Failed,
+    RolledBack,
+    Aborted,
+}
+
+impl RolloutState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RolloutState::Succeeded
+                | RolloutState::Failed
+                | RolloutState::RolledBack
+                | RolloutState::Aborted
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Pending => "pending",
+            RolloutState::Progressing => "progressing",
+            RolloutState::Paused => "paused",
+            RolloutState::Succeeded => "succeeded",
+            RolloutState::Failed => "failed",
+            RolloutState::RolledBack => "rolled_back",
+            RolloutState::Aborted => "aborted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => RolloutState::Pending,
+            "progressing" => RolloutState::Progressing,
+            "paused" => RolloutState::Paused,
+            "succeeded" => RolloutState::Succeeded,
+            "failed" => RolloutState::Failed,
+            "rolled_back" => RolloutState::RolledBack,
+            "aborted" => RolloutState::Aborted,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for RolloutState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The persisted progress of one rollout: everything the planner needs to
+/// resume after a control-plane restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub id: i64,
+    pub app: String,
+    /// The release that was live when the rollout started (None on first deploy).
+    pub from: Option<String>,
+    pub to: String,
+    pub state: RolloutState,
+    /// True once the rollout failed and is moving back to `from`.
+    pub reverting: bool,
+    /// Rolling: instances of the target release ready. Recreate: 0 stopping, 1 starting.
+    pub step: u32,
+    pub message: String,
+    /// Why it failed, kept while rolling back.
+    pub failure: Option<String>,
+    pub started_at: Millis,
+    /// When the rollout started moving back (set with `reverting`).
+    pub reverted_at: Option<Millis>,
+    /// Last time `step` advanced (or the rollout started/reverted).
+    pub progress_at: Millis,
+}
+
+impl Rollout {
+    /// The release the planner is currently moving towards.
+    pub fn target(&self) -> Option<&str> {
+        if self.reverting {
+            self.from.as_deref()
+        } else {
+            Some(&self.to)
+        }
+    }
+
+    /// When the current direction began: instances placed before it are not
+    /// held to the health deadline of this phase.
+    pub fn phase_started_at(&self) -> Millis {
+        self.reverted_at.unwrap_or(self.started_at)
+    }
+}
+
+/// What the server wants of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Desired {
+    /// Run it; it may receive traffic when `routed` and healthy.
+    Run,
+    /// Out of routing since `since`; waiting for in-flight requests to finish.
+    Drain { since: Millis },
+    /// Stop it (SIGTERM, stop_timeout, SIGKILL).
+    Stop,
+}
+
+/// What the agent last said of an instance, as the planner sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Placed, not reported yet.
+    Pending,
+    /// Preparing or started, not yet healthy.
+    Starting,
+    Healthy,
+    /// Failing checks, or crashed and waiting to restart.
+    Unhealthy,
+    /// Cannot run (bad artifact).
+    Failed,
+    /// Exited after a stop.
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    pub id: String,
+    pub release: String,
+    pub node: String,
+    pub desired: Desired,
+    pub routed: bool,
+    pub health: Health,
+    /// When it was placed.
+    pub created_at: Millis,
+    /// Out of routing on every proxy and no request in flight (or the drain
+    /// timeout passed). Only meaningful while `desired` is `Drain`.
+    pub drained: bool,
+    /// Last health-check result, for messages.
+    pub last_check: Option<String>,
+}
+
+impl Instance {
+    /// Still (possibly) a running process: counts towards max_surge.
+    pub fn alive(&self) -> bool {
+        !(self.desired == Desired::Stop && self.health == Health::Stopped)
+    }
+
+    /// Serving traffic now.
+    pub fn serving(&self) -> bool {
+        self.desired == Desired::Run && self.routed && self.health == Health::Healthy
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    /// Heartbeat within its lease.
+    pub ready: bool,
+}

@@ -1,0 +1,540 @@
+//! The rollout planner: a pure function from what is wanted and what is
+//! observed to the next actions.
+//!
+//! ```text
+//! (settings, rollout, live release, instances, nodes, now) ──plan──► actions + rollout update
+//! ```
+//!
+//! The server calls [`plan`] on every tick and whenever an observation
+//! changes, applies the actions (records in the store, assignments for agents,
+//! routing for proxies) and persists the updated rollout. Because the planner
+//! reads only persisted and observed state, a restarted server resumes a
+//! rollout where it stood.
+//!
+//! *Architecture Invariant* — the safety rules, checked by property tests:
+//! - never more than `instances + max_surge` alive instances are caused by a plan
+//!   (draining and stopping instances count as alive);
+//! - a plan never retires a serving instance if that leaves fewer than
+//!   `instances - max_unavailable` serving;
+//! - only healthy instances are routed;
+//! - an instance is stopped only after it drained (out of routing, nothing in flight);
+//! - a rollout in a final state places nothing and retires nothing.
+
+use crate::duration::format_ms;
+use crate::model::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Create an instance of `release` on `node` (desired Run, not routed).
+    Place { release: String, node: String },
+    /// Add a healthy instance to routing.
+    Route { instance: String },
+    /// Take an unhealthy instance out of routing (it keeps running).
+    Unroute { instance: String },
+    /// Take an instance out of routing for good and start draining it.
+    Retire { instance: String },
+    /// Tell the agent to stop a drained instance.
+    Stop { instance: String },
+    /// The instance stopped: delete its record.
+    Forget { instance: String },
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::Place { release, node } => write!(f, "place {release} on {node}"),
+            Action::Route { instance } => write!(f, "route {instance}"),
+            Action::Unroute { instance } => write!(f, "unroute {instance}"),
+            Action::Retire { instance } => write!(f, "retire {instance}"),
+            Action::Stop { instance } => write!(f, "stop {instance}"),
+            Action::Forget { instance } => write!(f, "forget {instance}"),
+        }
+    }
+}
+
+pub struct PlanInput<'a> {
+    pub settings: &'a DeploySettings,
+    /// The app's latest rollout, if any (final ones included).
+    pub rollout: Option<&'a Rollout>,
+    /// The release serving when no rollout is active.
+    pub live: Option<&'a str>,
+    pub instances: &'a [Instance],
+    pub nodes: &'a [Node],
+    pub now: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// The rollout after this plan, when it changed.
+    pub rollout: Option<Rollout>,
+}
+
+/// Computes the next actions. Pure and deterministic.
+pub fn plan(input: &PlanInput<'_>) -> Plan {
+    let mut p = Planner::new(input);
+    p.housekeeping();
+    let Some(rollout) = input.rollout.filter(|r| !r.state.is_final()) else {
+        // Steady state: keep the live release's healthy instances routed.
+        if let Some(live) = input.live {
+            p.route_healthy(live);
+        }
+        return p.finish(None);
+    };
+    let mut r = rollout.clone();
+    if r.state == RolloutState::Pending {
+        r.state = RolloutState::Progressing;
+        r.progress_at = input.now;
+    }
+    if r.state == RolloutState::Paused {
+        if let Some(t) = r.target().map(str::to_string) {
+            p.route_healthy(&t);
+        }
+        return p.finish(Some((rollout, r)));
+    }
+    // At most two passes: forward, then (after a failure) reverting.
+    for _ in 0..2 {
+        match p.rollout_step(&mut r) {
+            Step::Continue => return p.finish(Some((rollout, r))),
+            Step::Failed(reason) => {
+                if !r.reverting && input.settings.auto_rollback {
+                    r.reverting = true;
+                    r.reverted_at = Some(input.now);
+                    r.failure = Some(reason.clone());
+                    r.progress_at = input.now;
+                    r.step = 0;
+                    r.message = match &r.from {
+                        Some(f) => format!("rolling back to {f}: {reason}"),
+                        None => format!("removing {}: {reason}", r.to),
+                    };
+                    p.reset_pass();
+                    continue;
+                }
+                r.state = RolloutState::Failed;
+                r.message = match (&r.failure, r.reverting) {
+                    (Some(first), true) => format!("{first}; rollback also failed: {reason}"),
+                    _ => reason,
+                };
+                p.reset_pass();
+                return p.finish(Some((rollout, r)));
+            }
+        }
+    }
+    p.finish(Some((rollout, r)))
+}
+
+enum Step {
+    Continue,
+    Failed(String),
+}
+
+struct Planner<'a> {
+    input: &'a PlanInput<'a>,
+    /// Instance view after the actions so far.
+    inst: BTreeMap<String, Instance>,
+    housekeeping: Vec<Action>,
+    actions: Vec<Action>,
+    placed: Vec<(String, String)>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(input: &'a PlanInput<'a>) -> Self {
+        Planner {
+            input,
+            inst: input
+                .instances
+                .iter()
+                .map(|i| (i.id.clone(), i.clone()))
+                .collect(),
+            housekeeping: Vec::new(),
+            actions: Vec::new(),
+            placed: Vec::new(),
+        }
+    }
+
+    fn now(&self) -> Millis {
+        self.input.now
+    }
+
+    /// Rules that hold whatever the rollout does.
+    fn housekeeping(&mut self) {
+        let ids: Vec<String> = self.inst.keys().cloned().collect();
+        for id in ids {
+            let i = &self.inst[&id];
+            match (i.desired, i.health) {
+                (Desired::Stop, Health::Stopped) => {
+                    self.housekeeping.push(Action::Forget {
+                        instance: id.clone(),
+                    });
+                    self.inst.remove(&id);
+                }
+                (Desired::Drain { .. }, _) if i.drained => {
+                    self.housekeeping.push(Action::Stop {
+                        instance: id.clone(),
+                    });
+                    self.inst.get_mut(&id).expect("present").desired = Desired::Stop;
+                }
+                (Desired::Run, h) if i.routed && h != Health::Healthy => {
+                    self.housekeeping.push(Action::Unroute {
+                        instance: id.clone(),
+                    });
+                    self.inst.get_mut(&id).expect("present").routed = false;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Forget the rollout actions of a pass that ended in failure.
+    fn reset_pass(&mut self) {
+        self.actions.clear();
+        self.placed.clear();
+        self.inst = self
+            .input
+            .instances
+            .iter()
+            .map(|i| (i.id.clone(), i.clone()))
+            .collect();
+        let hk = std::mem::take(&mut self.housekeeping);
+        self.housekeeping();
+        debug_assert_eq!(hk, self.housekeeping);
+    }
+
+    fn route_healthy(&mut self, release: &str) {
+        let ids: Vec<String> = self
+            .inst
+            .values()
+            .filter(|i| {
+                i.release == release
+                    && i.desired == Desired::Run
+                    && i.health == Health::Healthy
+                    && !i.routed
+            })
+            .map(|i| i.id.clone())
+            .collect();
+        for id in ids {
+            self.actions.push(Action::Route {
+                instance: id.clone(),
+            });
+            self.inst.get_mut(&id).expect("present").routed = true;
+        }
+    }
+
+    fn retire(&mut self, id: &str) {
+        self.actions.push(Action::Retire {
+            instance: id.to_string(),
+        });
+        let i = self.inst.get_mut(id).expect("present");
+        i.routed = false;
+        i.desired = Desired::Drain {
+            since: self.input.now,
+        };
+    }
+
+    fn alive_count(&self) -> u32 {
+        (self.inst.values().filter(|i| i.alive()).count() + self.placed.len()) as u32
+    }
+
+    fn serving_count(&self) -> u32 {
+        self.inst.values().filter(|i| i.serving()).count() as u32
+    }
+
+    /// One pass of the strategy towards the rollout's target.
+    fn rollout_step(&mut self, r: &mut Rollout) -> Step {
+        let s = self.input.settings;
+        let n = s.instances;
+        let Some(target) = r.target().map(str::to_string) else {
+            // Reverting a first deploy: nothing to go back to; remove it all.
+            let run: Vec<String> = self
+                .inst
+                .values()
+                .filter(|i| i.desired == Desired::Run)
+                .map(|i| i.id.clone())
+                .collect();
+            for id in run {
+                self.retire(&id);
+            }
+            if self.inst.values().any(|i| i.alive()) {
+                r.message = format!(
+                    "removing {}: {}",
+                    r.to,
+                    r.failure.clone().unwrap_or_default()
+                );
+                return Step::Continue;
+            }
+            return Step::Failed(r.failure.clone().unwrap_or_else(|| "failed".into()));
+        };
+        self.route_healthy(&target);
+
+        // Deadlines: an instance of the target that is not healthy in time.
+        let late = self
+            .inst
+            .values()
+            .filter(|i| {
+                i.release == target && i.desired == Desired::Run && i.health != Health::Healthy
+            })
+            .filter(|i| i.created_at >= r.phase_started_at())
+            .find(|i| self.now().saturating_sub(i.created_at) > s.health_deadline_ms);
+        if let Some(i) = late {
+            return Step::Failed(format!(
+                "instance {} of {} on {} was not healthy within {} ({}; last check: {})",
+                i.id,
+                i.release,
+                i.node,
+                format_ms(s.health_deadline_ms),
+                health_word(i.health),
+                i.last_check.as_deref().unwrap_or("no check ran yet")
+            ));
+        }
+        if self.now().saturating_sub(r.progress_at) > s.progress_deadline_ms() {
+            return Step::Failed(format!(
+                "no progress for {}: {}",
+                format_ms(s.progress_deadline_ms()),
+                r.message
+            ));
+        }
+
+        let is_target = |i: &Instance| i.release == target;
+        match s.strategy {
+            Strategy::Rolling => {
+                // Old instances that serve nothing can go at once.
+                let idle_old: Vec<String> = self
+                    .inst
+                    .values()
+                    .filter(|i| !is_target(i) && i.desired == Desired::Run && !i.serving())
+                    .map(|i| i.id.clone())
+                    .collect();
+                for id in idle_old {
+                    self.retire(&id);
+                }
+                let min_available = n.saturating_sub(s.max_unavailable);
+                // Extra target instances beyond `n` (not serving first).
+                let mut new_run: Vec<&Instance> = self
+                    .inst
+                    .values()
+                    .filter(|i| is_target(i) && i.desired == Desired::Run)
+                    .collect();
+                if new_run.len() as u32 > n {
+                    new_run.sort_by_key(|i| (i.serving(), std::cmp::Reverse(i.created_at)));
+                    let extra: Vec<String> = new_run[..new_run.len() - n as usize]
+                        .iter()
+                        .filter(|i| !i.serving() || self.serving_count() > min_available)
+                        .map(|i| i.id.clone())
+                        .collect();
+                    for id in extra {
+                        if !self.inst[&id].serving() || self.serving_count() > min_available {
+                            self.retire(&id);
+                        }
+                    }
+                }
+                // Serving old instances, bounded by availability.
+                let serving_old: Vec<String> = self
+                    .inst
+                    .values()
+                    .filter(|i| !is_target(i) && i.serving())
+                    .map(|i| i.id.clone())
+                    .collect();
+                for id in serving_old {
+                    if self.serving_count() > min_available {
+                        self.retire(&id);
+                    }
+                }
+                // Start new ones, bounded by surge.
+                let new_run = self
+                    .inst
+                    .values()
+                    .filter(|i| is_target(i) && i.desired == Desired::Run)
+                    .count() as u32;
+                let room = (n + s.max_surge).saturating_sub(self.alive_count());
+                let want = n.saturating_sub(new_run);
+                self.place(&target, room.min(want));
+            }
+            Strategy::Recreate => {
+                let old: Vec<String> = self
+                    .inst
+                    .values()
+                    .filter(|i| !is_target(i) && i.desired == Desired::Run)
+                    .map(|i| i.id.clone())
+                    .collect();
+                for id in old {
+                    self.retire(&id);
+                }
+                if !self.inst.values().any(|i| !is_target(i) && i.alive()) {
+                    let new_run = self
+                        .inst
+                        .values()
+                        .filter(|i| is_target(i) && i.desired == Desired::Run)
+                        .count() as u32;
+                    self.place(&target, n.saturating_sub(new_run));
+                }
+            }
+        }
+
+        // Progress and completion.
+        let ready = self
+            .inst
+            .values()
+            .filter(|i| is_target(i) && i.serving())
+            .count() as u32;
+        let progressed = ready > r.step
+            || !self
+                .actions
+                .iter()
+                .all(|a| matches!(a, Action::Route { .. }))
+            || !self.housekeeping.is_empty();
+        if progressed {
+            r.progress_at = self.now();
+        }
+        r.step = ready;
+        let others_alive = self
+            .inst
+            .values()
+            .filter(|i| !is_target(i) && i.alive())
+            .count();
+        let target_run = self
+            .inst
+            .values()
+            .filter(|i| is_target(i) && i.desired == Desired::Run)
+            .count() as u32;
+        if ready == n && target_run == n && others_alive == 0 && self.placed.is_empty() {
+            if r.reverting {
+                r.state = RolloutState::RolledBack;
+                r.message = format!(
+                    "rolled back to {target}: {}",
+                    r.failure.clone().unwrap_or_default()
+                );
+            } else {
+                r.state = RolloutState::Succeeded;
+                r.message = format!("{target} is live on {n} instance(s)");
+            }
+            return Step::Continue;
+        }
+        r.message = self.waiting_for(r, &target, ready, n);
+        Step::Continue
+    }
+
+    fn place(&mut self, release: &str, count: u32) {
+        if count == 0 {
+            return;
+        }
+        let ready: Vec<&Node> = self.input.nodes.iter().filter(|n| n.ready).collect();
+        if ready.is_empty() {
+            return;
+        }
+        let mut load: BTreeMap<&str, u32> = ready.iter().map(|n| (n.name.as_str(), 0)).collect();
+        for i in self.inst.values().filter(|i| i.alive()) {
+            if let Some(c) = load.get_mut(i.node.as_str()) {
+                *c += 1;
+            }
+        }
+        let mut placed_here: Vec<(String, String)> = Vec::new();
+        for _ in 0..count {
+            let (node, _) = load
+                .iter()
+                .min_by_key(|(name, c)| (**c, *name))
+                .map(|(n, c)| (*n, *c))
+                .expect("non-empty");
+            let node = node.to_string();
+            *load.get_mut(node.as_str()).expect("present") += 1;
+            placed_here.push((release.to_string(), node));
+        }
+        for (release, node) in placed_here {
+            self.actions.push(Action::Place {
+                release: release.clone(),
+                node: node.clone(),
+            });
+            self.placed.push((release, node));
+        }
+    }
+
+    /// The status line: what the rollout waits for right now.
+    fn waiting_for(&self, r: &Rollout, target: &str, ready: u32, n: u32) -> String {
+        let s = self.input.settings;
+        let head = match (&r.from, r.reverting) {
+            (_, true) => format!("rolling back to {target}: {ready}/{n} ready"),
+            (Some(f), false) => format!("{} {f} → {target}: {ready}/{n} ready", s.strategy),
+            (None, false) => format!("{} {target}: {ready}/{n} ready", s.strategy),
+        };
+        let mut waits: Vec<String> = Vec::new();
+        let starting: Vec<&Instance> = self
+            .inst
+            .values()
+            .filter(|i| {
+                i.release == target && i.desired == Desired::Run && i.health != Health::Healthy
+            })
+            .collect();
+        for i in starting.iter().take(2) {
+            let left = s
+                .health_deadline_ms
+                .saturating_sub(self.now().saturating_sub(i.created_at));
+            waits.push(format!(
+                "waiting for {} on {} to become healthy ({}; last check: {}; {} left)",
+                i.id,
+                i.node,
+                health_word(i.health),
+                i.last_check.as_deref().unwrap_or("none yet"),
+                format_ms(left)
+            ));
+        }
+        let draining: Vec<&Instance> = self
+            .inst
+            .values()
+            .filter(|i| matches!(i.desired, Desired::Drain { .. }))
+            .collect();
+        if !draining.is_empty() {
+            let names: Vec<String> = draining
+                .iter()
+                .map(|i| format!("{} on {}", i.id, i.node))
+                .collect();
+            waits.push(format!("draining {}", names.join(", ")));
+        }
+        let stopping: Vec<String> = self
+            .inst
+            .values()
+            .filter(|i| i.desired == Desired::Stop)
+            .map(|i| format!("{} on {}", i.id, i.node))
+            .collect();
+        if !stopping.is_empty() {
+            waits.push(format!("waiting for {} to stop", stopping.join(", ")));
+        }
+        if !self.input.nodes.iter().any(|n| n.ready) {
+            waits.push("no ready node to place instances on".into());
+        }
+        if waits.is_empty() {
+            head
+        } else {
+            format!("{head}; {}", waits.join("; "))
+        }
+    }
+
+    fn finish(self, rollout: Option<(&Rollout, Rollout)>) -> Plan {
+        let mut actions = self.housekeeping;
+        // A release's instances could be routed twice if both passes routed; dedupe.
+        let mut seen = BTreeSet::new();
+        for a in self.actions {
+            if seen.insert(a.to_string()) || matches!(a, Action::Place { .. }) {
+                actions.push(a);
+            }
+        }
+        Plan {
+            actions,
+            rollout: rollout.and_then(|(old, new)| (*old != new).then_some(new)),
+        }
+    }
+}
+
+fn health_word(h: Health) -> &'static str {
+    match h {
+        Health::Pending => "not reported yet",
+        Health::Starting => "starting",
+        Health::Healthy => "healthy",
+        Health::Unhealthy => "unhealthy",
+        Health::Failed => "failed",
+        Health::Stopped => "stopped",
+    }
+}
+
+#[cfg(test)]
+mod tests;

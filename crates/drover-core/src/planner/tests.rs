@@ -1,0 +1,441 @@
+//! Table-driven planner tests through one helper, [`check`]: instances are
+//! written one per line, the expected plan as text.
+//!
+//! Instance line: `id release node desired health [routed] [drained] [t=MS]`
+//! where desired ∈ run|drain|stop and health ∈ pending|starting|healthy|
+//! unhealthy|failed|stopped. `t` is the creation time (default 0).
+
+use super::*;
+
+pub(crate) fn settings(strategy: Strategy, n: u32, surge: u32, unavail: u32) -> DeploySettings {
+    DeploySettings {
+        strategy,
+        instances: n,
+        max_surge: surge,
+        max_unavailable: unavail,
+        health_deadline_ms: 60_000,
+        drain_timeout_ms: 30_000,
+        stop_timeout_ms: 10_000,
+        auto_rollback: true,
+    }
+}
+
+pub(crate) fn rollout(from: Option<&str>, to: &str) -> Rollout {
+    Rollout {
+        id: 1,
+        app: "hello".into(),
+        from: from.map(Into::into),
+        to: to.into(),
+        state: RolloutState::Progressing,
+        reverting: false,
+        step: 0,
+        message: String::new(),
+        failure: None,
+        started_at: 0,
+        reverted_at: None,
+        progress_at: 0,
+    }
+}
+
+fn parse_instances(text: &str) -> Vec<Instance> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let desired = match w[3] {
+                "run" => Desired::Run,
+                "drain" => Desired::Drain { since: 0 },
+                "stop" => Desired::Stop,
+                d => panic!("bad desired {d}"),
+            };
+            let health = match w[4] {
+                "pending" => Health::Pending,
+                "starting" => Health::Starting,
+                "healthy" => Health::Healthy,
+                "unhealthy" => Health::Unhealthy,
+                "failed" => Health::Failed,
+                "stopped" => Health::Stopped,
+                h => panic!("bad health {h}"),
+            };
+            let created_at = w[5..]
+                .iter()
+                .find_map(|f| f.strip_prefix("t="))
+                .map(|t| t.parse().unwrap())
+                .unwrap_or(0);
+            Instance {
+                id: w[0].into(),
+                release: w[1].into(),
+                node: w[2].into(),
+                desired,
+                routed: w[5..].contains(&"routed"),
+                health,
+                created_at,
+                drained: w[5..].contains(&"drained"),
+                last_check: Some("GET /healthz → 503".into()),
+            }
+        })
+        .collect()
+}
+
+fn nodes(names: &[&str]) -> Vec<Node> {
+    names
+        .iter()
+        .map(|n| Node {
+            name: n.to_string(),
+            ready: true,
+        })
+        .collect()
+}
+
+/// Runs the planner and compares its actions (and the rollout state, when
+/// `state` is given) with the expectation.
+fn check(
+    s: &DeploySettings,
+    r: Option<&Rollout>,
+    instances: &str,
+    now: Millis,
+    expect: &[&str],
+    state: Option<RolloutState>,
+) -> Plan {
+    let inst = parse_instances(instances);
+    let ns = nodes(&["n1", "n2", "n3"]);
+    let plan = plan(&PlanInput {
+        settings: s,
+        rollout: r,
+        live: Some("r1"),
+        instances: &inst,
+        nodes: &ns,
+        now,
+    });
+    let got: Vec<String> = plan.actions.iter().map(|a| a.to_string()).collect();
+    assert_eq!(
+        got, expect,
+        "\nplan for:\n{instances}\nrollout: {:?}",
+        plan.rollout
+    );
+    if let Some(st) = state {
+        let got = plan
+            .rollout
+            .as_ref()
+            .map(|r| r.state)
+            .or(r.map(|r| r.state));
+        assert_eq!(got, Some(st), "rollout: {:?}", plan.rollout);
+    }
+    plan
+}
+
+const THREE_R1: &str = "
+    a r1 n1 run healthy routed
+    b r1 n2 run healthy routed
+    c r1 n3 run healthy routed";
+
+#[test]
+fn rolling_with_surge_starts_one_new_instance_and_retires_nothing() {
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    check(
+        &s,
+        Some(&rollout(Some("r1"), "r2")),
+        THREE_R1,
+        1,
+        &["place r2 on n1"],
+        Some(RolloutState::Progressing),
+    );
+}
+
+#[test]
+fn rolling_waits_while_the_new_instance_is_starting() {
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    let inst = format!("{THREE_R1}\n d r2 n1 run starting t=0");
+    let plan = check(
+        &s,
+        Some(&rollout(Some("r1"), "r2")),
+        &inst,
+        5_000,
+        &[],
+        None,
+    );
+    let msg = plan.rollout.unwrap().message;
+    assert!(
+        msg.contains("waiting for d on n1 to become healthy"),
+        "{msg}"
+    );
+    assert!(msg.contains("GET /healthz → 503"), "{msg}");
+}
+
+#[test]
+fn rolling_routes_a_healthy_new_instance_then_retires_one_old() {
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    let inst = format!("{THREE_R1}\n d r2 n1 run healthy");
+    check(
+        &s,
+        Some(&rollout(Some("r1"), "r2")),
+        &inst,
+        1,
+        &["route d", "retire a"],
+        None,
+    );
+}
+
+#[test]
+fn rolling_does_not_start_more_while_a_retired_instance_is_still_alive() {
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    let inst = "
+        a r1 n1 drain healthy
+        b r1 n2 run healthy routed
+        c r1 n3 run healthy routed
+        d r2 n1 run healthy routed";
+    check(&s, Some(&rollout(Some("r1"), "r2")), inst, 1, &[], None);
+}
+
+#[test]
+fn a_drained_instance_is_stopped_and_a_stopped_one_forgotten() {
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    let inst = "
+        a r1 n1 drain healthy drained
+        x r1 n1 stop stopped
+        b r1 n2 run healthy routed
+        c r1 n3 run healthy routed
+        d r2 n1 run healthy routed";
+    // x is gone, a is stopping (still alive): no room to place yet.
+    check(
+        &s,
+        Some(&rollout(Some("r1"), "r2")),
+        inst,
+        1,
+        &["stop a", "forget x"],
+        None,
+    );
+}
+
+#[test]
+fn rolling_with_unavailable_and_no_surge_retires_first_then_places() {
+    let s = settings(Strategy::Rolling, 3, 0, 1);
+    check(
+        &s,
+        Some(&rollout(Some("r1"), "r2")),
+        THREE_R1,
+        1,
+        &["retire a"],
+        None,
+    );
+    let inst = "
+        b r1 n2 run healthy routed
+        c r1 n3 run healthy routed";
+    check(
+        &s,
+        Some(&rollout(Some("r1"), "r2")),
+        inst,
+        1,
+        &["place r2 on n1"],
+        None,
+    );
+}
+
+#[test]
+fn rolling_finishes_when_all_new_serve_and_no_old_remains() {
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    let inst = "
+        d r2 n1 run healthy routed
+        e r2 n2 run healthy routed
+        f r2 n3 run healthy
+        c r1 n3 stop stopped";
+    let plan = check(
+        &s,
+        Some(&rollout(Some("r1"), "r2")),
+        inst,
+        1,
+        &["forget c", "route f"],
+        Some(RolloutState::Succeeded),
+    );
+    assert_eq!(plan.rollout.unwrap().step, 3);
+}
+
+#[test]
+fn an_unhealthy_routed_instance_leaves_routing_but_keeps_running() {
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    let inst = "
+        a r1 n1 run unhealthy routed
+        b r1 n2 run healthy routed
+        c r1 n3 run healthy routed";
+    check(&s, None, inst, 1, &["unroute a"], None);
+}
+
+#[test]
+fn steady_state_routes_healthy_instances_of_the_live_release() {
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    let inst = "
+        a r1 n1 run healthy
+        b r1 n2 run starting";
+    check(&s, None, inst, 1, &["route a"], None);
+}
+
+#[test]
+fn an_instance_not_healthy_by_its_deadline_fails_the_rollout_and_starts_the_rollback() {
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    let inst = format!("{THREE_R1}\n d r2 n1 run unhealthy t=0");
+    let plan = check(
+        &s,
+        Some(&rollout(Some("r1"), "r2")),
+        &inst,
+        60_001,
+        &["retire d"],
+        Some(RolloutState::Progressing),
+    );
+    let r = plan.rollout.unwrap();
+    assert!(r.reverting);
+    assert!(
+        r.failure
+            .as_deref()
+            .unwrap()
+            .contains("instance d of r2 on n1 was not healthy within 1m"),
+        "{r:?}"
+    );
+    assert!(r.message.starts_with("rolling back to r1"), "{r:?}");
+}
+
+#[test]
+fn a_rollback_keeps_old_instances_until_replacements_serve() {
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    let mut r = rollout(Some("r1"), "r2");
+    r.reverting = true;
+    r.reverted_at = Some(100);
+    r.failure = Some("boom".into());
+    // One r1 was already replaced by a healthy r2; the rollback brings r1 back first.
+    let inst = "
+        b r1 n2 run healthy routed
+        c r1 n3 run healthy routed
+        d r2 n1 run healthy routed
+        e r2 n1 run starting";
+    check(&s, Some(&r), inst, 200, &["retire e"], None);
+    let inst = "
+        b r1 n2 run healthy routed
+        c r1 n3 run healthy routed
+        d r2 n1 run healthy routed";
+    check(&s, Some(&r), inst, 200, &["place r1 on n1"], None);
+    let inst = "
+        b r1 n2 run healthy routed
+        c r1 n3 run healthy routed
+        d r2 n1 run healthy routed
+        f r1 n1 run healthy t=150";
+    check(&s, Some(&r), inst, 200, &["route f", "retire d"], None);
+    let inst = "
+        b r1 n2 run healthy routed
+        c r1 n3 run healthy routed
+        f r1 n1 run healthy routed t=150";
+    check(&s, Some(&r), inst, 200, &[], Some(RolloutState::RolledBack));
+}
+
+#[test]
+fn a_failed_rollout_places_and_retires_nothing() {
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    let mut r = rollout(Some("r1"), "r2");
+    r.state = RolloutState::Failed;
+    let inst = "
+        a r1 n1 run healthy routed
+        d r2 n1 run unhealthy";
+    check(
+        &s,
+        Some(&r),
+        inst,
+        1_000_000,
+        &[],
+        Some(RolloutState::Failed),
+    );
+}
+
+#[test]
+fn without_auto_rollback_a_late_instance_fails_the_rollout_in_place() {
+    let mut s = settings(Strategy::Rolling, 3, 1, 0);
+    s.auto_rollback = false;
+    let inst = format!("{THREE_R1}\n d r2 n1 run starting t=0");
+    check(
+        &s,
+        Some(&rollout(Some("r1"), "r2")),
+        &inst,
+        60_001,
+        &[],
+        Some(RolloutState::Failed),
+    );
+}
+
+#[test]
+fn a_first_deploy_places_all_instances_across_nodes() {
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    check(
+        &s,
+        Some(&rollout(None, "r1")),
+        "",
+        1,
+        &["place r1 on n1", "place r1 on n2", "place r1 on n3"],
+        None,
+    );
+}
+
+#[test]
+fn a_paused_rollout_only_keeps_routing_right() {
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    let mut r = rollout(Some("r1"), "r2");
+    r.state = RolloutState::Paused;
+    let inst = format!("{THREE_R1}\n d r2 n1 run healthy");
+    check(
+        &s,
+        Some(&r),
+        &inst,
+        1,
+        &["route d"],
+        Some(RolloutState::Paused),
+    );
+}
+
+#[test]
+fn recreate_retires_all_old_then_places_all_new() {
+    let s = settings(Strategy::Recreate, 3, 0, 0);
+    check(
+        &s,
+        Some(&rollout(Some("r1"), "r2")),
+        THREE_R1,
+        1,
+        &["retire a", "retire b", "retire c"],
+        None,
+    );
+    let inst = "
+        a r1 n1 stop stopping";
+    let inst = inst.replace("stopping", "healthy");
+    check(&s, Some(&rollout(Some("r1"), "r2")), &inst, 1, &[], None);
+    check(
+        &s,
+        Some(&rollout(Some("r1"), "r2")),
+        "",
+        1,
+        &["place r1 on n1", "place r1 on n2", "place r1 on n3"]
+            .map(|a| a.replace("r1", "r2"))
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        None,
+    );
+}
+
+#[test]
+fn a_rollout_without_progress_fails_at_its_progress_deadline() {
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    // No ready nodes: nothing can be placed.
+    let inst = parse_instances(THREE_R1);
+    let r = rollout(Some("r1"), "r2");
+    let nodes = vec![Node {
+        name: "n1".into(),
+        ready: false,
+    }];
+    let now = s.progress_deadline_ms() + 1;
+    let plan = plan(&PlanInput {
+        settings: &s,
+        rollout: Some(&r),
+        live: Some("r1"),
+        instances: &inst,
+        nodes: &nodes,
+        now,
+    });
+    let r = plan.rollout.unwrap();
+    assert!(r.failure.unwrap().starts_with("no progress for"));
+}

@@ -1,0 +1,731 @@
+//! `drover.toml`: the app spec, parsed and validated.
+//!
+//! Every error names the file, line, column and field, and says what to do
+//! (SCENARIOS.md 15). Parsing is strict: unknown fields are errors, so a typo
+//! never silently falls back to a default.
+
+use crate::duration::parse_duration_ms;
+use crate::model::{DeploySettings, Strategy};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use toml::Spanned;
+
+/// A validated app spec. Durations are in milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppSpec {
+    pub name: String,
+    pub build: BuildSpec,
+    pub test: Option<CommandSpec>,
+    pub run: RunSpec,
+    pub health: HealthSpec,
+    pub route: RouteSpec,
+    pub deploy: DeploySettings,
+    pub release: Option<CommandSpec>,
+    pub environments: BTreeMap<String, EnvironmentSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildSpec {
+    /// `None`: nothing to build, the artifact is taken from the checkout.
+    pub command: Option<String>,
+    pub artifact: Vec<String>,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandSpec {
+    pub command: String,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub command: String,
+    pub instances: u32,
+    pub stop_timeout_ms: u64,
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthSpec {
+    pub path: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub healthy_after: u32,
+    pub unhealthy_after: u32,
+    pub deadline_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteSpec {
+    pub host: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnvironmentSpec {
+    pub nodes: BTreeMap<String, String>,
+    pub smoke_test: Option<String>,
+    pub promote: Option<String>,
+}
+
+/// A spec error: where it is and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted field path, e.g. `deploy.max_surge`; empty for syntax errors.
+    pub field: String,
+    pub message: String,
+    /// The offending source line, for display.
+    pub snippet: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        write!(f, "{}", self.message)?;
+        if !self.snippet.is_empty() {
+            let width = self.line.to_string().len();
+            write!(
+                f,
+                "\n {:width$} |\n {} | {}\n {:width$} | {}^",
+                "",
+                self.line,
+                self.snippet,
+                "",
+                " ".repeat(self.column.saturating_sub(1))
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+// ----------------------------------------------------------- raw shape ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    app: Spanned<RawApp>,
+    #[serde(default)]
+    build: Option<RawBuild>,
+    #[serde(default)]
+    test: Option<RawCommand>,
+    run: Spanned<RawRun>,
+    #[serde(default)]
+    health: Option<RawHealth>,
+    route: Option<Spanned<RawRoute>>,
+    #[serde(default)]
+    deploy: Option<RawDeploy>,
+    #[serde(default)]
+    release: Option<RawCommand>,
+    #[serde(default)]
+    environments: BTreeMap<String, RawEnvironment>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    name: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuild {
+    command: Option<String>,
+    #[serde(default)]
+    artifact: Option<Spanned<Vec<Spanned<String>>>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCommand {
+    command: Spanned<String>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRun {
+    command: Spanned<String>,
+    instances: Option<Spanned<i64>>,
+    stop_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    path: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    healthy_after: Option<Spanned<i64>>,
+    unhealthy_after: Option<Spanned<i64>>,
+    deadline: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    host: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeploy {
+    strategy: Option<Spanned<String>>,
+    max_surge: Option<Spanned<i64>>,
+    max_unavailable: Option<Spanned<i64>>,
+    #[serde(default)]
+    steps: Option<Spanned<Vec<Spanned<RawStep>>>>,
+    auto_rollback: Option<bool>,
+    drain_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    analysis: Option<RawAnalysis>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    weight: Spanned<i64>,
+    pause: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // analysis is validated now and used by the canary planner
+struct RawAnalysis {
+    max_error_rate: Option<Spanned<f64>>,
+    max_p99_latency: Option<Spanned<String>>,
+    min_requests: Option<Spanned<i64>>,
+    interval: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnvironment {
+    #[serde(default)]
+    nodes: BTreeMap<String, String>,
+    smoke_test: Option<String>,
+    promote: Option<String>,
+}
+
+// ------------------------------------------------------------- parsing ----
+
+struct Ctx<'a> {
+    file: &'a str,
+    src: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, span: Range<usize>, field: &str, message: impl Into<String>) -> SpecError {
+        let start = span.start.min(self.src.len());
+        let before = &self.src[..start];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+        let column = self.src[line_start..start].chars().count() + 1;
+        let snippet = self.src[line_start..]
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        SpecError {
+            file: self.file.to_string(),
+            line,
+            column,
+            field: field.to_string(),
+            message: message.into(),
+            snippet,
+        }
+    }
+
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        field: &str,
+        default: u64,
+    ) -> Result<u64, SpecError> {
+        match v {
+            None => Ok(default),
+            Some(s) => parse_duration_ms(s.get_ref()).map_err(|m| self.err(s.span(), field, m)),
+        }
+    }
+
+    fn count(
+        &self,
+        v: &Option<Spanned<i64>>,
+        field: &str,
+        default: u32,
+        min: i64,
+        max: i64,
+    ) -> Result<u32, SpecError> {
+        match v {
+            None => Ok(default),
+            Some(n) => {
+                let x = *n.get_ref();
+                if x < min || x > max {
+                    Err(self.err(
+                        n.span(),
+                        field,
+                        format!("{x} is out of range; use a whole number from {min} to {max}"),
+                    ))
+                } else {
+                    Ok(x as u32)
+                }
+            }
+        }
+    }
+}
+
+/// Parses and validates `drover.toml` source. `file` is only used in errors.
+pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
+    let ctx = Ctx { file, src };
+    let raw: Raw = toml::from_str(src).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        let field = field_at(src, &span);
+        let message = e.message().trim().to_string();
+        let message = if message.contains("unknown field") {
+            format!("{message}; remove it or fix its spelling")
+        } else {
+            message
+        };
+        ctx.err(span, &field, message)
+    })?;
+
+    let name = raw.app.get_ref().name.clone();
+    if !valid_name(name.get_ref()) {
+        return Err(ctx.err(
+            name.span(),
+            "app.name",
+            format!(
+                "{:?} is not a valid app name; use 1-40 lowercase letters, digits and '-', starting with a letter",
+                name.get_ref()
+            ),
+        ));
+    }
+
+    let build = match raw.build {
+        None => BuildSpec {
+            command: None,
+            artifact: vec![".".into()],
+            timeout_ms: 600_000,
+        },
+        Some(b) => {
+            let timeout_ms = ctx.duration(&b.timeout, "build.timeout", 600_000)?;
+            let artifact = match b.artifact {
+                None => vec![".".to_string()],
+                Some(list) => {
+                    if list.get_ref().is_empty() {
+                        return Err(ctx.err(list.span(), "build.artifact", "the artifact list is empty; list the files and directories to ship, e.g. [\"target/release/app\"]"));
+                    }
+                    let mut out = Vec::new();
+                    for p in list.get_ref() {
+                        let s = p.get_ref();
+                        if s.is_empty() || s.starts_with('/') || s.split('/').any(|c| c == "..") {
+                            return Err(ctx.err(p.span(), "build.artifact", format!("{s:?} must be a relative path inside the checkout (no leading '/', no '..')")));
+                        }
+                        out.push(s.clone());
+                    }
+                    out
+                }
+            };
+            BuildSpec {
+                command: b.command.filter(|c| !c.trim().is_empty()),
+                artifact,
+                timeout_ms,
+            }
+        }
+    };
+
+    let test = match raw.test {
+        None => None,
+        Some(t) => Some(CommandSpec {
+            timeout_ms: ctx.duration(&t.timeout, "test.timeout", 600_000)?,
+            command: nonempty(&ctx, &t.command, "test.command")?,
+        }),
+    };
+    let release = match raw.release {
+        None => None,
+        Some(t) => Some(CommandSpec {
+            timeout_ms: ctx.duration(&t.timeout, "release.timeout", 600_000)?,
+            command: nonempty(&ctx, &t.command, "release.command")?,
+        }),
+    };
+
+    let r = raw.run.get_ref();
+    let run = RunSpec {
+        command: nonempty(&ctx, &r.command, "run.command")?,
+        instances: ctx.count(&r.instances, "run.instances", 1, 1, 1000)?,
+        stop_timeout_ms: ctx.duration(&r.stop_timeout, "run.stop_timeout", 10_000)?,
+        env: r.env.clone(),
+    };
+    for k in r.env.keys() {
+        if k.is_empty()
+            || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || k == "PORT"
+            || k.starts_with("DROVER_")
+        {
+            return Err(ctx.err(raw.run.span(), "run.env", format!("environment variable name {k:?} is not allowed; use letters, digits and '_' (PORT and DROVER_* are set by drover)")));
+        }
+    }
+
+    let health = {
+        let h = raw.health.unwrap_or(RawHealth {
+            path: None,
+            interval: None,
+            timeout: None,
+            healthy_after: None,
+            unhealthy_after: None,
+            deadline: None,
+        });
+        let path = match &h.path {
+            None => "/healthz".to_string(),
+            Some(p) => {
+                let s = p.get_ref();
+                if !s.starts_with('/') || s.chars().any(|c| c.is_control() || c == ' ') {
+                    return Err(ctx.err(
+                        p.span(),
+                        "health.path",
+                        format!("{s:?} must be an absolute URL path such as \"/healthz\""),
+                    ));
+                }
+                s.clone()
+            }
+        };
+        let interval_ms = ctx.duration(&h.interval, "health.interval", 1_000)?;
+        if interval_ms < 50 {
+            let s = h.interval.as_ref().map(|s| s.span()).unwrap_or(0..0);
+            return Err(ctx.err(s, "health.interval", "must be at least 50ms"));
+        }
+        HealthSpec {
+            path,
+            interval_ms,
+            timeout_ms: ctx.duration(&h.timeout, "health.timeout", interval_ms.clamp(50, 5_000))?,
+            healthy_after: ctx.count(&h.healthy_after, "health.healthy_after", 1, 1, 100)?,
+            unhealthy_after: ctx.count(&h.unhealthy_after, "health.unhealthy_after", 3, 1, 100)?,
+            deadline_ms: ctx.duration(&h.deadline, "health.deadline", 60_000)?,
+        }
+    };
+
+    let route = match raw.route {
+        None => return Err(ctx.err(0..0, "route.host", "missing [route] section; add [route] with host = \"myapp.example.com\" so the proxy can reach the app")),
+        Some(rt) => {
+            let h = &rt.get_ref().host;
+            let s = h.get_ref();
+            if !valid_host(s) {
+                return Err(ctx.err(h.span(), "route.host", format!("{s:?} is not a valid host name; use letters, digits, '-' and '.' such as \"hello.localhost\"")));
+            }
+            RouteSpec { host: s.to_ascii_lowercase() }
+        }
+    };
+
+    let deploy = {
+        let d = raw.deploy.unwrap_or(RawDeploy {
+            strategy: None,
+            max_surge: None,
+            max_unavailable: None,
+            steps: None,
+            auto_rollback: None,
+            drain_timeout: None,
+            analysis: None,
+        });
+        let strategy = match &d.strategy {
+            None => Strategy::Rolling,
+            Some(s) => match s.get_ref().as_str() {
+                "rolling" => Strategy::Rolling,
+                "recreate" => Strategy::Recreate,
+                "canary" | "blue_green" | "partial" => {
+                    return Err(ctx.err(s.span(), "deploy.strategy", format!("strategy {:?} is not available in this version of drover yet; use \"rolling\" or \"recreate\"", s.get_ref())))
+                }
+                other => return Err(ctx.err(s.span(), "deploy.strategy", format!("unknown strategy {other:?}; use one of rolling, canary, blue_green, partial, recreate"))),
+            },
+        };
+        let max_surge = ctx.count(&d.max_surge, "deploy.max_surge", 1, 0, 1000)?;
+        let max_unavailable =
+            ctx.count(&d.max_unavailable, "deploy.max_unavailable", 0, 0, 1000)?;
+        if strategy == Strategy::Rolling && max_surge == 0 && max_unavailable == 0 {
+            let span = d
+                .max_surge
+                .as_ref()
+                .or(d.max_unavailable.as_ref())
+                .map(|s| s.span())
+                .unwrap_or(0..0);
+            return Err(ctx.err(span, "deploy.max_surge", "max_surge and max_unavailable are both 0, so no instance could ever be replaced; set max_surge = 1 (or max_unavailable = 1)"));
+        }
+        if max_unavailable > run.instances {
+            let span = d.max_unavailable.as_ref().map(|s| s.span()).unwrap_or(0..0);
+            return Err(ctx.err(
+                span,
+                "deploy.max_unavailable",
+                format!(
+                    "{max_unavailable} is more than run.instances ({}); use at most {}",
+                    run.instances, run.instances
+                ),
+            ));
+        }
+        if let Some(steps) = &d.steps {
+            let mut last = 0;
+            for st in steps.get_ref() {
+                let w = *st.get_ref().weight.get_ref();
+                if !(0..=100).contains(&w) {
+                    return Err(ctx.err(
+                        st.get_ref().weight.span(),
+                        "deploy.steps.weight",
+                        format!("weight {w} is not a percentage; use 0 to 100"),
+                    ));
+                }
+                if w < last {
+                    return Err(ctx.err(st.get_ref().weight.span(), "deploy.steps.weight", format!("weight {w} is lower than the step before ({last}); step weights must not decrease")));
+                }
+                last = w;
+                ctx.duration(&st.get_ref().pause, "deploy.steps.pause", 0)?;
+            }
+        }
+        if let Some(a) = &d.analysis {
+            if let Some(r) = &a.max_error_rate {
+                let v = *r.get_ref();
+                if !(0.0..=1.0).contains(&v) {
+                    return Err(ctx.err(
+                        r.span(),
+                        "deploy.analysis.max_error_rate",
+                        format!("{v} is not a ratio; use a number from 0 to 1 (0.01 = 1%)"),
+                    ));
+                }
+            }
+            ctx.duration(&a.max_p99_latency, "deploy.analysis.max_p99_latency", 0)?;
+            ctx.duration(&a.interval, "deploy.analysis.interval", 0)?;
+            ctx.count(
+                &a.min_requests,
+                "deploy.analysis.min_requests",
+                0,
+                0,
+                1_000_000_000,
+            )?;
+        }
+        DeploySettings {
+            strategy,
+            instances: run.instances,
+            max_surge,
+            max_unavailable,
+            health_deadline_ms: health.deadline_ms,
+            drain_timeout_ms: ctx.duration(&d.drain_timeout, "deploy.drain_timeout", 30_000)?,
+            stop_timeout_ms: run.stop_timeout_ms,
+            auto_rollback: d.auto_rollback.unwrap_or(true),
+        }
+    };
+
+    let mut environments = BTreeMap::new();
+    for (k, e) in raw.environments {
+        if let Some(p) = &e.promote {
+            if p != "auto" && p != "manual" {
+                return Err(ctx.err(
+                    0..0,
+                    &format!("environments.{k}.promote"),
+                    format!("{p:?} is not a promotion rule; use \"auto\" or \"manual\""),
+                ));
+            }
+        }
+        environments.insert(
+            k,
+            EnvironmentSpec {
+                nodes: e.nodes,
+                smoke_test: e.smoke_test,
+                promote: e.promote,
+            },
+        );
+    }
+
+    Ok(AppSpec {
+        name: name.into_inner(),
+        build,
+        test,
+        run,
+        health,
+        route,
+        deploy,
+        release,
+        environments,
+    })
+}
+
+fn nonempty(ctx: &Ctx<'_>, s: &Spanned<String>, field: &str) -> Result<String, SpecError> {
+    if s.get_ref().trim().is_empty() {
+        Err(ctx.err(s.span(), field, "must not be empty"))
+    } else {
+        Ok(s.get_ref().clone())
+    }
+}
+
+/// The key text at a span, when the span covers a key (for unknown-field
+/// errors), as a best effort; empty otherwise.
+fn field_at(src: &str, span: &Range<usize>) -> String {
+    let text = src.get(span.clone()).unwrap_or("").trim();
+    if !text.is_empty()
+        && text.len() <= 64
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+    {
+        // Prefix with the enclosing [table] header if there is one.
+        let before = &src[..span.start.min(src.len())];
+        let table = before.lines().rev().find_map(|l| {
+            let l = l.trim();
+            (l.starts_with('[') && l.ends_with(']'))
+                .then(|| l.trim_matches(|c| c == '[' || c == ']').to_string())
+        });
+        match table {
+            Some(t) if !t.is_empty() => format!("{t}.{text}"),
+            _ => text.to_string(),
+        }
+    } else {
+        String::new()
+    }
+}
+
+/// App names become parts of file names, instance ids and URLs.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 40
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+fn valid_host(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[app]
+name = "hello"
+
+[build]
+command = "true"
+artifact = ["app.py"]
+
+[run]
+command = "python3 app.py"
+instances = 3
+stop_timeout = "5s"
+
+[health]
+path = "/healthz"
+interval = "200ms"
+healthy_after = 2
+deadline = "30s"
+
+[route]
+host = "hello.localhost"
+
+[deploy]
+strategy = "rolling"
+max_surge = 1
+max_unavailable = 0
+"#;
+
+    fn err(src: &str) -> SpecError {
+        parse_spec("drover.toml", src).expect_err("spec should be rejected")
+    }
+
+    #[test]
+    fn a_complete_spec_parses_into_milliseconds() {
+        let s = parse_spec("drover.toml", GOOD).unwrap();
+        assert_eq!(s.name, "hello");
+        assert_eq!(s.run.instances, 3);
+        assert_eq!(s.run.stop_timeout_ms, 5_000);
+        assert_eq!(s.health.interval_ms, 200);
+        assert_eq!(s.health.healthy_after, 2);
+        assert_eq!(s.deploy.max_surge, 1);
+        assert_eq!(s.deploy.strategy, Strategy::Rolling);
+        assert_eq!(s.route.host, "hello.localhost");
+    }
+
+    #[test]
+    fn a_syntax_error_names_file_and_line() {
+        let e = err("[app]\nname = \"x\"\n[run\ncommand = \"a\"\n");
+        assert_eq!((e.file.as_str(), e.line), ("drover.toml", 3), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_type_names_line_and_field() {
+        let src = GOOD.replace("instances = 3", "instances = \"three\"");
+        let e = err(&src);
+        assert_eq!(e.line, 11, "{e}");
+        assert!(e.to_string().contains("drover.toml:11:"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_field_is_named_with_its_table() {
+        let src = GOOD.replace("max_surge = 1", "max_surge = 1\nmax_surges = 2");
+        let e = err(&src);
+        assert_eq!(e.field, "deploy.max_surges", "{e}");
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn surge_and_unavailable_both_zero_is_rejected_with_advice() {
+        let src = GOOD.replace("max_surge = 1", "max_surge = 0");
+        let e = err(&src);
+        assert_eq!(e.field, "deploy.max_surge");
+        assert_eq!(e.line, 25, "{e}");
+        assert!(e.message.contains("set max_surge = 1"), "{e}");
+    }
+
+    #[test]
+    fn step_weights_over_100_are_rejected() {
+        let src = format!("{GOOD}steps = [{{ weight = 10 }}, {{ weight = 150 }}]\n");
+        let e = err(&src);
+        assert_eq!(e.field, "deploy.steps.weight", "{e}");
+        assert!(e.message.contains("150"), "{e}");
+    }
+
+    #[test]
+    fn bad_durations_hosts_and_names_are_rejected() {
+        assert_eq!(
+            err(&GOOD.replace("\"5s\"", "\"5\"")).field,
+            "run.stop_timeout"
+        );
+        assert_eq!(
+            err(&GOOD.replace("hello.localhost", "bad host")).field,
+            "route.host"
+        );
+        assert_eq!(
+            err(&GOOD.replace("name = \"hello\"", "name = \"../x\"")).field,
+            "app.name"
+        );
+    }
+
+    #[test]
+    fn strategies_not_yet_available_are_refused_not_ignored() {
+        let e = err(&GOOD.replace("\"rolling\"", "\"canary\""));
+        assert_eq!(e.field, "deploy.strategy");
+    }
+
+    #[test]
+    fn display_shows_the_source_line_and_a_caret() {
+        let e = err(&GOOD.replace("max_surge = 1", "max_surge = 0"));
+        let shown = e.to_string();
+        assert!(shown.contains("max_surge = 0"), "{shown}");
+        assert!(shown.contains('^'), "{shown}");
+    }
+}
