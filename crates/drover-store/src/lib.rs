@@ -1,1 +1,215 @@
-//! placeholder
+//! drover's persistent state.
+//!
+//! [`Store`] is the interface the server uses; [`SqliteStore`] implements it
+//! on an embedded SQLite file in WAL mode. Migrations live in
+//! `migrations/sqlite/` and run at open.
+//!
+//! *Architecture Invariant*: every write that changes what agents or proxies
+//! should do (instance placement, desired state, routing) bumps the global
+//! `index` in the same transaction. Agents and proxies long-poll on that
+//! index, so a change is never missed and the index never goes backwards,
+//! even across server restarts.
+#![forbid(unsafe_code)]
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use drover_core::{Desired, Millis, Rollout};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("already exists: {0}")]
+    Conflict(String),
+    #[error("the disk is full: {0}; free some space, drover retries")]
+    NoSpace(String),
+    #[error("stored record does not parse: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Db(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        let s = e.to_string();
+        if s.contains("database or disk is full") || s.contains("No space left") {
+            StoreError::NoSpace(s)
+        } else {
+            StoreError::Db(s)
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppRecord {
+    pub name: String,
+    pub repo: String,
+    pub branch: String,
+    /// JSON of the spec at registration.
+    pub spec: String,
+    pub live_release: Option<String>,
+    pub prev_release: Option<String>,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    pub app: String,
+    pub number: i64,
+    pub commit: String,
+    pub artifact_sha256: String,
+    pub artifact_size: u64,
+    /// JSON snapshot of the spec of that commit.
+    pub spec: String,
+    pub created_at: Millis,
+}
+
+impl ReleaseRecord {
+    pub fn name(&self) -> String {
+        format!("r{}", self.number)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub id: String,
+    pub app: String,
+    pub release: String,
+    pub node: String,
+    pub desired: Desired,
+    /// The routing index at which it left routing (while draining).
+    pub drain_index: Option<u64>,
+    pub routed: bool,
+    pub created_at: Millis,
+    /// JSON of the agent's last report on it.
+    pub observed: Option<String>,
+    pub observed_at: Option<Millis>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub registered_at: Millis,
+    pub last_seen: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProxyRecord {
+    pub name: String,
+    pub applied_index: u64,
+    pub oldest_live_index: u64,
+    pub last_seen: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub id: i64,
+    pub at: Millis,
+    pub app: Option<String>,
+    pub kind: String,
+    pub message: String,
+}
+
+/// A change to one instance, applied with others in one transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InstanceChange {
+    Insert(InstanceRecord),
+    SetRouted {
+        id: String,
+        routed: bool,
+    },
+    /// Out of routing for good; draining from `since`, at the new index.
+    Drain {
+        id: String,
+        since: Millis,
+    },
+    Stop {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+/// drover's persistent state. All methods are atomic.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The current global change index.
+    async fn index(&self) -> Result<u64>;
+
+    async fn insert_app(&self, app: &AppRecord) -> Result<()>;
+    async fn get_app(&self, name: &str) -> Result<AppRecord>;
+    async fn list_apps(&self) -> Result<Vec<AppRecord>>;
+    async fn set_live_release(&self, app: &str, live: &str) -> Result<()>;
+
+    /// Inserts a release with the next number; returns it.
+    async fn create_release(
+        &self,
+        app: &str,
+        commit: &str,
+        sha256: &str,
+        size: u64,
+        spec: &str,
+        now: Millis,
+    ) -> Result<ReleaseRecord>;
+    async fn get_release(&self, app: &str, number: i64) -> Result<ReleaseRecord>;
+    async fn list_releases(&self, app: &str) -> Result<Vec<ReleaseRecord>>;
+
+    /// Inserts a rollout (its `id` is assigned) and returns it.
+    async fn create_rollout(&self, rollout: &Rollout, now: Millis) -> Result<Rollout>;
+    async fn update_rollout(&self, rollout: &Rollout, now: Millis) -> Result<()>;
+    async fn latest_rollout(&self, app: &str) -> Result<Option<Rollout>>;
+
+    async fn list_instances(&self, app: &str) -> Result<Vec<InstanceRecord>>;
+    async fn list_node_instances(&self, node: &str) -> Result<Vec<InstanceRecord>>;
+    /// Applies changes in one transaction; bumps and returns the index if
+    /// anything changed.
+    async fn apply_instance_changes(&self, changes: &[InstanceChange]) -> Result<u64>;
+    /// Records an agent's reports (JSON per instance id) for its own instances.
+    async fn record_observations(
+        &self,
+        node: &str,
+        observed: &[(String, String)],
+        now: Millis,
+    ) -> Result<()>;
+
+    async fn upsert_node(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+        now: Millis,
+    ) -> Result<()>;
+    /// Updates the heartbeat; NotFound when the node never registered.
+    async fn touch_node(&self, name: &str, now: Millis) -> Result<()>;
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>>;
+
+    async fn upsert_proxy(&self, p: &ProxyRecord) -> Result<()>;
+    async fn list_proxies(&self) -> Result<Vec<ProxyRecord>>;
+
+    async fn add_event(
+        &self,
+        app: Option<&str>,
+        kind: &str,
+        message: &str,
+        now: Millis,
+    ) -> Result<()>;
+    async fn list_events(&self, app: Option<&str>, limit: u32) -> Result<Vec<EventRecord>>;
+}
+
+pub fn desired_str(d: Desired) -> &'static str {
+    match d {
+        Desired::Run => "run",
+        Desired::Drain { .. } => "drain",
+        Desired::Stop => "stop",
+    }
+}
+
+#[cfg(test)]
+mod tests;

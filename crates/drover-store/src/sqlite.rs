@@ -1,0 +1,476 @@
+//! The SQLite implementation of [`Store`]: one file, WAL journal,
+//! `synchronous = FULL` so an acknowledged write survives a power cut.
+
+use crate::*;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and runs migrations.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .map_err(StoreError::from)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Db(format!("migration failed: {e}")))?;
+        Ok(SqliteStore { pool })
+    }
+}
+
+fn app_from_row(r: &sqlx::sqlite::SqliteRow) -> AppRecord {
+    AppRecord {
+        name: r.get("name"),
+        repo: r.get("repo"),
+        branch: r.get("branch"),
+        spec: r.get("spec"),
+        live_release: r.get("live_release"),
+        prev_release: r.get("prev_release"),
+        created_at: r.get::<i64, _>("created_at") as u64,
+    }
+}
+
+fn release_from_row(r: &sqlx::sqlite::SqliteRow) -> ReleaseRecord {
+    ReleaseRecord {
+        app: r.get("app"),
+        number: r.get("number"),
+        commit: r.get("commit_sha"),
+        artifact_sha256: r.get("artifact_sha256"),
+        artifact_size: r.get::<i64, _>("artifact_size") as u64,
+        spec: r.get("spec"),
+        created_at: r.get::<i64, _>("created_at") as u64,
+    }
+}
+
+fn instance_from_row(r: &sqlx::sqlite::SqliteRow) -> InstanceRecord {
+    let desired: String = r.get("desired");
+    let since: Option<i64> = r.get("drain_since");
+    InstanceRecord {
+        id: r.get("id"),
+        app: r.get("app"),
+        release: r.get("release"),
+        node: r.get("node"),
+        desired: match desired.as_str() {
+            "drain" => Desired::Drain {
+                since: since.unwrap_or(0) as u64,
+            },
+            "stop" => Desired::Stop,
+            _ => Desired::Run,
+        },
+        drain_index: r.get::<Option<i64>, _>("drain_index").map(|v| v as u64),
+        routed: r.get::<i64, _>("routed") != 0,
+        created_at: r.get::<i64, _>("created_at") as u64,
+        observed: r.get("observed"),
+        observed_at: r.get::<Option<i64>, _>("observed_at").map(|v| v as u64),
+    }
+}
+
+fn rollout_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Rollout> {
+    let data: String = r.get("data");
+    let id: i64 = r.get("id");
+    let mut ro: Rollout = serde_json::from_str(&data)
+        .map_err(|e| StoreError::Corrupt(format!("rollout {id}: {e}")))?;
+    ro.id = id;
+    Ok(ro)
+}
+
+macro_rules! instance_select {
+    ($where:literal) => {
+        concat!("SELECT id, app, release, node, desired, drain_since, drain_index, routed, created_at, observed, observed_at FROM instances WHERE ", $where, " ORDER BY created_at, id")
+    };
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn index(&self) -> Result<u64> {
+        let v: String = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'index'")
+            .fetch_one(&self.pool)
+            .await?;
+        v.parse()
+            .map_err(|_| StoreError::Corrupt(format!("meta index {v:?}")))
+    }
+
+    async fn insert_app(&self, app: &AppRecord) -> Result<()> {
+        let res = sqlx::query("INSERT INTO apps (name, repo, branch, spec, live_release, prev_release, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(&app.name)
+            .bind(&app.repo)
+            .bind(&app.branch)
+            .bind(&app.spec)
+            .bind(&app.live_release)
+            .bind(&app.prev_release)
+            .bind(app.created_at as i64)
+            .execute(&self.pool)
+            .await;
+        match res {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::Conflict(format!("app {}", app.name)))
+            }
+            Err(e) => Err(e.into()),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    async fn get_app(&self, name: &str) -> Result<AppRecord> {
+        let row = sqlx::query("SELECT * FROM apps WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| app_from_row(&r))
+            .ok_or_else(|| StoreError::NotFound(format!("app {name}")))
+    }
+
+    async fn list_apps(&self) -> Result<Vec<AppRecord>> {
+        let rows = sqlx::query("SELECT * FROM apps ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(app_from_row).collect())
+    }
+
+    async fn set_live_release(&self, app: &str, live: &str) -> Result<()> {
+        // The previous live release becomes the default rollback target.
+        sqlx::query(
+            "UPDATE apps SET prev_release = CASE WHEN live_release IS NOT NULL AND live_release != ?1 THEN live_release ELSE prev_release END, live_release = ?1 WHERE name = ?2",
+        )
+        .bind(live)
+        .bind(app)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn create_release(
+        &self,
+        app: &str,
+        commit: &str,
+        sha256: &str,
+        size: u64,
+        spec: &str,
+        now: Millis,
+    ) -> Result<ReleaseRecord> {
+        let mut tx = self.pool.begin().await?;
+        let number: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(number), 0) + 1 FROM releases WHERE app = ?")
+                .bind(app)
+                .fetch_one(&mut *tx)
+                .await?;
+        sqlx::query("INSERT INTO releases (app, number, commit_sha, artifact_sha256, artifact_size, spec, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(app)
+            .bind(number)
+            .bind(commit)
+            .bind(sha256)
+            .bind(size as i64)
+            .bind(spec)
+            .bind(now as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(ReleaseRecord {
+            app: app.into(),
+            number,
+            commit: commit.into(),
+            artifact_sha256: sha256.into(),
+            artifact_size: size,
+            spec: spec.into(),
+            created_at: now,
+        })
+    }
+
+    async fn get_release(&self, app: &str, number: i64) -> Result<ReleaseRecord> {
+        let row = sqlx::query("SELECT * FROM releases WHERE app = ? AND number = ?")
+            .bind(app)
+            .bind(number)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| release_from_row(&r))
+            .ok_or_else(|| StoreError::NotFound(format!("release r{number} of {app}")))
+    }
+
+    async fn list_releases(&self, app: &str) -> Result<Vec<ReleaseRecord>> {
+        let rows = sqlx::query("SELECT * FROM releases WHERE app = ? ORDER BY number DESC")
+            .bind(app)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(release_from_row).collect())
+    }
+
+    async fn create_rollout(&self, rollout: &Rollout, now: Millis) -> Result<Rollout> {
+        let data = serde_json::to_string(rollout).map_err(|e| StoreError::Db(e.to_string()))?;
+        let id: i64 = sqlx::query_scalar("INSERT INTO rollouts (app, state, data, created_at, updated_at) VALUES (?, ?, ?, ?, ?) RETURNING id")
+            .bind(&rollout.app)
+            .bind(rollout.state.as_str())
+            .bind(data)
+            .bind(now as i64)
+            .bind(now as i64)
+            .fetch_one(&self.pool)
+            .await?;
+        let mut r = rollout.clone();
+        r.id = id;
+        Ok(r)
+    }
+
+    async fn update_rollout(&self, rollout: &Rollout, now: Millis) -> Result<()> {
+        let data = serde_json::to_string(rollout).map_err(|e| StoreError::Db(e.to_string()))?;
+        let res =
+            sqlx::query("UPDATE rollouts SET state = ?, data = ?, updated_at = ? WHERE id = ?")
+                .bind(rollout.state.as_str())
+                .bind(data)
+                .bind(now as i64)
+                .bind(rollout.id)
+                .execute(&self.pool)
+                .await?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("rollout {}", rollout.id)));
+        }
+        Ok(())
+    }
+
+    async fn latest_rollout(&self, app: &str) -> Result<Option<Rollout>> {
+        let row =
+            sqlx::query("SELECT id, data FROM rollouts WHERE app = ? ORDER BY id DESC LIMIT 1")
+                .bind(app)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| rollout_from_row(&r)).transpose()
+    }
+
+    async fn list_instances(&self, app: &str) -> Result<Vec<InstanceRecord>> {
+        let rows = sqlx::query(instance_select!("app = ?"))
+            .bind(app)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(instance_from_row).collect())
+    }
+
+    async fn list_node_instances(&self, node: &str) -> Result<Vec<InstanceRecord>> {
+        let rows = sqlx::query(instance_select!("node = ?"))
+            .bind(node)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(instance_from_row).collect())
+    }
+
+    async fn apply_instance_changes(&self, changes: &[InstanceChange]) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let index: String = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'index'")
+            .fetch_one(&mut *tx)
+            .await?;
+        let index: u64 = index
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("meta index {index:?}")))?;
+        if changes.is_empty() {
+            return Ok(index);
+        }
+        let next = index + 1;
+        for c in changes {
+            match c {
+                InstanceChange::Insert(i) => {
+                    sqlx::query("INSERT INTO instances (id, app, release, node, desired, drain_since, drain_index, routed, created_at) VALUES (?, ?, ?, ?, ?, NULL, NULL, ?, ?)")
+                        .bind(&i.id)
+                        .bind(&i.app)
+                        .bind(&i.release)
+                        .bind(&i.node)
+                        .bind(desired_str(i.desired))
+                        .bind(i.routed as i64)
+                        .bind(i.created_at as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                InstanceChange::SetRouted { id, routed } => {
+                    sqlx::query("UPDATE instances SET routed = ? WHERE id = ?")
+                        .bind(*routed as i64)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                InstanceChange::Drain { id, since } => {
+                    sqlx::query("UPDATE instances SET routed = 0, desired = 'drain', drain_since = ?, drain_index = ? WHERE id = ?")
+                        .bind(*since as i64)
+                        .bind(next as i64)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                InstanceChange::Stop { id } => {
+                    sqlx::query("UPDATE instances SET routed = 0, desired = 'stop' WHERE id = ?")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                InstanceChange::Delete { id } => {
+                    sqlx::query("DELETE FROM instances WHERE id = ?")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        sqlx::query("UPDATE meta SET value = ? WHERE key = 'index'")
+            .bind(next.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(next)
+    }
+
+    async fn record_observations(
+        &self,
+        node: &str,
+        observed: &[(String, String)],
+        now: Millis,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (id, json) in observed {
+            sqlx::query(
+                "UPDATE instances SET observed = ?, observed_at = ? WHERE id = ? AND node = ?",
+            )
+            .bind(json)
+            .bind(now as i64)
+            .bind(id)
+            .bind(node)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("UPDATE nodes SET last_seen = ? WHERE name = ?")
+            .bind(now as i64)
+            .bind(node)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn upsert_node(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+        now: Millis,
+    ) -> Result<()> {
+        let labels = serde_json::to_string(labels).map_err(|e| StoreError::Db(e.to_string()))?;
+        sqlx::query("INSERT INTO nodes (name, labels, registered_at, last_seen) VALUES (?1, ?2, ?3, ?3) ON CONFLICT(name) DO UPDATE SET labels = ?2, last_seen = ?3")
+            .bind(name)
+            .bind(labels)
+            .bind(now as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn touch_node(&self, name: &str, now: Millis) -> Result<()> {
+        let res = sqlx::query("UPDATE nodes SET last_seen = ? WHERE name = ?")
+            .bind(now as i64)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("node {name}")));
+        }
+        Ok(())
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>> {
+        let rows = sqlx::query("SELECT * FROM nodes ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let name: String = r.get("name");
+                let labels: String = r.get("labels");
+                Ok(NodeRecord {
+                    labels: serde_json::from_str(&labels)
+                        .map_err(|e| StoreError::Corrupt(format!("node {name} labels: {e}")))?,
+                    name,
+                    registered_at: r.get::<i64, _>("registered_at") as u64,
+                    last_seen: r.get::<i64, _>("last_seen") as u64,
+                })
+            })
+            .collect()
+    }
+
+    async fn upsert_proxy(&self, p: &ProxyRecord) -> Result<()> {
+        sqlx::query("INSERT INTO proxies (name, applied_index, oldest_live_index, last_seen) VALUES (?1, ?2, ?3, ?4) ON CONFLICT(name) DO UPDATE SET applied_index = ?2, oldest_live_index = ?3, last_seen = ?4")
+            .bind(&p.name)
+            .bind(p.applied_index as i64)
+            .bind(p.oldest_live_index as i64)
+            .bind(p.last_seen as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn list_proxies(&self) -> Result<Vec<ProxyRecord>> {
+        let rows = sqlx::query("SELECT * FROM proxies ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ProxyRecord {
+                name: r.get("name"),
+                applied_index: r.get::<i64, _>("applied_index") as u64,
+                oldest_live_index: r.get::<i64, _>("oldest_live_index") as u64,
+                last_seen: r.get::<i64, _>("last_seen") as u64,
+            })
+            .collect())
+    }
+
+    async fn add_event(
+        &self,
+        app: Option<&str>,
+        kind: &str,
+        message: &str,
+        now: Millis,
+    ) -> Result<()> {
+        sqlx::query("INSERT INTO events (at, app, kind, message) VALUES (?, ?, ?, ?)")
+            .bind(now as i64)
+            .bind(app)
+            .bind(kind)
+            .bind(message)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn list_events(&self, app: Option<&str>, limit: u32) -> Result<Vec<EventRecord>> {
+        let rows = match app {
+            Some(a) => {
+                sqlx::query("SELECT * FROM events WHERE app = ? ORDER BY id DESC LIMIT ?")
+                    .bind(a)
+                    .bind(limit as i64)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT * FROM events ORDER BY id DESC LIMIT ?")
+                    .bind(limit as i64)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        Ok(rows
+            .iter()
+            .map(|r| EventRecord {
+                id: r.get("id"),
+                at: r.get::<i64, _>("at") as u64,
+                app: r.get("app"),
+                kind: r.get("kind"),
+                message: r.get("message"),
+            })
+            .collect())
+    }
+}

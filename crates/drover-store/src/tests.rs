@@ -1,0 +1,182 @@
+//! Store tests against a real SQLite file.
+
+use super::*;
+use drover_core::RolloutState;
+
+async fn open() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("drover.db"))
+        .await
+        .unwrap();
+    (dir, s)
+}
+
+fn app(name: &str) -> AppRecord {
+    AppRecord {
+        name: name.into(),
+        repo: "/r".into(),
+        branch: "main".into(),
+        spec: "{}".into(),
+        live_release: None,
+        prev_release: None,
+        created_at: 1,
+    }
+}
+
+fn rollout() -> Rollout {
+    Rollout {
+        id: 0,
+        app: "a".into(),
+        from: None,
+        to: "r1".into(),
+        state: RolloutState::Pending,
+        reverting: false,
+        step: 0,
+        message: String::new(),
+        failure: None,
+        started_at: 1,
+        reverted_at: None,
+        progress_at: 1,
+    }
+}
+
+#[tokio::test]
+async fn apps_are_unique_and_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("drover.db");
+    {
+        let s = SqliteStore::open(&path).await.unwrap();
+        s.insert_app(&app("a")).await.unwrap();
+        assert!(matches!(
+            s.insert_app(&app("a")).await,
+            Err(StoreError::Conflict(_))
+        ));
+    }
+    let s = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(s.get_app("a").await.unwrap().name, "a");
+    assert!(matches!(s.get_app("b").await, Err(StoreError::NotFound(_))));
+}
+
+#[tokio::test]
+async fn releases_are_numbered_per_app_and_live_release_remembers_the_previous() {
+    let (_d, s) = open().await;
+    s.insert_app(&app("a")).await.unwrap();
+    let r1 = s
+        .create_release("a", "c1", "d1", 10, "{}", 1)
+        .await
+        .unwrap();
+    let r2 = s
+        .create_release("a", "c2", "d2", 10, "{}", 2)
+        .await
+        .unwrap();
+    assert_eq!((r1.name(), r2.name()), ("r1".to_string(), "r2".to_string()));
+    s.set_live_release("a", "r1").await.unwrap();
+    s.set_live_release("a", "r2").await.unwrap();
+    let a = s.get_app("a").await.unwrap();
+    assert_eq!(
+        (a.live_release.as_deref(), a.prev_release.as_deref()),
+        (Some("r2"), Some("r1"))
+    );
+    assert_eq!(s.list_releases("a").await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn rollout_progress_is_persisted_at_every_update() {
+    let (_d, s) = open().await;
+    s.insert_app(&app("a")).await.unwrap();
+    let mut r = s.create_rollout(&rollout(), 1).await.unwrap();
+    r.step = 2;
+    r.state = RolloutState::Progressing;
+    s.update_rollout(&r, 2).await.unwrap();
+    assert_eq!(s.latest_rollout("a").await.unwrap(), Some(r));
+}
+
+#[tokio::test]
+async fn instance_changes_bump_the_index_once_per_transaction() {
+    let (_d, s) = open().await;
+    s.insert_app(&app("a")).await.unwrap();
+    let i0 = s.index().await.unwrap();
+    let rec = InstanceRecord {
+        id: "i1".into(),
+        app: "a".into(),
+        release: "r1".into(),
+        node: "n1".into(),
+        desired: Desired::Run,
+        drain_index: None,
+        routed: false,
+        created_at: 5,
+        observed: None,
+        observed_at: None,
+    };
+    let i1 = s
+        .apply_instance_changes(&[
+            InstanceChange::Insert(rec),
+            InstanceChange::SetRouted {
+                id: "i1".into(),
+                routed: true,
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(i1, i0 + 1);
+    let i2 = s
+        .apply_instance_changes(&[InstanceChange::Drain {
+            id: "i1".into(),
+            since: 9,
+        }])
+        .await
+        .unwrap();
+    let got = s.list_instances("a").await.unwrap();
+    assert_eq!(got[0].desired, Desired::Drain { since: 9 });
+    assert_eq!(got[0].drain_index, Some(i2));
+    assert!(!got[0].routed);
+    s.record_observations("n1", &[("i1".into(), "{\"x\":1}".into())], 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.list_node_instances("n1").await.unwrap()[0]
+            .observed
+            .as_deref(),
+        Some("{\"x\":1}")
+    );
+    // Another node cannot write observations for it.
+    s.record_observations("n2", &[("i1".into(), "{}".into())], 11)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.list_instances("a").await.unwrap()[0].observed_at,
+        Some(10)
+    );
+    s.apply_instance_changes(&[InstanceChange::Delete { id: "i1".into() }])
+        .await
+        .unwrap();
+    assert!(s.list_instances("a").await.unwrap().is_empty());
+    assert_eq!(s.apply_instance_changes(&[]).await.unwrap(), i2 + 1);
+}
+
+#[tokio::test]
+async fn nodes_must_register_before_heartbeats() {
+    let (_d, s) = open().await;
+    assert!(matches!(
+        s.touch_node("n1", 1).await,
+        Err(StoreError::NotFound(_))
+    ));
+    s.upsert_node("n1", &BTreeMap::from([("role".into(), "web".into())]), 1)
+        .await
+        .unwrap();
+    s.touch_node("n1", 5).await.unwrap();
+    let n = &s.list_nodes().await.unwrap()[0];
+    assert_eq!((n.last_seen, n.labels["role"].as_str()), (5, "web"));
+}
+
+#[tokio::test]
+async fn events_are_listed_newest_first() {
+    let (_d, s) = open().await;
+    s.add_event(Some("a"), "deploy", "one", 1).await.unwrap();
+    s.add_event(Some("a"), "deploy", "two", 2).await.unwrap();
+    let ev = s.list_events(Some("a"), 10).await.unwrap();
+    assert_eq!(
+        ev.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(),
+        ["two", "one"]
+    );
+}
