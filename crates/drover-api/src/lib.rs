@@ -216,3 +216,117 @@ pub struct ReleaseStats {
 pub struct ApiError {
     pub error: String,
 }
+
+// ------------------------------------------------------- control plane ----
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AddAppRequest {
+    /// A path on the server's machine or a git URL.
+    pub repo: String,
+    #[serde(default)]
+    pub branch: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AppInfo {
+    pub name: String,
+    pub repo: String,
+    pub branch: String,
+    pub host: String,
+    pub live_release: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DeployRequest {
+    /// Branch, tag or commit; default: the tracked branch's tip.
+    #[serde(default)]
+    pub git_ref: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RollbackRequest {
+    /// e.g. `r3`; default: the release that was live before the current one.
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeployResponse {
+    pub release: String,
+    pub commit: String,
+    pub rollout_id: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReleaseInfo {
+    pub name: String,
+    pub commit: String,
+    pub artifact_sha256: String,
+    pub artifact_size: u64,
+    pub created_at_ms: u64,
+    pub live: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AppStatus {
+    pub app: String,
+    pub environment: String,
+    pub live_release: Option<String>,
+    pub rollout: Option<RolloutStatus>,
+    /// Release → percent of traffic (integers summing to 100 when serving).
+    pub traffic: BTreeMap<String, u32>,
+    pub instances: Vec<InstanceStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RolloutStatus {
+    pub id: i64,
+    pub from: Option<String>,
+    pub to: String,
+    pub strategy: String,
+    /// pending | progressing | paused | succeeded | failed | rolled_back | aborted
+    pub state: String,
+    /// Instances of the target release serving.
+    pub step: u32,
+    /// Instances wanted.
+    pub steps: u32,
+    /// True while an automatic rollback is moving back to `from`.
+    pub reverting: bool,
+    pub message: String,
+    pub failure: Option<String>,
+    pub started_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstanceStatus {
+    pub id: String,
+    pub release: String,
+    pub node: String,
+    pub address: Option<String>,
+    /// pending | preparing | starting | healthy | unhealthy | crashed |
+    /// draining | stopping | stopped | failed | lost
+    pub state: String,
+    pub routed: bool,
+    pub pid: Option<u32>,
+    pub restarts: u32,
+    pub last_check: Option<String>,
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub ready: bool,
+    pub last_seen_ms_ago: u64,
+    pub instances: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EventInfo {
+    pub id: i64,
+    pub at_ms: u64,
+    pub app: Option<String>,
+    pub kind: String,
+    pub message: String,
+}

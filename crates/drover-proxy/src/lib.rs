@@ -1,1 +1,172 @@
-//! placeholder
+//! drover's traffic layer: an edge HTTP proxy built on pingora.
+//!
+//! The proxy routes each request by its Host header to one of the healthy
+//! instances the control plane lists for that host, retries safely on
+//! connection failures, adds `x-drover-release`/`x-drover-instance` to
+//! responses, records per-release request/error/latency stats, and reports
+//! them — with the drain-tracking `oldest_live_index` — to the control plane.
+//!
+//! Layout:
+//! - [`table`]: immutable routing tables, atomic swap, drain registry,
+//!   smooth weighted round robin;
+//! - [`stats`]: per-(app, release) counters and latency histograms;
+//! - [`service`]: the pingora `ProxyHttp` implementation (request path);
+//! - [`poller`]: long-polls the control plane for new routing tables;
+//! - [`reporter`]: posts `ProxyReport`s to the control plane;
+//! - [`state`]: what the request path and the control loop share.
+//!
+//! pingora owns the process (its own runtimes, signal handling and exit), so
+//! [`run`] starts the control loop on a thread of its own and then hands the
+//! process to pingora.
+#![forbid(unsafe_code)]
+
+pub mod poller;
+pub mod reporter;
+pub mod service;
+pub mod state;
+pub mod stats;
+pub mod table;
+mod warn_limiter;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::Server;
+
+pub use service::DroverProxy;
+pub use state::ProxyState;
+
+/// How the proxy runs.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Listen address for HTTP traffic, e.g. `127.0.0.1:8080`.
+    pub listen: String,
+    /// Control-plane base URL, e.g. `http://127.0.0.1:7070`.
+    pub server: String,
+    /// Proxy id used in reports, e.g. `proxy-1`.
+    pub name: String,
+    /// pingora worker threads.
+    pub threads: usize,
+    /// On SIGTERM, keep serving in-flight requests this long.
+    pub grace_period_secs: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: "127.0.0.1:8080".into(),
+            server: "http://127.0.0.1:7070".into(),
+            name: "proxy-1".into(),
+            threads: 2,
+            grace_period_secs: 5,
+        }
+    }
+}
+
+/// How long [`run`] waits for a first routing table before it starts
+/// listening anyway (requests then get 503 until a table arrives).
+const FIRST_TABLE_WAIT: Duration = Duration::from_secs(3);
+
+/// pingora's server configuration for `config`, built in code: no config
+/// file, no daemon, no command-line parsing.
+pub fn server_conf(config: &ProxyConfig) -> ServerConf {
+    let sock_name: String = config
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    ServerConf {
+        daemon: false,
+        threads: config.threads.max(1),
+        grace_period_seconds: Some(config.grace_period_secs),
+        graceful_shutdown_timeout_seconds: Some(5),
+        max_retries: table::MAX_TRIES,
+        // Per-proxy paths so that several proxies on one machine (tests,
+        // `drover up`) never touch each other's files.
+        pid_file: std::env::temp_dir()
+            .join(format!("drover-proxy-{sock_name}.pid"))
+            .to_string_lossy()
+            .into_owned(),
+        upgrade_sock: std::env::temp_dir()
+            .join(format!("drover-proxy-{sock_name}-upgrade.sock"))
+            .to_string_lossy()
+            .into_owned(),
+        ..ServerConf::default()
+    }
+}
+
+/// Runs the proxy until the process is told to stop (SIGTERM: graceful,
+/// SIGINT: fast). pingora exits the process itself, so this only returns on a
+/// setup error.
+pub fn run(config: ProxyConfig) -> anyhow::Result<()> {
+    // reqwest uses rustls; make the process-wide provider choice explicit so
+    // that no other crate's rustls features can make it ambiguous. An error
+    // means one is installed already, which is fine.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+
+    let server_url = config.server.trim_end_matches('/').to_string();
+    let state = Arc::new(ProxyState::new(config.name.clone()));
+    start_control_loop(server_url.clone(), state.clone())?;
+
+    // Give the poller a moment, so the first requests see real routes.
+    let deadline = Instant::now() + FIRST_TABLE_WAIT;
+    while !state.tables.load().loaded && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !state.tables.load().loaded {
+        tracing::warn!(
+            server = server_url,
+            "no routing table yet; answering 503 until one arrives"
+        );
+    }
+
+    let conf = server_conf(&config);
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    server.bootstrap();
+    let mut proxy =
+        pingora_proxy::http_proxy_service(&server.configuration, DroverProxy::new(state));
+    proxy.add_tcp(&config.listen);
+    server.add_service(proxy);
+    tracing::info!(
+        listen = config.listen,
+        server = server_url,
+        name = config.name,
+        "drover proxy starting"
+    );
+    server.run_forever()
+}
+
+/// Starts the route poller and the reporter on a dedicated thread with a
+/// small tokio runtime of its own (pingora's runtimes are its business).
+pub fn start_control_loop(server: String, state: Arc<ProxyState>) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        .context("building the control-plane HTTP client")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("drover-proxy-control")
+        .build()
+        .context("building the control-loop runtime")?;
+    std::thread::Builder::new()
+        .name("drover-proxy-control".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                tokio::join!(
+                    poller::run(client.clone(), server.clone(), state.clone()),
+                    reporter::run(client, server, state),
+                );
+            });
+        })
+        .context("spawning the control-loop thread")?;
+    Ok(())
+}

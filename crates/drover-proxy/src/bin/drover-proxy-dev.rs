@@ -1,0 +1,37 @@
+//! A stand-alone launcher for the proxy, for development and for this crate's
+//! end-to-end test (pingora exits the process it runs in, so the test runs the
+//! proxy as a child process). The real entry point is `drover proxy`.
+//!
+//! Usage: `drover-proxy-dev [--listen ADDR] [--server URL] [--name NAME]
+//! [--threads N] [--grace SECS]`; logs follow `RUST_LOG`.
+
+use anyhow::{bail, Context as _};
+use drover_proxy::ProxyConfig;
+
+fn parse_args() -> anyhow::Result<ProxyConfig> {
+    let mut config = ProxyConfig::default();
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--listen" => config.listen = value()?,
+            "--server" => config.server = value()?,
+            "--name" => config.name = value()?,
+            "--threads" => config.threads = value()?.parse().context("--threads")?,
+            "--grace" => config.grace_period_secs = value()?.parse().context("--grace")?,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(config)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = parse_args()?;
+    drover_proxy::run(config)
+}
