@@ -1,1 +1,80 @@
-//! placeholder
+//! drover's per-server agent with the `process` driver.
+//!
+//! [`run`] registers with the control plane, long-polls this node's
+//! assignments and converges to them: downloads and verifies artifacts,
+//! unpacks each release read-only, runs instances in their own process
+//! groups under supervision (restart with backoff, health checks, graceful
+//! stop), and reports. Apps survive the agent: on shutdown (or SIGKILL) the
+//! agent leaves them running and re-adopts them by pid + start time from
+//! its state file when it starts again.
+//!
+//! Files: `config` (what to run with), `client` (HTTP protocol), `session`
+//! (register/poll/report loops), `supervisor` (per-instance tasks),
+//! `artifacts` + `unpack` (releases), `process` (spawn/identify/signal),
+//! `health` (checks), `state` (state file), `logs` (log files), `ports`.
+#![forbid(unsafe_code)]
+
+pub mod artifacts;
+pub mod client;
+pub mod config;
+pub mod health;
+pub mod logs;
+pub mod ports;
+pub mod process;
+pub mod session;
+pub mod state;
+pub mod supervisor;
+pub mod unpack;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+pub use config::AgentConfig;
+
+use crate::artifacts::ArtifactStore;
+use crate::client::ControlClient;
+use crate::session::Session;
+use crate::supervisor::{Supervisor, SupervisorConfig};
+
+/// Runs the agent until `shutdown` is cancelled, then returns without
+/// stopping any app process.
+///
+/// Errors only when it cannot start at all (data dir not creatable, bad
+/// server URL); an unreachable server is retried forever.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let client = ControlClient::new(&config.server)
+        .with_context(|| format!("bad control plane URL {:?}", config.server))?;
+    let artifacts = Arc::new(ArtifactStore::new(config.data_dir.clone(), client.clone()));
+    // Adopt what runs before talking to anyone: supervision resumes at once.
+    let sup = Arc::new(Supervisor::start(
+        SupervisorConfig::new(
+            config.data_dir.clone(),
+            config.advertise_host.clone(),
+            config.port_range,
+        ),
+        artifacts,
+    )?);
+    tracing::info!(node = %config.node, server = %config.server,
+        data_dir = %config.data_dir.display(), "agent started");
+    let request = drover_api::RegisterRequest {
+        node: config.node.clone(),
+        labels: config.labels.clone(),
+    };
+    if let Some(session) = Session::establish(client, request, shutdown.clone()).await {
+        let poll = tokio::spawn(session.clone().assignments_loop(sup.clone()));
+        let report = tokio::spawn(session.report_loop(sup.clone()));
+        shutdown.cancelled().await;
+        let _ = poll.await;
+        let _ = report.await;
+    }
+    match Arc::try_unwrap(sup) {
+        Ok(sup) => sup.detach().await,
+        Err(sup) => drop(sup),
+    }
+    tracing::info!(node = %config.node, "agent stopped (apps left running)");
+    Ok(())
+}

@@ -1,1 +1,103 @@
-//! placeholder
+//! drover's control plane.
+//!
+//! - [`api`]: the HTTP/JSON API (CLI, agents, proxies) and the one place
+//!   where errors become HTTP statuses.
+//! - [`engine`]: the rollout engine. It alone writes rollouts and instance
+//!   placement: every tick it feeds persisted + observed state to the pure
+//!   planner (`drover_core::planner`) and applies the actions.
+//! - [`pipeline`]: a commit → fresh checkout → build → content-addressed
+//!   artifact → release.
+//! - [`git`]: the git CLI, with validated refs and no shell.
+//! - [`artifact`]: deterministic tar.zst packing and sha256.
+//! - [`view`]: turns records into the status/instance views.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod artifact;
+pub mod engine;
+pub mod git;
+pub mod pipeline;
+pub mod view;
+
+use anyhow::Context;
+use drover_store::{SqliteStore, Store};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::{watch, Mutex};
+use tokio_util::sync::CancellationToken;
+
+/// How long a node stays ready without a heartbeat.
+pub const NODE_LEASE_MS: u64 = 10_000;
+/// How often agents report.
+pub const REPORT_INTERVAL_MS: u64 = 1_000;
+/// A proxy that has not reported this long is not waited for when draining.
+pub const PROXY_FRESH_MS: u64 = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+/// Shared state of the control plane.
+pub struct Server {
+    pub store: Arc<dyn Store>,
+    pub data_dir: PathBuf,
+    /// The global change index; long polls wait on it.
+    pub index: watch::Sender<u64>,
+    pub engine: engine::EngineHandle,
+    /// One deploy at a time per app (build + rollout creation).
+    pub deploy_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    pub shutdown: CancellationToken,
+}
+
+impl Server {
+    pub async fn deploy_lock(&self, app: &str) -> Arc<Mutex<()>> {
+        self.deploy_locks.lock().await.entry(app.to_string()).or_default().clone()
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs the control plane until `shutdown` is cancelled.
+pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    for d in ["artifacts", "repos", "work", "logs"] {
+        std::fs::create_dir_all(config.data_dir.join(d))?;
+    }
+    let store = SqliteStore::open(&config.data_dir.join("drover.db"))
+        .await
+        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let index = store.index().await?;
+    let (index_tx, _) = watch::channel(index);
+    let (engine_handle, engine_rx) = engine::channel();
+    let server = Arc::new(Server {
+        store,
+        data_dir: config.data_dir.clone(),
+        index: index_tx,
+        engine: engine_handle,
+        deploy_locks: Mutex::new(HashMap::new()),
+        shutdown: shutdown.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.addr))?;
+    tracing::info!(addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "drover server listening");
+    let engine_task = tokio::spawn(engine::run(server.clone(), engine_rx));
+    let app = api::router(server.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await?;
+    shutdown.cancel();
+    let _ = engine_task.await;
+    Ok(())
+}

@@ -1,0 +1,993 @@
+//! Supervision of instances: one task per instance converges it to its
+//! assignment (prepare the release, start, watch, health-check, restart
+//! with backoff, stop gracefully), and keeps the shared book of what runs
+//! (persisted to the state file, reported to the server).
+//!
+//! Apps outlive the supervisor: [`Supervisor::detach`] (and drop) end the
+//! tasks without touching the processes; [`Supervisor::start`] re-adopts
+//! processes from the state file by pid + start time.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use drover_api::{
+    Assignment, DesiredState, HealthReport, HealthSpec, InstanceReport, InstanceState,
+};
+use nix::sys::signal::Signal;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn, Instrument};
+
+use crate::artifacts::{is_safe_name, ArtifactStore};
+use crate::health::{self, HealthTracker, Probe};
+use crate::logs;
+use crate::ports;
+use crate::process::{self, SpawnSpec};
+use crate::state::{self, AgentState, InstanceRecord};
+
+/// First restart delay; doubles per consecutive crash.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// Longest restart delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Healthy this long after a start → the backoff starts over.
+pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
+/// Retry of a failed preparation/start that may succeed later.
+pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(30);
+/// How often an adopted process (not our child) is checked.
+pub const ADOPTED_POLL: Duration = Duration::from_millis(250);
+/// Wait for exit after SIGKILL before giving up on it.
+const AFTER_KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// Delay before the restart that follows `streak` consecutive crashes
+/// (0 → 500 ms, 1 → 1 s, 2 → 2 s, … capped at 30 s).
+pub fn restart_backoff(streak: u32) -> Duration {
+    BACKOFF_BASE
+        .saturating_mul(1u32 << streak.min(16))
+        .min(BACKOFF_MAX)
+}
+
+/// `500ms`, `2s`, `1.5s`.
+pub fn fmt_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// Where and how the supervisor works.
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    pub data_dir: PathBuf,
+    /// Host part of reported addresses.
+    pub advertise_host: String,
+    /// Inclusive port range for instances.
+    pub port_range: (u16, u16),
+    /// How often logs are checked for rotation.
+    pub log_check_interval: Duration,
+    /// Rotate logs larger than this.
+    pub max_log_bytes: u64,
+}
+
+impl SupervisorConfig {
+    pub fn new(data_dir: PathBuf, advertise_host: String, port_range: (u16, u16)) -> Self {
+        SupervisorConfig {
+            data_dir,
+            advertise_host,
+            port_range,
+            log_check_interval: Duration::from_secs(10),
+            max_log_bytes: logs::MAX_LOG_BYTES,
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+#[derive(Debug)]
+pub(crate) struct AbortOnDrop(pub(crate) JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runtime status of one instance (not persisted).
+#[derive(Debug, Clone)]
+struct Status {
+    state: InstanceState,
+    health: HealthReport,
+    message: Option<String>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    rec: InstanceRecord,
+    status: Status,
+}
+
+#[derive(Debug)]
+struct Book {
+    port_cursor: u16,
+    instances: BTreeMap<String, Entry>,
+}
+
+struct Slot {
+    tx: watch::Sender<Option<Assignment>>,
+    handle: JoinHandle<()>,
+}
+
+struct Shared {
+    cfg: SupervisorConfig,
+    artifacts: Arc<ArtifactStore>,
+    probe_client: reqwest::Client,
+    book: Mutex<Book>,
+    /// Lock order: tasks → book; save_lock → book.
+    tasks: Mutex<HashMap<String, Slot>>,
+    save_lock: Mutex<()>,
+    save_failing: AtomicBool,
+    changed: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().expect("book poisoned")
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Writes the state file (serialized under the save lock so writes
+    /// land in order). Failures are logged once per streak.
+    fn persist(&self) {
+        let _g = self.save_lock.lock().expect("save lock poisoned");
+        let snapshot = {
+            let b = self.book();
+            AgentState {
+                version: state::VERSION,
+                port_cursor: Some(b.port_cursor),
+                instances: b
+                    .instances
+                    .iter()
+                    .map(|(k, e)| (k.clone(), e.rec.clone()))
+                    .collect(),
+            }
+        };
+        let path = state::state_path(&self.cfg.data_dir);
+        match state::save(&path, &snapshot) {
+            Ok(()) => {
+                if self.save_failing.swap(false, Ordering::Relaxed) {
+                    info!(path = %path.display(), "agent state file written again");
+                }
+            }
+            Err(e) => {
+                if !self.save_failing.swap(true, Ordering::Relaxed) {
+                    error!(path = %path.display(), error = %e,
+                        "cannot write agent state file (apps keep running; will retry)");
+                }
+            }
+        }
+    }
+
+    /// Applies `f` to the instance's entry (if still known) and notifies.
+    fn update<R>(&self, id: &str, notify: bool, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
+        let r = {
+            let mut b = self.book();
+            b.instances.get_mut(id).map(f)
+        };
+        if notify {
+            self.bump();
+        }
+        r
+    }
+
+    fn allocate_port(&self) -> Option<u16> {
+        let mut b = self.book();
+        let in_use: HashSet<u16> = b.instances.values().filter_map(|e| e.rec.port).collect();
+        let mut cursor = b.port_cursor;
+        let port = ports::pick_port(self.cfg.port_range, &mut cursor, &in_use)?;
+        b.port_cursor = cursor;
+        Some(port)
+    }
+}
+
+/// How an instance task begins.
+enum Initial {
+    Fresh,
+    Adopt { pid: u32, start: u64 },
+    CrashedWhileAway,
+}
+
+/// The instances of this node and their tasks.
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    load_problem: Option<String>,
+    _log_task: AbortOnDrop,
+}
+
+impl Supervisor {
+    /// Loads the state file, re-adopts live processes, starts the tasks.
+    /// Must be called inside a tokio runtime.
+    pub fn start(cfg: SupervisorConfig, artifacts: Arc<ArtifactStore>) -> anyhow::Result<Self> {
+        for sub in ["artifacts", "releases", "logs"] {
+            std::fs::create_dir_all(cfg.data_dir.join(sub))?;
+        }
+        let loaded = state::load(&state::state_path(&cfg.data_dir));
+        if let Some(p) = &loaded.problem {
+            if loaded.corrupt {
+                error!("{p}");
+            } else {
+                warn!("{p}");
+            }
+        }
+        let mut instances = BTreeMap::new();
+        let mut initial = Vec::new();
+        for (id, mut rec) in loaded.state.instances {
+            let alive = match (rec.pid, rec.start_time) {
+                (Some(pid), Some(st)) => process::is_alive(pid, st).then_some((pid, st)),
+                _ => None,
+            };
+            let run = rec.assignment.desired == DesiredState::Run;
+            let how = if let Some((pid, start)) = alive {
+                info!(instance = %id, app = %rec.assignment.app, release = %rec.assignment.release,
+                    pid, "re-adopting running instance");
+                Initial::Adopt { pid, start }
+            } else if rec.pid.is_some() && run {
+                Initial::CrashedWhileAway
+            } else {
+                Initial::Fresh
+            };
+            if alive.is_none() {
+                if rec.pid.is_some() {
+                    info!(instance = %id, pid = rec.pid, "recorded process is gone (or its pid was reused)");
+                }
+                rec.pid = None;
+                rec.start_time = None;
+            }
+            let state = match how {
+                Initial::Adopt { .. } => {
+                    HealthTracker::new(rec.health.unwrap_or(InstanceState::Starting)).state
+                }
+                Initial::CrashedWhileAway => InstanceState::Crashed,
+                Initial::Fresh if run => InstanceState::Preparing,
+                Initial::Fresh => InstanceState::Stopped,
+            };
+            let assignment = rec.assignment.clone();
+            instances.insert(
+                id.clone(),
+                Entry {
+                    rec,
+                    status: Status {
+                        state,
+                        health: HealthReport::default(),
+                        message: None,
+                    },
+                },
+            );
+            initial.push((assignment, how));
+        }
+        let (changed, _) = watch::channel(0u64);
+        let shared = Arc::new(Shared {
+            book: Mutex::new(Book {
+                port_cursor: loaded.state.port_cursor.unwrap_or(cfg.port_range.0),
+                instances,
+            }),
+            cfg,
+            artifacts,
+            probe_client: health::probe_client(),
+            tasks: Mutex::new(HashMap::new()),
+            save_lock: Mutex::new(()),
+            save_failing: AtomicBool::new(false),
+            changed,
+        });
+        shared.persist();
+        {
+            let mut tasks = shared.tasks.lock().expect("tasks poisoned");
+            for (a, how) in initial {
+                let slot = spawn_instance(&shared, a.clone(), how);
+                tasks.insert(a.instance.clone(), slot);
+            }
+        }
+        let log_task = {
+            let dir = logs::logs_dir(&shared.cfg.data_dir);
+            let every = shared.cfg.log_check_interval;
+            let max = shared.cfg.max_log_bytes;
+            AbortOnDrop(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let dir = dir.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        logs::rotate_all(&dir, max, logs::KEEP)
+                    })
+                    .await;
+                }
+            }))
+        };
+        Ok(Supervisor {
+            shared,
+            load_problem: loaded.problem,
+            _log_task: log_task,
+        })
+    }
+
+    /// What was wrong with the state file at start, if anything.
+    pub fn load_problem(&self) -> Option<&str> {
+        self.load_problem.as_deref()
+    }
+
+    /// Converges to `assignments` (the server's complete list for this
+    /// node): new ones start, changed ones are updated, and instances not
+    /// listed any more are stopped and forgotten.
+    pub fn reconcile(&self, assignments: &[Assignment]) {
+        let mut dirty = false;
+        {
+            let mut tasks = self.shared.tasks.lock().expect("tasks poisoned");
+            let mut seen = HashSet::new();
+            for a in assignments {
+                seen.insert(a.instance.clone());
+                if tasks
+                    .get(&a.instance)
+                    .is_some_and(|s| s.handle.is_finished())
+                {
+                    tasks.remove(&a.instance);
+                }
+                if let Some(slot) = tasks.get(&a.instance) {
+                    let changed = slot.tx.send_if_modified(|cur| {
+                        if cur.as_ref() != Some(a) {
+                            *cur = Some(a.clone());
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                    if changed {
+                        self.shared
+                            .update(&a.instance, false, |e| e.rec.assignment = a.clone());
+                        dirty = true;
+                    }
+                } else {
+                    {
+                        let mut b = self.shared.book();
+                        let entry =
+                            b.instances
+                                .entry(a.instance.clone())
+                                .or_insert_with(|| Entry {
+                                    rec: InstanceRecord::new(a.clone()),
+                                    status: Status {
+                                        state: InstanceState::Preparing,
+                                        health: HealthReport::default(),
+                                        message: None,
+                                    },
+                                });
+                        entry.rec.assignment = a.clone();
+                    }
+                    let slot = spawn_instance(&self.shared, a.clone(), Initial::Fresh);
+                    tasks.insert(a.instance.clone(), slot);
+                    dirty = true;
+                }
+            }
+            for (id, slot) in tasks.iter() {
+                if !seen.contains(id) {
+                    slot.tx.send_if_modified(|cur| cur.take().is_some());
+                }
+            }
+        }
+        if dirty {
+            self.shared.persist();
+            self.shared.bump();
+        }
+    }
+
+    /// One report per known instance.
+    pub fn reports(&self) -> Vec<InstanceReport> {
+        let b = self.shared.book();
+        b.instances
+            .values()
+            .map(|e| InstanceReport {
+                instance: e.rec.instance.clone(),
+                state: e.status.state,
+                pid: e.rec.pid,
+                address: match (e.rec.pid, e.rec.port) {
+                    (Some(_), Some(port)) => {
+                        Some(format!("{}:{port}", self.shared.cfg.advertise_host))
+                    }
+                    _ => None,
+                },
+                restarts: e.rec.restarts,
+                health: e.status.health.clone(),
+                message: e.status.message.clone(),
+            })
+            .collect()
+    }
+
+    /// Ticks whenever an instance changes state (for prompt reports).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.shared.changed.subscribe()
+    }
+
+    /// Ends all tasks without stopping any process, and writes the state.
+    pub async fn detach(self) {
+        let slots: Vec<Slot> = {
+            let mut tasks = self.shared.tasks.lock().expect("tasks poisoned");
+            tasks.drain().map(|(_, s)| s).collect()
+        };
+        for s in &slots {
+            s.handle.abort();
+        }
+        for s in slots {
+            let _ = s.handle.await;
+        }
+        self.shared.persist();
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if let Ok(tasks) = self.shared.tasks.lock() {
+            for s in tasks.values() {
+                s.handle.abort();
+            }
+        }
+    }
+}
+
+fn spawn_instance(shared: &Arc<Shared>, a: Assignment, how: Initial) -> Slot {
+    let (tx, rx) = watch::channel(Some(a.clone()));
+    let span =
+        tracing::info_span!("instance", instance = %a.instance, app = %a.app, release = %a.release);
+    let task = InstanceTask {
+        shared: shared.clone(),
+        id: a.instance.clone(),
+        rx,
+        running: None,
+        pending_restart: None,
+        retry_at: None,
+    };
+    let handle = tokio::spawn(task.run(how).instrument(span));
+    Slot { tx, handle }
+}
+
+/// The process of a running instance.
+enum Proc {
+    Child {
+        child: tokio::process::Child,
+        pid: u32,
+        start: u64,
+    },
+    Adopted {
+        pid: u32,
+        start: u64,
+    },
+}
+
+impl Proc {
+    fn ids(&self) -> (u32, u64) {
+        match self {
+            Proc::Child { pid, start, .. } | Proc::Adopted { pid, start } => (*pid, *start),
+        }
+    }
+
+    /// Waits for the group leader to exit; describes how. Cancel-safe.
+    async fn wait_exit(&mut self) -> String {
+        if let Proc::Child { child, .. } = self {
+            match child.wait().await {
+                Ok(status) => return process::describe_exit(status),
+                Err(e) => warn!(error = %e, "cannot wait for child; polling /proc instead"),
+            }
+        }
+        let (pid, start) = self.ids();
+        loop {
+            if !process::is_alive(pid, start) {
+                return "exited (status unknown: the process was adopted)".to_string();
+            }
+            tokio::time::sleep(ADOPTED_POLL).await;
+        }
+    }
+}
+
+struct Running {
+    proc: Proc,
+    tracker: HealthTracker,
+    health_rx: mpsc::Receiver<Probe>,
+    _health_task: AbortOnDrop,
+    healthy_since: Option<Instant>,
+}
+
+enum Step {
+    /// Re-read the assignment and go on.
+    Again,
+    /// The supervisor is going away.
+    Exit,
+}
+
+struct InstanceTask {
+    shared: Arc<Shared>,
+    id: String,
+    rx: watch::Receiver<Option<Assignment>>,
+    running: Option<Running>,
+    /// Restart after a crash, not before.
+    pending_restart: Option<Instant>,
+    /// Retry a failed preparation/start, not before.
+    retry_at: Option<Instant>,
+}
+
+impl InstanceTask {
+    async fn run(mut self, how: Initial) {
+        match how {
+            Initial::Fresh => {}
+            Initial::Adopt { pid, start } => self.adopt(pid, start),
+            Initial::CrashedWhileAway => {
+                self.crashed("exited while the agent was down".to_string(), None)
+            }
+        }
+        loop {
+            let want = self.rx.borrow_and_update().clone();
+            let step = match want {
+                None => {
+                    if let Some(r) = self.running.take() {
+                        let timeout = self.recorded_stop_timeout();
+                        self.stop(r, timeout).await;
+                    }
+                    if self.try_forget() {
+                        return;
+                    }
+                    Step::Again
+                }
+                Some(a) if a.desired == DesiredState::Stop => {
+                    self.pending_restart = None;
+                    self.retry_at = None;
+                    if let Some(r) = self.running.take() {
+                        self.stop(r, a.run.stop_timeout_ms).await;
+                    }
+                    self.shared.update(&self.id, true, |e| {
+                        if e.status.state != InstanceState::Stopped {
+                            e.status = Status {
+                                state: InstanceState::Stopped,
+                                health: HealthReport::default(),
+                                message: None,
+                            };
+                        }
+                    });
+                    self.wait_change().await
+                }
+                Some(a) => {
+                    if self.running.is_none() {
+                        match self.bring_up(&a).await {
+                            Ok(r) => {
+                                self.running = Some(r);
+                                Step::Again
+                            }
+                            Err(step) => step,
+                        }
+                    } else {
+                        self.watch(&a.health).await
+                    }
+                }
+            };
+            if let Step::Exit = step {
+                return;
+            }
+        }
+    }
+
+    async fn wait_change(&mut self) -> Step {
+        match self.rx.changed().await {
+            Ok(()) => Step::Again,
+            Err(_) => Step::Exit,
+        }
+    }
+
+    /// Sleeps until `at` unless the assignment changes first.
+    async fn sleep_until(&mut self, at: Instant) -> Option<Step> {
+        tokio::select! {
+            _ = tokio::time::sleep_until(at.into()) => None,
+            r = self.rx.changed() => Some(if r.is_ok() { Step::Again } else { Step::Exit }),
+        }
+    }
+
+    fn recorded_stop_timeout(&self) -> u64 {
+        self.shared
+            .book()
+            .instances
+            .get(&self.id)
+            .map(|e| e.rec.assignment.run.stop_timeout_ms)
+            .unwrap_or(10_000)
+    }
+
+    fn fail(&mut self, message: String, retry: bool) {
+        warn!(error = %message, "instance cannot run");
+        self.retry_at = retry.then(|| Instant::now() + RETRY_FAILED_AFTER);
+        let message = if retry {
+            format!(
+                "{message} (retrying in {})",
+                fmt_duration(RETRY_FAILED_AFTER)
+            )
+        } else {
+            message
+        };
+        self.shared.update(&self.id, true, |e| {
+            e.status = Status {
+                state: InstanceState::Failed,
+                health: HealthReport::default(),
+                message: Some(message),
+            };
+        });
+    }
+
+    /// Backoff / retry wait, then prepare the release and start.
+    async fn bring_up(&mut self, a: &Assignment) -> Result<Running, Step> {
+        let mut is_restart = false;
+        if let Some(at) = self.pending_restart {
+            if let Some(step) = self.sleep_until(at).await {
+                return Err(step);
+            }
+            self.pending_restart = None;
+            is_restart = true;
+        }
+        if let Some(at) = self.retry_at {
+            if let Some(step) = self.sleep_until(at).await {
+                return Err(step);
+            }
+            self.retry_at = None;
+        }
+        if !is_safe_name(&a.instance) {
+            self.fail(
+                format!("instance id {:?} is not a safe file name", a.instance),
+                false,
+            );
+            return Err(self.wait_change().await);
+        }
+        let needs_fetch = !crate::artifacts::release_dir(
+            &self.shared.cfg.data_dir,
+            &a.app,
+            &a.release,
+            &a.artifact.sha256.to_ascii_lowercase(),
+        )
+        .is_dir();
+        if needs_fetch {
+            self.shared.update(&self.id, true, |e| {
+                e.status.state = InstanceState::Preparing;
+                e.status.message = Some(format!(
+                    "fetching artifact {}",
+                    &a.artifact.sha256[..12.min(a.artifact.sha256.len())]
+                ));
+            });
+        }
+        let artifacts = self.shared.artifacts.clone();
+        let prepared = tokio::select! {
+            r = artifacts.ensure_release(a) => r,
+            r = self.rx.changed() => return Err(if r.is_ok() { Step::Again } else { Step::Exit }),
+        };
+        let dir = match prepared {
+            Ok(dir) => dir,
+            Err(e) => {
+                let retry = e.is_retryable();
+                self.fail(e.to_string(), retry);
+                return Err(if retry {
+                    Step::Again
+                } else {
+                    self.wait_change().await
+                });
+            }
+        };
+        if is_restart {
+            self.shared.update(&self.id, false, |e| {
+                e.rec.restarts = e.rec.restarts.saturating_add(1)
+            });
+        }
+        match self.start(a, dir) {
+            Ok(r) => Ok(r),
+            Err(msg) => {
+                self.fail(msg, true);
+                Err(Step::Again)
+            }
+        }
+    }
+
+    fn start(&mut self, a: &Assignment, dir: PathBuf) -> Result<Running, String> {
+        let port = self
+            .shared
+            .allocate_port()
+            .ok_or_else(|| format!("no free port in {:?}", self.shared.cfg.port_range))?;
+        let log_path = logs::log_path(&self.shared.cfg.data_dir, &a.instance);
+        let mut log = logs::open_log(&log_path)
+            .map_err(|e| format!("cannot open log {}: {e}", log_path.display()))?;
+        let restarts = self
+            .shared
+            .book()
+            .instances
+            .get(&self.id)
+            .map(|e| e.rec.restarts)
+            .unwrap_or(0);
+        let _ = logs::agent_line(
+            &mut log,
+            &format!(
+                "starting {} (release {}, port {port}, restarts {restarts})",
+                a.instance, a.release
+            ),
+        );
+        let spawned = process::spawn(&SpawnSpec {
+            command: &a.run.command,
+            dir: &dir,
+            env: &a.run.env,
+            port,
+            app: &a.app,
+            release: &a.release,
+            instance: &a.instance,
+            log: &log,
+        })
+        .map_err(|e| format!("cannot start `sh -c` in {}: {e}", dir.display()))?;
+        let (pid, start) = (spawned.pid, spawned.start_time);
+        info!(pid, port, "instance started");
+        self.shared.update(&self.id, true, |e| {
+            e.rec.pid = Some(pid);
+            e.rec.start_time = Some(start);
+            e.rec.port = Some(port);
+            e.rec.release_dir = Some(dir.clone());
+            e.rec.health = Some(InstanceState::Starting);
+            e.status = Status {
+                state: InstanceState::Starting,
+                health: HealthReport::default(),
+                message: None,
+            };
+        });
+        self.shared.persist();
+        Ok(self.running(
+            Proc::Child {
+                child: spawned.child,
+                pid,
+                start,
+            },
+            port,
+            InstanceState::Starting,
+            &a.health,
+        ))
+    }
+
+    fn running(&self, proc: Proc, port: u16, state: InstanceState, spec: &HealthSpec) -> Running {
+        let (tx, rx) = mpsc::channel(4);
+        let client = self.shared.probe_client.clone();
+        let spec = spec.clone();
+        let task = tokio::spawn(async move {
+            let every = Duration::from_millis(spec.interval_ms.max(20));
+            loop {
+                tokio::time::sleep(every).await;
+                let p = health::probe(&client, port, &spec).await;
+                if tx.send(p).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let tracker = HealthTracker::new(state);
+        Running {
+            healthy_since: (tracker.state == InstanceState::Healthy).then(Instant::now),
+            proc,
+            tracker,
+            health_rx: rx,
+            _health_task: AbortOnDrop(task),
+        }
+    }
+
+    fn adopt(&mut self, pid: u32, start: u64) {
+        let Some((port, health, spec)) = self.shared.book().instances.get(&self.id).map(|e| {
+            (
+                e.rec.port,
+                e.rec.health.unwrap_or(InstanceState::Starting),
+                e.rec.assignment.health.clone(),
+            )
+        }) else {
+            return;
+        };
+        let Some(port) = port else {
+            warn!(
+                pid,
+                "adopted process has no recorded port; health checks cannot run"
+            );
+            return;
+        };
+        let r = self.running(Proc::Adopted { pid, start }, port, health, &spec);
+        let state = r.tracker.state;
+        self.shared
+            .update(&self.id, true, |e| e.status.state = state);
+        self.running = Some(r);
+    }
+
+    /// The leader exited while it should run: clean up its group, schedule
+    /// the restart after the backoff.
+    fn crashed(&mut self, how: String, r: Option<Running>) {
+        let healthy_long = r
+            .as_ref()
+            .and_then(|r| r.healthy_since)
+            .is_some_and(|t| t.elapsed() >= BACKOFF_RESET_AFTER);
+        if let Some(r) = &r {
+            let (pid, start) = r.proc.ids();
+            // Leftover members of its group would hold the port.
+            process::signal_group(pid, start, Signal::SIGKILL);
+        }
+        let id = self.id.clone();
+        let info = self.shared.update(&id, true, |e| {
+            if healthy_long {
+                e.rec.crash_streak = 0;
+            }
+            let delay = restart_backoff(e.rec.crash_streak);
+            e.rec.crash_streak = e.rec.crash_streak.saturating_add(1);
+            e.rec.pid = None;
+            e.rec.start_time = None;
+            e.rec.health = None;
+            let message = format!(
+                "waiting {} before restart #{} ({how})",
+                fmt_duration(delay),
+                e.rec.restarts.saturating_add(1)
+            );
+            e.status = Status {
+                state: InstanceState::Crashed,
+                health: HealthReport {
+                    last_response: e.status.health.last_response.take(),
+                    ..HealthReport::default()
+                },
+                message: Some(message.clone()),
+            };
+            (delay, message)
+        });
+        self.shared.persist();
+        if let Some((delay, message)) = info {
+            warn!("instance exited: {message}");
+            self.pending_restart = Some(Instant::now() + delay);
+        }
+    }
+
+    /// Watches the running process: exit, health results, assignment change.
+    async fn watch(&mut self, spec: &HealthSpec) -> Step {
+        let Some(r) = self.running.as_mut() else {
+            return Step::Again;
+        };
+        loop {
+            tokio::select! {
+                how = r.proc.wait_exit() => {
+                    let r = self.running.take();
+                    self.crashed(how, r);
+                    return Step::Again;
+                }
+                Some(p) = r.health_rx.recv() => {
+                    on_probe(&self.shared, &self.id, r, &p, spec);
+                }
+                res = self.rx.changed() => {
+                    return if res.is_ok() { Step::Again } else { Step::Exit };
+                }
+            }
+        }
+    }
+
+    /// SIGTERM to the group, wait up to `timeout_ms` for the whole group to
+    /// go, then SIGKILL.
+    async fn stop(&mut self, mut r: Running, timeout_ms: u64) {
+        let (pid, start) = r.proc.ids();
+        let timeout = Duration::from_millis(timeout_ms);
+        self.shared.update(&self.id, true, |e| {
+            e.status.state = InstanceState::Stopping;
+            e.status.message = Some(format!(
+                "SIGTERM sent, waiting up to {} before SIGKILL",
+                fmt_duration(timeout)
+            ));
+        });
+        info!(pid, "stopping: SIGTERM to the process group");
+        let sent = process::signal_group(pid, start, Signal::SIGTERM);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let exited = sent
+            && tokio::time::timeout_at(deadline, r.proc.wait_exit())
+                .await
+                .is_ok();
+        let mut group_gone = exited;
+        if exited {
+            while process::group_exists(pid) {
+                if tokio::time::Instant::now() >= deadline {
+                    group_gone = false;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+        if sent && !group_gone {
+            warn!(pid, timeout = %fmt_duration(timeout), "still running after the stop timeout: SIGKILL to the process group");
+            process::signal_group(pid, start, Signal::SIGKILL);
+            if !exited
+                && tokio::time::timeout(AFTER_KILL_WAIT, r.proc.wait_exit())
+                    .await
+                    .is_err()
+            {
+                error!(pid, "process did not exit after SIGKILL");
+            }
+        }
+        drop(r);
+        self.shared.update(&self.id, true, |e| {
+            e.rec.pid = None;
+            e.rec.start_time = None;
+            e.rec.health = None;
+            e.status = Status {
+                state: InstanceState::Stopped,
+                health: HealthReport::default(),
+                message: None,
+            };
+        });
+        self.shared.persist();
+        info!(pid, "instance stopped");
+    }
+
+    /// Forgets the instance unless it was listed again meanwhile.
+    fn try_forget(&mut self) -> bool {
+        {
+            let mut tasks = self.shared.tasks.lock().expect("tasks poisoned");
+            if self.rx.borrow().is_some() {
+                return false;
+            }
+            tasks.remove(&self.id);
+            self.shared.book().instances.remove(&self.id);
+        }
+        info!("instance forgotten (no longer assigned)");
+        self.shared.persist();
+        self.shared.bump();
+        true
+    }
+}
+
+fn on_probe(shared: &Shared, id: &str, r: &mut Running, p: &Probe, spec: &HealthSpec) {
+    let change = r.tracker.record(p, spec);
+    if let Some(s) = change {
+        r.healthy_since = (s == InstanceState::Healthy).then(Instant::now);
+        info!(state = ?s, last_response = %p.description, "health changed");
+    }
+    let healthy_long = r.tracker.state == InstanceState::Healthy
+        && r.healthy_since
+            .is_some_and(|t| t.elapsed() >= BACKOFF_RESET_AFTER);
+    let state = r.tracker.state;
+    let report = r.tracker.report();
+    let persist = shared
+        .update(id, change.is_some(), |e| {
+            e.status.state = state;
+            e.status.message = (state == InstanceState::Unhealthy)
+                .then(|| format!("health check failing: {}", p.description));
+            e.status.health = report;
+            let mut persist = false;
+            if change.is_some() {
+                e.rec.health = Some(state);
+                persist = true;
+            }
+            if healthy_long && e.rec.crash_streak > 0 {
+                e.rec.crash_streak = 0;
+                persist = true;
+            }
+            persist
+        })
+        .unwrap_or(false);
+    if persist {
+        shared.persist();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let ms: Vec<u128> = (0..9).map(|n| restart_backoff(n).as_millis()).collect();
+        assert_eq!(
+            ms,
+            [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+        );
+        assert_eq!(restart_backoff(u32::MAX), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(fmt_duration(Duration::from_millis(500)), "500ms");
+        assert_eq!(fmt_duration(Duration::from_secs(2)), "2s");
+        assert_eq!(fmt_duration(Duration::from_millis(1500)), "1.5s");
+    }
+}

@@ -1,0 +1,345 @@
+//! The HTTP/JSON API: CLI endpoints, the agent protocol, the proxy protocol
+//! and artifact downloads.
+//!
+//! *API Boundary*: errors become HTTP statuses only here, in
+//! [`ApiErr::into_response`]; bodies are `{"error": "..."}` and say what to do.
+
+use crate::{now_ms, pipeline, view, Server, NODE_LEASE_MS, REPORT_INTERVAL_MS};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use drover_api as api;
+use drover_store::{ProxyRecord, StoreError};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+type S = State<Arc<Server>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiErr {
+    /// The request or its input is wrong (CLI exit code 2).
+    #[error("{0}")]
+    BadInput(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// The operation ran and failed (build failed, …).
+    #[error("{0}")]
+    Failed(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ApiErr {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => ApiErr::NotFound(format!("{what} not found")),
+            StoreError::Conflict(what) => ApiErr::Conflict(format!("{what} already exists")),
+            StoreError::NoSpace(_) => ApiErr::Unavailable(e.to_string()),
+            other => ApiErr::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiErr::BadInput(_) => StatusCode::BAD_REQUEST,
+            ApiErr::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiErr::Conflict(_) => StatusCode::CONFLICT,
+            ApiErr::Failed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiErr::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiErr::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        (status, Json(api::ApiError { error: self.to_string() })).into_response()
+    }
+}
+
+type R<T> = Result<Json<T>, ApiErr>;
+
+pub fn router(server: Arc<Server>) -> Router {
+    Router::new()
+        .route("/v1/health", get(|| async { "ok\n" }))
+        .route("/v1/apps", post(add_app).get(list_apps))
+        .route("/v1/apps/{app}/deploy", post(deploy))
+        .route("/v1/apps/{app}/rollback", post(rollback))
+        .route("/v1/apps/{app}/status", get(status))
+        .route("/v1/apps/{app}/releases", get(releases))
+        .route("/v1/apps/{app}/logs", get(build_log))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/events", get(events))
+        .route("/v1/agent/register", post(agent_register))
+        .route("/v1/agent/report", post(agent_report))
+        .route("/v1/agent/assignments", get(agent_assignments))
+        .route("/v1/routes", get(routes))
+        .route("/v1/proxy/report", post(proxy_report))
+        .route("/v1/artifacts/{sha256}", get(artifact))
+        .layer(DefaultBodyLimit::max(1024 * 1024))
+        .with_state(server)
+}
+
+// ------------------------------------------------------------------ CLI ----
+
+fn app_info(a: &drover_store::AppRecord) -> api::AppInfo {
+    let host = serde_json::from_str::<drover_core::spec::AppSpec>(&a.spec).map(|s| s.route.host).unwrap_or_default();
+    api::AppInfo { name: a.name.clone(), repo: a.repo.clone(), branch: a.branch.clone(), host, live_release: a.live_release.clone() }
+}
+
+async fn add_app(State(s): S, Json(req): Json<api::AddAppRequest>) -> R<api::AppInfo> {
+    let rec = pipeline::add_app(&s, &req.repo, req.branch.as_deref()).await?;
+    Ok(Json(app_info(&rec)))
+}
+
+async fn list_apps(State(s): S) -> R<Vec<api::AppInfo>> {
+    Ok(Json(s.store.list_apps().await?.iter().map(app_info).collect()))
+}
+
+async fn deploy(State(s): S, Path(app): Path<String>, Json(req): Json<api::DeployRequest>) -> R<api::DeployResponse> {
+    let lock = s.deploy_lock(&app).await;
+    let _held = lock.lock().await;
+    let app_rec = s.store.get_app(&app).await?;
+    let (release, _spec) = pipeline::build_release(&s, &app_rec, req.git_ref.as_deref()).await?;
+    let r = s.engine.start_rollout(&app, &release.name(), &format!("deploy of {}", &release.commit[..12])).await?;
+    Ok(Json(api::DeployResponse { release: release.name(), commit: release.commit, rollout_id: r.id }))
+}
+
+async fn rollback(State(s): S, Path(app): Path<String>, Json(req): Json<api::RollbackRequest>) -> R<api::DeployResponse> {
+    let lock = s.deploy_lock(&app).await;
+    let _held = lock.lock().await;
+    let app_rec = s.store.get_app(&app).await?;
+    let to = match req.to.or(app_rec.prev_release.clone()) {
+        Some(t) => t,
+        None => return Err(ApiErr::BadInput(format!("{app} has no earlier live release to roll back to; pass --to rN (see `drover releases {app}`)"))),
+    };
+    let n = view::parse_release_name(&to).ok_or_else(|| ApiErr::BadInput(format!("{to:?} is not a release name such as r3")))?;
+    let release = s.store.get_release(&app, n).await?;
+    let r = s.engine.start_rollout(&app, &to, "rollback").await?;
+    Ok(Json(api::DeployResponse { release: to, commit: release.commit, rollout_id: r.id }))
+}
+
+pub async fn app_status(s: &Server, app: &str) -> Result<api::AppStatus, ApiErr> {
+    let app_rec = s.store.get_app(app).await?;
+    let rollout = s.store.latest_rollout(app).await?;
+    let ready = view::nodes_ready(&s.store.list_nodes().await?);
+    let instances: Vec<api::InstanceStatus> = s
+        .store
+        .list_instances(app)
+        .await?
+        .iter()
+        .map(|r| view::instance_status(r, ready.get(&r.node).copied().unwrap_or(false)))
+        .collect();
+    let rollout = match rollout {
+        None => None,
+        Some(r) => {
+            let n = view::parse_release_name(&r.to).unwrap_or(0);
+            let spec = s.store.get_release(app, n).await.ok().and_then(|rel| view::release_spec(&rel).ok());
+            Some(api::RolloutStatus {
+                id: r.id,
+                from: r.from.clone(),
+                to: r.to.clone(),
+                strategy: spec.as_ref().map(|s| s.deploy.strategy.to_string()).unwrap_or_default(),
+                state: r.state.to_string(),
+                step: r.step,
+                steps: spec.as_ref().map(|s| s.run.instances).unwrap_or(0),
+                reverting: r.reverting,
+                message: r.message.clone(),
+                failure: r.failure.clone(),
+                started_at_ms: r.started_at,
+            })
+        }
+    };
+    Ok(api::AppStatus { app: app.to_string(), environment: "production".into(), live_release: app_rec.live_release, rollout, traffic: view::traffic(&instances), instances })
+}
+
+async fn status(State(s): S, Path(app): Path<String>) -> R<api::AppStatus> {
+    Ok(Json(app_status(&s, &app).await?))
+}
+
+async fn releases(State(s): S, Path(app): Path<String>) -> R<Vec<api::ReleaseInfo>> {
+    let live = s.store.get_app(&app).await?.live_release;
+    let list = s.store.list_releases(&app).await?;
+    Ok(Json(
+        list.iter()
+            .map(|r| api::ReleaseInfo {
+                name: r.name(),
+                commit: r.commit.clone(),
+                artifact_sha256: r.artifact_sha256.clone(),
+                artifact_size: r.artifact_size,
+                created_at_ms: r.created_at,
+                live: live.as_deref() == Some(&r.name()),
+            })
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    release: Option<String>,
+}
+
+/// The build log of a release (default: the newest).
+async fn build_log(State(s): S, Path(app): Path<String>, Query(q): Query<LogQuery>) -> Result<Response, ApiErr> {
+    let list = s.store.list_releases(&app).await?;
+    let rel = match &q.release {
+        Some(name) => list.iter().find(|r| &r.name() == name).ok_or_else(|| ApiErr::NotFound(format!("release {name} of {app} not found")))?,
+        None => list.first().ok_or_else(|| ApiErr::NotFound(format!("{app} has no release yet")))?,
+    };
+    let path = s.data_dir.join("logs").join(format!("build-{}-{}.log", app, &rel.commit[..12]));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| format!("({} has no build log: no [build] command)\n", rel.name()));
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+async fn nodes(State(s): S) -> R<Vec<api::NodeInfo>> {
+    let now = now_ms();
+    let nodes = s.store.list_nodes().await?;
+    let mut out = Vec::new();
+    for n in nodes {
+        let count = s.store.list_node_instances(&n.name).await?.iter().filter(|i| i.desired != drover_core::Desired::Stop).count() as u32;
+        out.push(api::NodeInfo { ready: view::node_ready(&n, now), last_seen_ms_ago: now.saturating_sub(n.last_seen), instances: count, name: n.name, labels: n.labels });
+    }
+    Ok(Json(out))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    app: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn events(State(s): S, Query(q): Query<EventsQuery>) -> R<Vec<api::EventInfo>> {
+    let ev = s.store.list_events(q.app.as_deref(), q.limit.unwrap_or(100).min(1000)).await?;
+    Ok(Json(ev.into_iter().map(|e| api::EventInfo { id: e.id, at_ms: e.at, app: e.app, kind: e.kind, message: e.message }).collect()))
+}
+
+// ---------------------------------------------------------------- agent ----
+
+async fn agent_register(State(s): S, Json(req): Json<api::RegisterRequest>) -> R<api::RegisterResponse> {
+    if !drover_core::spec::valid_name(&req.node) {
+        return Err(ApiErr::BadInput(format!("node name {:?} is not valid; use lowercase letters, digits and '-'", req.node)));
+    }
+    s.store.upsert_node(&req.node, &req.labels, now_ms()).await?;
+    tracing::info!(node = %req.node, "agent registered");
+    s.engine.poke();
+    Ok(Json(api::RegisterResponse { node: req.node, lease_ms: NODE_LEASE_MS, report_interval_ms: REPORT_INTERVAL_MS }))
+}
+
+async fn agent_report(State(s): S, Json(rep): Json<api::AgentReport>) -> Result<StatusCode, ApiErr> {
+    let now = now_ms();
+    s.store.touch_node(&rep.node, now).await.map_err(|e| match e {
+        StoreError::NotFound(_) => ApiErr::NotFound(format!("node {} is not registered; register first", rep.node)),
+        other => other.into(),
+    })?;
+    let observed: Vec<(String, String)> = rep.instances.iter().map(|i| (i.instance.clone(), serde_json::to_string(i).unwrap_or_default())).collect();
+    s.store.record_observations(&rep.node, &observed, now).await?;
+    s.engine.poke();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    node: Option<String>,
+    index: Option<u64>,
+    wait_ms: Option<u64>,
+}
+
+/// Blocks until the index passes `index` or `wait_ms` (≤ 60 s) elapses.
+async fn wait_for_index(s: &Server, index: Option<u64>, wait_ms: Option<u64>) {
+    let Some(index) = index else { return };
+    let mut rx = s.index.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms.unwrap_or(30_000).min(60_000));
+    while *rx.borrow_and_update() <= index {
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep_until(deadline) => return,
+            _ = s.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn agent_assignments(State(s): S, Query(q): Query<WaitQuery>) -> R<api::AssignmentsResponse> {
+    let node = q.node.ok_or_else(|| ApiErr::BadInput("missing ?node=".into()))?;
+    wait_for_index(&s, q.index, q.wait_ms).await;
+    let index = *s.index.borrow();
+    s.store.touch_node(&node, now_ms()).await.map_err(|e| match e {
+        StoreError::NotFound(_) => ApiErr::NotFound(format!("node {node} is not registered; register first")),
+        other => other.into(),
+    })?;
+    let mut out = Vec::new();
+    let mut releases: BTreeMap<(String, String), (drover_store::ReleaseRecord, drover_core::spec::AppSpec)> = BTreeMap::new();
+    for rec in s.store.list_node_instances(&node).await? {
+        let key = (rec.app.clone(), rec.release.clone());
+        if !releases.contains_key(&key) {
+            let n = view::parse_release_name(&rec.release).unwrap_or(0);
+            let rel = s.store.get_release(&rec.app, n).await?;
+            let spec = view::release_spec(&rel).map_err(ApiErr::Internal)?;
+            releases.insert(key.clone(), (rel, spec));
+        }
+        let (rel, spec) = &releases[&key];
+        out.push(view::assignment(&rec, rel, spec));
+    }
+    Ok(Json(api::AssignmentsResponse { index, assignments: out }))
+}
+
+async fn artifact(State(s): S, Path(sha): Path<String>) -> Result<Response, ApiErr> {
+    if !crate::artifact::valid_sha256(&sha) {
+        return Err(ApiErr::BadInput("an artifact is named by its lowercase hex sha256".into()));
+    }
+    let path = s.data_dir.join("artifacts").join(format!("{sha}.tar.zst"));
+    let file = tokio::fs::File::open(&path).await.map_err(|_| ApiErr::NotFound(format!("artifact {sha}")))?;
+    let len = file.metadata().await.map_err(|e| ApiErr::Internal(e.to_string()))?.len();
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok(([(header::CONTENT_TYPE, "application/zstd".to_string()), (header::CONTENT_LENGTH, len.to_string())], body).into_response())
+}
+
+// ---------------------------------------------------------------- proxy ----
+
+pub async fn routing_table(s: &Server) -> Result<api::RoutesResponse, ApiErr> {
+    let index = *s.index.borrow();
+    let ready = view::nodes_ready(&s.store.list_nodes().await?);
+    let mut routes = Vec::new();
+    for app in s.store.list_apps().await? {
+        let rollout = s.store.latest_rollout(&app.name).await.ok().flatten();
+        let release = rollout.filter(|r| !r.state.is_final()).map(|r| r.to).or(app.live_release.clone());
+        let spec = match release.as_deref().and_then(view::parse_release_name) {
+            Some(n) => match s.store.get_release(&app.name, n).await.ok().and_then(|r| view::release_spec(&r).ok()) {
+                Some(spec) => spec,
+                None => continue,
+            },
+            None => continue,
+        };
+        let upstreams = s
+            .store
+            .list_instances(&app.name)
+            .await?
+            .iter()
+            .filter_map(|r| view::serves(r, ready.get(&r.node).copied().unwrap_or(false)).map(|addr| api::Upstream { instance: r.id.clone(), release: r.release.clone(), address: addr, weight: 1 }))
+            .collect();
+        routes.push(api::Route { app: app.name.clone(), host: spec.route.host.clone(), upstreams });
+    }
+    Ok(api::RoutesResponse { index, routes })
+}
+
+async fn routes(State(s): S, Query(q): Query<WaitQuery>) -> R<api::RoutesResponse> {
+    wait_for_index(&s, q.index, q.wait_ms).await;
+    Ok(Json(routing_table(&s).await?))
+}
+
+async fn proxy_report(State(s): S, Json(rep): Json<api::ProxyReport>) -> Result<StatusCode, ApiErr> {
+    s.store
+        .upsert_proxy(&ProxyRecord { name: rep.proxy.clone(), applied_index: rep.applied_index, oldest_live_index: rep.oldest_live_index, last_seen: now_ms() })
+        .await?;
+    s.engine.poke();
+    Ok(StatusCode::NO_CONTENT)
+}
+

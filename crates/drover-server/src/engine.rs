@@ -1,0 +1,235 @@
+//! The rollout engine.
+//!
+//! *Architecture Invariant*: this task is the only writer of rollouts and of
+//! instance placement/routing. API handlers ask it through [`EngineHandle`]
+//! (start a rollout) and it answers between ticks, so a rollout record is
+//! never written by two parties at once.
+//!
+//! Every tick (100 ms, or sooner when poked) it runs, per app: load the
+//! latest rollout, the instances with their last observations, the nodes and
+//! the proxies' drain progress → `drover_core::planner::plan` → apply the
+//! actions in one store transaction (bumping the index that agents and
+//! proxies long-poll) → persist the rollout's progress.
+
+use crate::api::ApiErr;
+use crate::view;
+use crate::{now_ms, Server, PROXY_FRESH_MS};
+use drover_core::planner::{plan, Action, PlanInput};
+use drover_core::spec::AppSpec;
+use drover_core::{Desired, Node, Rollout, RolloutState};
+use drover_store::{InstanceChange, InstanceRecord, Store};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+pub enum Command {
+    /// Start moving `app` to `to` (a release name), superseding an active rollout.
+    StartRollout { app: String, to: String, reason: String, reply: oneshot::Sender<Result<Rollout, ApiErr>> },
+}
+
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    poke: Arc<Notify>,
+}
+
+pub struct EngineRx {
+    rx: mpsc::Receiver<Command>,
+    poke: Arc<Notify>,
+}
+
+pub fn channel() -> (EngineHandle, EngineRx) {
+    let (tx, rx) = mpsc::channel(64);
+    let poke = Arc::new(Notify::new());
+    (EngineHandle { tx, poke: poke.clone() }, EngineRx { rx, poke })
+}
+
+impl EngineHandle {
+    pub async fn start_rollout(&self, app: &str, to: &str, reason: &str) -> Result<Rollout, ApiErr> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::StartRollout { app: app.into(), to: to.into(), reason: reason.into(), reply })
+            .await
+            .map_err(|_| ApiErr::Unavailable("the rollout engine is shutting down".into()))?;
+        rx.await.map_err(|_| ApiErr::Unavailable("the rollout engine stopped".into()))?
+    }
+
+    /// Asks for a tick soon (an observation changed).
+    pub fn poke(&self) {
+        self.poke.notify_one();
+    }
+}
+
+pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
+    let mut engine = Engine { server: server.clone(), specs: HashMap::new(), errors: HashMap::new() };
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = server.shutdown.cancelled() => break,
+            cmd = rx.rx.recv() => match cmd {
+                Some(Command::StartRollout { app, to, reason, reply }) => {
+                    let res = engine.start_rollout(&app, &to, &reason).await;
+                    let _ = reply.send(res);
+                    engine.tick_all().await;
+                }
+                None => break,
+            },
+            _ = ticker.tick() => engine.tick_all().await,
+            _ = rx.poke.notified() => engine.tick_all().await,
+        }
+    }
+}
+
+struct Engine {
+    server: Arc<Server>,
+    /// Parsed release specs, by (app, release).
+    specs: HashMap<(String, String), Arc<AppSpec>>,
+    /// Last error per app, logged once until it changes.
+    errors: HashMap<String, String>,
+}
+
+impl Engine {
+    fn store(&self) -> &dyn Store {
+        &*self.server.store
+    }
+
+    async fn spec(&mut self, app: &str, release: &str) -> Result<Arc<AppSpec>, ApiErr> {
+        if let Some(s) = self.specs.get(&(app.to_string(), release.to_string())) {
+            return Ok(s.clone());
+        }
+        let n = view::parse_release_name(release).ok_or_else(|| ApiErr::BadInput(format!("{release:?} is not a release name such as r3")))?;
+        let rec = self.store().get_release(app, n).await?;
+        let spec = Arc::new(view::release_spec(&rec).map_err(ApiErr::Internal)?);
+        self.specs.insert((app.to_string(), release.to_string()), spec.clone());
+        Ok(spec)
+    }
+
+    async fn start_rollout(&mut self, app: &str, to: &str, reason: &str) -> Result<Rollout, ApiErr> {
+        let now = now_ms();
+        let app_rec = self.store().get_app(app).await?;
+        let spec = self.spec(app, to).await?;
+        if let Some(mut active) = self.store().latest_rollout(app).await?.filter(|r| !r.state.is_final()) {
+            active.state = RolloutState::Aborted;
+            active.message = format!("superseded by a rollout to {to} ({reason})");
+            self.store().update_rollout(&active, now).await?;
+            self.store().add_event(Some(app), "rollout.aborted", &active.message, now).await?;
+        }
+        let r = Rollout {
+            id: 0,
+            app: app.to_string(),
+            from: app_rec.live_release.clone(),
+            to: to.to_string(),
+            state: RolloutState::Pending,
+            reverting: false,
+            step: 0,
+            message: format!("{} rollout to {to} queued", spec.deploy.strategy),
+            failure: None,
+            started_at: now,
+            reverted_at: None,
+            progress_at: now,
+        };
+        let r = self.store().create_rollout(&r, now).await?;
+        let from = r.from.clone().unwrap_or_else(|| "nothing".into());
+        self.store().add_event(Some(app), "rollout.started", &format!("rollout {} {from} → {to} ({}, {reason})", r.id, spec.deploy.strategy), now).await?;
+        tracing::info!(app, rollout.id = r.id, from = %from, to, "rollout started");
+        Ok(r)
+    }
+
+    async fn tick_all(&mut self) {
+        let apps = match self.store().list_apps().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list apps");
+                return;
+            }
+        };
+        for app in apps {
+            match self.tick_app(&app.name).await {
+                Ok(()) => {
+                    self.errors.remove(&app.name);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if self.errors.get(&app.name) != Some(&msg) {
+                        tracing::error!(app = %app.name, error = %msg, "cannot plan this app; other apps are unaffected");
+                        self.errors.insert(app.name.clone(), msg);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn tick_app(&mut self, app: &str) -> Result<(), ApiErr> {
+        let now = now_ms();
+        let app_rec = self.store().get_app(app).await?;
+        let rollout = self.store().latest_rollout(app).await?;
+        let active = rollout.as_ref().filter(|r| !r.state.is_final());
+        let settings_release = match active {
+            Some(r) if r.reverting => r.from.clone().unwrap_or_else(|| r.to.clone()),
+            Some(r) => r.to.clone(),
+            None => match &app_rec.live_release {
+                Some(l) => l.clone(),
+                None => return Ok(()),
+            },
+        };
+        let spec = self.spec(app, &settings_release).await?;
+        let records = self.store().list_instances(app).await?;
+        let node_records = self.store().list_nodes().await?;
+        let ready = view::nodes_ready(&node_records);
+        let proxies: Vec<_> = self.store().list_proxies().await?.into_iter().filter(|p| now.saturating_sub(p.last_seen) < PROXY_FRESH_MS).collect();
+        let drained = |rec: &InstanceRecord| -> bool {
+            let Desired::Drain { since } = rec.desired else { return false };
+            if now.saturating_sub(since) >= spec.deploy.drain_timeout_ms {
+                return true;
+            }
+            let at = rec.drain_index.unwrap_or(u64::MAX);
+            proxies.iter().all(|p| p.oldest_live_index >= at)
+        };
+        let instances: Vec<_> = records.iter().map(|r| view::to_core(r, ready.get(&r.node).copied().unwrap_or(false), drained(r))).collect();
+        let nodes: Vec<Node> = node_records.iter().map(|n| Node { name: n.name.clone(), ready: ready[&n.name] }).collect();
+        let p = plan(&PlanInput { settings: &spec.deploy, rollout: rollout.as_ref(), live: app_rec.live_release.as_deref(), instances: &instances, nodes: &nodes, now });
+
+        let mut changes = Vec::new();
+        for a in &p.actions {
+            changes.push(match a {
+                Action::Place { release, node } => InstanceChange::Insert(InstanceRecord {
+                    id: format!("{app}-{release}-{:06x}", rand::random::<u32>() & 0xff_ffff),
+                    app: app.to_string(),
+                    release: release.clone(),
+                    node: node.clone(),
+                    desired: Desired::Run,
+                    drain_index: None,
+                    routed: false,
+                    created_at: now,
+                    observed: None,
+                    observed_at: None,
+                }),
+                Action::Route { instance } => InstanceChange::SetRouted { id: instance.clone(), routed: true },
+                Action::Unroute { instance } => InstanceChange::SetRouted { id: instance.clone(), routed: false },
+                Action::Retire { instance } => InstanceChange::Drain { id: instance.clone(), since: now },
+                Action::Stop { instance } => InstanceChange::Stop { id: instance.clone() },
+                Action::Forget { instance } => InstanceChange::Delete { id: instance.clone() },
+            });
+            tracing::debug!(app, action = %a, "apply");
+        }
+        if !changes.is_empty() {
+            let index = self.store().apply_instance_changes(&changes).await?;
+            self.server.index.send_replace(index);
+        }
+        if let Some(new) = p.rollout {
+            let old = rollout.as_ref().expect("an update implies a rollout");
+            self.store().update_rollout(&new, now).await?;
+            if new.state != old.state || new.reverting != old.reverting {
+                let kind = if new.reverting && !old.reverting && !new.state.is_final() { "rollout.rolling_back".to_string() } else { format!("rollout.{}", new.state) };
+                self.store().add_event(Some(app), &kind, &new.message, now).await?;
+                tracing::info!(app, rollout.id = new.id, state = %new.state, message = %new.message, "rollout state changed");
+            }
+            if new.state == RolloutState::Succeeded && old.state != RolloutState::Succeeded {
+                self.store().set_live_release(app, &new.to).await?;
+            }
+        }
+        Ok(())
+    }
+}

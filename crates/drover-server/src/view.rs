@@ -1,0 +1,168 @@
+//! Translation between stored records, the planner's plain types and the
+//! wire views (status, assignments, routes).
+
+use crate::{now_ms, NODE_LEASE_MS};
+use drover_api as api;
+use drover_core::spec::AppSpec;
+use drover_core::{Desired, Health, Instance};
+use drover_store::{InstanceRecord, NodeRecord, ReleaseRecord};
+use std::collections::BTreeMap;
+
+pub fn observed(rec: &InstanceRecord) -> Option<api::InstanceReport> {
+    rec.observed.as_deref().and_then(|s| serde_json::from_str(s).ok())
+}
+
+pub fn node_ready(n: &NodeRecord, now: u64) -> bool {
+    now.saturating_sub(n.last_seen) < NODE_LEASE_MS
+}
+
+/// The planner's view of an instance's health.
+pub fn health_of(rec: &InstanceRecord, node_ready: bool) -> Health {
+    let Some(o) = observed(rec) else { return Health::Pending };
+    match o.state {
+        api::InstanceState::Stopped => Health::Stopped,
+        _ if !node_ready => Health::Unhealthy,
+        api::InstanceState::Preparing | api::InstanceState::Starting => Health::Starting,
+        api::InstanceState::Healthy => Health::Healthy,
+        api::InstanceState::Unhealthy | api::InstanceState::Crashed | api::InstanceState::Stopping => Health::Unhealthy,
+        api::InstanceState::Failed => Health::Failed,
+    }
+}
+
+pub fn to_core(rec: &InstanceRecord, node_ready: bool, drained: bool) -> Instance {
+    let o = observed(rec);
+    Instance {
+        id: rec.id.clone(),
+        release: rec.release.clone(),
+        node: rec.node.clone(),
+        desired: rec.desired,
+        routed: rec.routed,
+        health: health_of(rec, node_ready),
+        created_at: rec.created_at,
+        drained,
+        last_check: o.and_then(|o| o.health.last_response.or(o.message)),
+    }
+}
+
+pub fn parse_release_name(name: &str) -> Option<i64> {
+    name.strip_prefix('r')?.parse().ok().filter(|n| *n > 0)
+}
+
+pub fn release_spec(r: &ReleaseRecord) -> Result<AppSpec, String> {
+    serde_json::from_str(&r.spec).map_err(|e| format!("stored spec of {} {} does not parse: {e}", r.app, r.name()))
+}
+
+pub fn assignment(rec: &InstanceRecord, release: &ReleaseRecord, spec: &AppSpec) -> api::Assignment {
+    api::Assignment {
+        instance: rec.id.clone(),
+        app: rec.app.clone(),
+        release: rec.release.clone(),
+        artifact: api::ArtifactRef {
+            sha256: release.artifact_sha256.clone(),
+            size: release.artifact_size,
+            path: format!("/v1/artifacts/{}", release.artifact_sha256),
+        },
+        run: api::RunSpec {
+            command: spec.run.command.clone(),
+            env: spec.run.env.clone(),
+            stop_timeout_ms: spec.run.stop_timeout_ms,
+        },
+        health: api::HealthSpec {
+            path: spec.health.path.clone(),
+            interval_ms: spec.health.interval_ms,
+            timeout_ms: spec.health.timeout_ms,
+            healthy_after: spec.health.healthy_after,
+            unhealthy_after: spec.health.unhealthy_after,
+        },
+        desired: if rec.desired == Desired::Stop { api::DesiredState::Stop } else { api::DesiredState::Run },
+    }
+}
+
+/// Whether an instance serves traffic: routed by the planner, running,
+/// reported healthy, on a node within its lease, with a known address.
+pub fn serves(rec: &InstanceRecord, node_ready: bool) -> Option<String> {
+    if rec.desired != Desired::Run || !rec.routed || !node_ready {
+        return None;
+    }
+    let o = observed(rec)?;
+    (o.state == api::InstanceState::Healthy).then_some(o.address).flatten()
+}
+
+pub fn instance_status(rec: &InstanceRecord, node_ready: bool) -> api::InstanceStatus {
+    let o = observed(rec);
+    let observed_state = o.as_ref().map(|o| match o.state {
+        api::InstanceState::Preparing => "preparing",
+        api::InstanceState::Starting => "starting",
+        api::InstanceState::Healthy => "healthy",
+        api::InstanceState::Unhealthy => "unhealthy",
+        api::InstanceState::Crashed => "crashed",
+        api::InstanceState::Stopping => "stopping",
+        api::InstanceState::Stopped => "stopped",
+        api::InstanceState::Failed => "failed",
+    });
+    let state = match (rec.desired, observed_state) {
+        (_, Some("stopped")) => "stopped",
+        (Desired::Drain { .. }, _) => "draining",
+        (Desired::Stop, _) => "stopping",
+        (_, _) if !node_ready && o.is_some() => "lost",
+        (_, Some(s)) => s,
+        (_, None) => "pending",
+    };
+    api::InstanceStatus {
+        id: rec.id.clone(),
+        release: rec.release.clone(),
+        node: rec.node.clone(),
+        address: o.as_ref().and_then(|o| o.address.clone()),
+        state: state.to_string(),
+        routed: serves(rec, node_ready).is_some(),
+        pid: o.as_ref().and_then(|o| o.pid),
+        restarts: o.as_ref().map(|o| o.restarts).unwrap_or(0),
+        last_check: o.as_ref().and_then(|o| o.health.last_response.clone()),
+        message: o.and_then(|o| o.message),
+    }
+}
+
+/// Traffic share per release from the serving instances (equal weights).
+pub fn traffic(instances: &[api::InstanceStatus]) -> BTreeMap<String, u32> {
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    for i in instances.iter().filter(|i| i.routed) {
+        *counts.entry(i.release.clone()).or_default() += 1;
+    }
+    let total: u32 = counts.values().sum();
+    if total == 0 {
+        return BTreeMap::new();
+    }
+    // Largest-remainder rounding so the shares sum to 100.
+    let mut shares: Vec<(String, u32, u32)> = counts.iter().map(|(r, c)| (r.clone(), c * 100 / total, c * 100 % total)).collect();
+    let mut left = 100 - shares.iter().map(|s| s.1).sum::<u32>();
+    shares.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+    for s in shares.iter_mut() {
+        if left == 0 {
+            break;
+        }
+        s.1 += 1;
+        left -= 1;
+    }
+    shares.into_iter().map(|(r, p, _)| (r, p)).collect()
+}
+
+pub fn nodes_ready(nodes: &[NodeRecord]) -> BTreeMap<String, bool> {
+    let now = now_ms();
+    nodes.iter().map(|n| (n.name.clone(), node_ready(n, now))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(release: &str, routed: bool) -> api::InstanceStatus {
+        api::InstanceStatus { id: "x".into(), release: release.into(), node: "n".into(), address: None, state: "healthy".into(), routed, pid: None, restarts: 0, last_check: None, message: None }
+    }
+
+    #[test]
+    fn traffic_shares_sum_to_100() {
+        let t = traffic(&[st("r1", true), st("r1", true), st("r2", true), st("r2", false)]);
+        assert_eq!(t, BTreeMap::from([("r1".into(), 67), ("r2".into(), 33)]));
+        assert!(traffic(&[st("r1", false)]).is_empty());
+    }
+}

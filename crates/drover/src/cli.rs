@@ -1,0 +1,338 @@
+//! Command-line definition (clap derive: one definition per flag feeds help)
+//! and dispatch. Roles (`server`, `agent`, `proxy`, `up`) run long; client
+//! commands talk to the API at `DROVER_SERVER`.
+
+use crate::client::{Client, Fail};
+use crate::{output, up};
+use clap::{Parser, Subcommand};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "drover", version, about = "Continuous deployment for your own servers: build, release, roll out, roll back.")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct ServerArg {
+    /// API URL of the drover server.
+    #[arg(long, env = "DROVER_SERVER", default_value = "http://127.0.0.1:7070", global = true)]
+    pub server: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run everything on this machine: a server, N agents and a proxy.
+    Up {
+        #[arg(long, default_value = ".drover")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        /// Create a sample app (at <data-dir>/demo/hello) and deploy it.
+        #[arg(long)]
+        demo: bool,
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        api_addr: String,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        proxy_addr: String,
+    },
+    /// Run the control plane.
+    Server {
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value = ".drover/server")]
+        data_dir: PathBuf,
+    },
+    /// Run an agent (one per server).
+    Agent {
+        #[command(flatten)]
+        s: ServerArg,
+        /// This node's name.
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = ".drover/agent")]
+        data_dir: PathBuf,
+        /// Node labels, e.g. --label role=web --label region=eu.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Host part of the addresses instances listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        advertise_host: String,
+        /// Ports handed to instances, e.g. 20000-29999.
+        #[arg(long, default_value = "20000-29999", value_parser = parse_range)]
+        ports: (u16, u16),
+    },
+    /// Run the traffic layer (proxy).
+    Proxy {
+        #[command(flatten)]
+        s: ServerArg,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        #[arg(long, default_value = "proxy-1")]
+        name: String,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Seconds to let in-flight requests finish on SIGTERM.
+        #[arg(long, default_value_t = 5)]
+        grace: u64,
+    },
+    /// Manage apps.
+    Apps {
+        #[command(subcommand)]
+        cmd: AppsCmd,
+    },
+    /// Build a commit into a release and roll it out.
+    Deploy {
+        app: String,
+        /// Branch, tag or commit (default: the tracked branch's tip).
+        #[arg(long = "ref")]
+        git_ref: Option<String>,
+        /// Wait for the rollout's end; exit 0 only if it succeeded.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+    /// Roll back to the previous live release (or --to rN).
+    Rollback {
+        app: String,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+    /// Show an app's live release, rollout, traffic and instances.
+    Status {
+        app: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+    /// Follow an app's rollout with a progress bar until it ends.
+    Watch {
+        app: String,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+    /// List an app's releases.
+    Releases {
+        app: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+    /// List nodes.
+    Nodes {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+    /// Show the build log of a release (default: the newest).
+    Logs {
+        app: String,
+        #[arg(long)]
+        release: Option<String>,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+    /// Show recent events.
+    Events {
+        #[arg(long)]
+        app: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum AppsCmd {
+    /// Register the app whose drover.toml is at the root of REPO (path or URL).
+    Add {
+        repo: String,
+        #[arg(long)]
+        branch: Option<String>,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+    /// List apps.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("label {s:?} must look like key=value"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?} must look like 20000-29999"))?;
+    let a: u16 = a.parse().map_err(|_| format!("{a:?} is not a port"))?;
+    let b: u16 = b.parse().map_err(|_| format!("{b:?} is not a port"))?;
+    if a == 0 || a > b {
+        return Err(format!("{s:?} is not a port range"));
+    }
+    Ok((a, b))
+}
+
+fn init_logs() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("DROVER_LOG").unwrap_or_else(|_| EnvFilter::new("info,pingora=warn,pingora_core=warn,pingora_proxy=warn,sqlx=warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).try_init();
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+}
+
+/// Cancels the token on SIGINT or SIGTERM.
+async fn stop_signal(token: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    token.cancel();
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(f) = e.downcast_ref::<Fail>() {
+                if !f.message.is_empty() {
+                    eprintln!("error: {}", f.message);
+                }
+                return ExitCode::from(f.code);
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Up { data_dir, nodes, demo, api_addr, proxy_addr } => {
+            init_logs();
+            up::run(up::UpArgs { data_dir, nodes, demo, api_addr, proxy_addr })
+        }
+        Cmd::Server { addr, data_dir } => {
+            init_logs();
+            runtime().block_on(async {
+                let token = tokio_util::sync::CancellationToken::new();
+                tokio::spawn(stop_signal(token.clone()));
+                drover_server::run(drover_server::ServerConfig { addr, data_dir }, token).await
+            })
+        }
+        Cmd::Agent { s, name, data_dir, labels, advertise_host, ports } => {
+            init_logs();
+            let mut cfg = drover_agent::AgentConfig::new(s.server, name, data_dir);
+            cfg.labels = labels.into_iter().collect::<BTreeMap<_, _>>();
+            cfg.advertise_host = advertise_host;
+            cfg.port_range = ports;
+            runtime().block_on(async {
+                let token = tokio_util::sync::CancellationToken::new();
+                tokio::spawn(stop_signal(token.clone()));
+                drover_agent::run(cfg, token).await
+            })
+        }
+        Cmd::Proxy { s, listen, name, threads, grace } => {
+            init_logs();
+            drover_proxy::run(drover_proxy::ProxyConfig { listen, server: s.server, name, threads, grace_period_secs: grace })
+        }
+        Cmd::Apps { cmd: AppsCmd::Add { repo, branch, s } } => {
+            let repo = absolutize(&repo);
+            let c = Client::new(&s.server);
+            let app: drover_api::AppInfo = c.post("/v1/apps", &drover_api::AddAppRequest { repo, branch })?;
+            println!("added app {} (host {}, branch {}); deploy it with: drover deploy {}", app.name, app.host, app.branch, app.name);
+            Ok(())
+        }
+        Cmd::Apps { cmd: AppsCmd::List { json, s } } => {
+            let apps: Vec<drover_api::AppInfo> = Client::new(&s.server).get("/v1/apps")?;
+            output::apps(&apps, json)
+        }
+        Cmd::Deploy { app, git_ref, wait, s } => {
+            let c = Client::new(&s.server);
+            eprintln!("building {app} ({})…", git_ref.as_deref().unwrap_or("branch tip"));
+            let d: drover_api::DeployResponse = c.post(&format!("/v1/apps/{app}/deploy"), &drover_api::DeployRequest { git_ref })?;
+            eprintln!("built {} from commit {}; rollout {} started", d.release, &d.commit[..12.min(d.commit.len())], d.rollout_id);
+            if wait {
+                output::follow(&c, &app, Some(d.rollout_id))
+            } else {
+                Ok(())
+            }
+        }
+        Cmd::Rollback { app, to, wait, s } => {
+            let c = Client::new(&s.server);
+            let d: drover_api::DeployResponse = c.post(&format!("/v1/apps/{app}/rollback"), &drover_api::RollbackRequest { to })?;
+            eprintln!("rolling {app} back to {}; rollout {} started", d.release, d.rollout_id);
+            if wait {
+                output::follow(&c, &app, Some(d.rollout_id))
+            } else {
+                Ok(())
+            }
+        }
+        Cmd::Status { app, json, s } => {
+            let st: drover_api::AppStatus = Client::new(&s.server).get(&format!("/v1/apps/{app}/status"))?;
+            output::status(&st, json)
+        }
+        Cmd::Watch { app, s } => output::follow(&Client::new(&s.server), &app, None),
+        Cmd::Releases { app, json, s } => {
+            let r: Vec<drover_api::ReleaseInfo> = Client::new(&s.server).get(&format!("/v1/apps/{app}/releases"))?;
+            output::releases(&r, json)
+        }
+        Cmd::Nodes { json, s } => {
+            let n: Vec<drover_api::NodeInfo> = Client::new(&s.server).get("/v1/nodes")?;
+            output::nodes(&n, json)
+        }
+        Cmd::Logs { app, release, s } => {
+            let path = match release {
+                Some(r) => format!("/v1/apps/{app}/logs?release={r}"),
+                None => format!("/v1/apps/{app}/logs"),
+            };
+            print!("{}", output::escape_terminal(&Client::new(&s.server).get_text(&path)?));
+            Ok(())
+        }
+        Cmd::Events { app, json, s } => {
+            let path = match app {
+                Some(a) => format!("/v1/events?app={a}"),
+                None => "/v1/events".to_string(),
+            };
+            let ev: Vec<drover_api::EventInfo> = Client::new(&s.server).get(&path)?;
+            output::events(&ev, json)
+        }
+    }
+}
+
+/// A local path becomes absolute (the server may run elsewhere on this machine).
+fn absolutize(repo: &str) -> String {
+    let p = std::path::Path::new(repo);
+    if !repo.contains("://") && p.exists() {
+        if let Ok(abs) = std::fs::canonicalize(p) {
+            return abs.to_string_lossy().into_owned();
+        }
+    }
+    repo.to_string()
+}
