@@ -62,7 +62,13 @@ impl IntoResponse for ApiErr {
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        (status, Json(api::ApiError { error: self.to_string() })).into_response()
+        (
+            status,
+            Json(api::ApiError {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -92,8 +98,16 @@ pub fn router(server: Arc<Server>) -> Router {
 // ------------------------------------------------------------------ CLI ----
 
 fn app_info(a: &drover_store::AppRecord) -> api::AppInfo {
-    let host = serde_json::from_str::<drover_core::spec::AppSpec>(&a.spec).map(|s| s.route.host).unwrap_or_default();
-    api::AppInfo { name: a.name.clone(), repo: a.repo.clone(), branch: a.branch.clone(), host, live_release: a.live_release.clone() }
+    let host = serde_json::from_str::<drover_core::spec::AppSpec>(&a.spec)
+        .map(|s| s.route.host)
+        .unwrap_or_default();
+    api::AppInfo {
+        name: a.name.clone(),
+        repo: a.repo.clone(),
+        branch: a.branch.clone(),
+        host,
+        live_release: a.live_release.clone(),
+    }
 }
 
 async fn add_app(State(s): S, Json(req): Json<api::AddAppRequest>) -> R<api::AppInfo> {
@@ -102,19 +116,40 @@ async fn add_app(State(s): S, Json(req): Json<api::AddAppRequest>) -> R<api::App
 }
 
 async fn list_apps(State(s): S) -> R<Vec<api::AppInfo>> {
-    Ok(Json(s.store.list_apps().await?.iter().map(app_info).collect()))
+    Ok(Json(
+        s.store.list_apps().await?.iter().map(app_info).collect(),
+    ))
 }
 
-async fn deploy(State(s): S, Path(app): Path<String>, Json(req): Json<api::DeployRequest>) -> R<api::DeployResponse> {
+async fn deploy(
+    State(s): S,
+    Path(app): Path<String>,
+    Json(req): Json<api::DeployRequest>,
+) -> R<api::DeployResponse> {
     let lock = s.deploy_lock(&app).await;
     let _held = lock.lock().await;
     let app_rec = s.store.get_app(&app).await?;
     let (release, _spec) = pipeline::build_release(&s, &app_rec, req.git_ref.as_deref()).await?;
-    let r = s.engine.start_rollout(&app, &release.name(), &format!("deploy of {}", &release.commit[..12])).await?;
-    Ok(Json(api::DeployResponse { release: release.name(), commit: release.commit, rollout_id: r.id }))
+    let r = s
+        .engine
+        .start_rollout(
+            &app,
+            &release.name(),
+            &format!("deploy of {}", &release.commit[..12]),
+        )
+        .await?;
+    Ok(Json(api::DeployResponse {
+        release: release.name(),
+        commit: release.commit,
+        rollout_id: r.id,
+    }))
 }
 
-async fn rollback(State(s): S, Path(app): Path<String>, Json(req): Json<api::RollbackRequest>) -> R<api::DeployResponse> {
+async fn rollback(
+    State(s): S,
+    Path(app): Path<String>,
+    Json(req): Json<api::RollbackRequest>,
+) -> R<api::DeployResponse> {
     let lock = s.deploy_lock(&app).await;
     let _held = lock.lock().await;
     let app_rec = s.store.get_app(&app).await?;
@@ -122,10 +157,15 @@ async fn rollback(State(s): S, Path(app): Path<String>, Json(req): Json<api::Rol
         Some(t) => t,
         None => return Err(ApiErr::BadInput(format!("{app} has no earlier live release to roll back to; pass --to rN (see `drover releases {app}`)"))),
     };
-    let n = view::parse_release_name(&to).ok_or_else(|| ApiErr::BadInput(format!("{to:?} is not a release name such as r3")))?;
+    let n = view::parse_release_name(&to)
+        .ok_or_else(|| ApiErr::BadInput(format!("{to:?} is not a release name such as r3")))?;
     let release = s.store.get_release(&app, n).await?;
     let r = s.engine.start_rollout(&app, &to, "rollback").await?;
-    Ok(Json(api::DeployResponse { release: to, commit: release.commit, rollout_id: r.id }))
+    Ok(Json(api::DeployResponse {
+        release: to,
+        commit: release.commit,
+        rollout_id: r.id,
+    }))
 }
 
 pub async fn app_status(s: &Server, app: &str) -> Result<api::AppStatus, ApiErr> {
@@ -143,12 +183,20 @@ pub async fn app_status(s: &Server, app: &str) -> Result<api::AppStatus, ApiErr>
         None => None,
         Some(r) => {
             let n = view::parse_release_name(&r.to).unwrap_or(0);
-            let spec = s.store.get_release(app, n).await.ok().and_then(|rel| view::release_spec(&rel).ok());
+            let spec = s
+                .store
+                .get_release(app, n)
+                .await
+                .ok()
+                .and_then(|rel| view::release_spec(&rel).ok());
             Some(api::RolloutStatus {
                 id: r.id,
                 from: r.from.clone(),
                 to: r.to.clone(),
-                strategy: spec.as_ref().map(|s| s.deploy.strategy.to_string()).unwrap_or_default(),
+                strategy: spec
+                    .as_ref()
+                    .map(|s| s.deploy.strategy.to_string())
+                    .unwrap_or_default(),
                 state: r.state.to_string(),
                 step: r.step,
                 steps: spec.as_ref().map(|s| s.run.instances).unwrap_or(0),
@@ -159,7 +207,14 @@ pub async fn app_status(s: &Server, app: &str) -> Result<api::AppStatus, ApiErr>
             })
         }
     };
-    Ok(api::AppStatus { app: app.to_string(), environment: "production".into(), live_release: app_rec.live_release, rollout, traffic: view::traffic(&instances), instances })
+    Ok(api::AppStatus {
+        app: app.to_string(),
+        environment: "production".into(),
+        live_release: app_rec.live_release,
+        rollout,
+        traffic: view::traffic(&instances),
+        instances,
+    })
 }
 
 async fn status(State(s): S, Path(app): Path<String>) -> R<api::AppStatus> {
@@ -189,14 +244,27 @@ struct LogQuery {
 }
 
 /// The build log of a release (default: the newest).
-async fn build_log(State(s): S, Path(app): Path<String>, Query(q): Query<LogQuery>) -> Result<Response, ApiErr> {
+async fn build_log(
+    State(s): S,
+    Path(app): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiErr> {
     let list = s.store.list_releases(&app).await?;
     let rel = match &q.release {
-        Some(name) => list.iter().find(|r| &r.name() == name).ok_or_else(|| ApiErr::NotFound(format!("release {name} of {app} not found")))?,
-        None => list.first().ok_or_else(|| ApiErr::NotFound(format!("{app} has no release yet")))?,
+        Some(name) => list
+            .iter()
+            .find(|r| &r.name() == name)
+            .ok_or_else(|| ApiErr::NotFound(format!("release {name} of {app} not found")))?,
+        None => list
+            .first()
+            .ok_or_else(|| ApiErr::NotFound(format!("{app} has no release yet")))?,
     };
-    let path = s.data_dir.join("logs").join(format!("build-{}-{}.log", app, &rel.commit[..12]));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| format!("({} has no build log: no [build] command)\n", rel.name()));
+    let path = s
+        .data_dir
+        .join("logs")
+        .join(format!("build-{}-{}.log", app, &rel.commit[..12]));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| format!("({} has no build log: no [build] command)\n", rel.name()));
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
@@ -205,8 +273,20 @@ async fn nodes(State(s): S) -> R<Vec<api::NodeInfo>> {
     let nodes = s.store.list_nodes().await?;
     let mut out = Vec::new();
     for n in nodes {
-        let count = s.store.list_node_instances(&n.name).await?.iter().filter(|i| i.desired != drover_core::Desired::Stop).count() as u32;
-        out.push(api::NodeInfo { ready: view::node_ready(&n, now), last_seen_ms_ago: now.saturating_sub(n.last_seen), instances: count, name: n.name, labels: n.labels });
+        let count = s
+            .store
+            .list_node_instances(&n.name)
+            .await?
+            .iter()
+            .filter(|i| i.desired != drover_core::Desired::Stop)
+            .count() as u32;
+        out.push(api::NodeInfo {
+            ready: view::node_ready(&n, now),
+            last_seen_ms_ago: now.saturating_sub(n.last_seen),
+            instances: count,
+            name: n.name,
+            labels: n.labels,
+        });
     }
     Ok(Json(out))
 }
@@ -218,30 +298,75 @@ struct EventsQuery {
 }
 
 async fn events(State(s): S, Query(q): Query<EventsQuery>) -> R<Vec<api::EventInfo>> {
-    let ev = s.store.list_events(q.app.as_deref(), q.limit.unwrap_or(100).min(1000)).await?;
-    Ok(Json(ev.into_iter().map(|e| api::EventInfo { id: e.id, at_ms: e.at, app: e.app, kind: e.kind, message: e.message }).collect()))
+    let ev = s
+        .store
+        .list_events(q.app.as_deref(), q.limit.unwrap_or(100).min(1000))
+        .await?;
+    Ok(Json(
+        ev.into_iter()
+            .map(|e| api::EventInfo {
+                id: e.id,
+                at_ms: e.at,
+                app: e.app,
+                kind: e.kind,
+                message: e.message,
+            })
+            .collect(),
+    ))
 }
 
 // ---------------------------------------------------------------- agent ----
 
-async fn agent_register(State(s): S, Json(req): Json<api::RegisterRequest>) -> R<api::RegisterResponse> {
+async fn agent_register(
+    State(s): S,
+    Json(req): Json<api::RegisterRequest>,
+) -> R<api::RegisterResponse> {
     if !drover_core::spec::valid_name(&req.node) {
-        return Err(ApiErr::BadInput(format!("node name {:?} is not valid; use lowercase letters, digits and '-'", req.node)));
+        return Err(ApiErr::BadInput(format!(
+            "node name {:?} is not valid; use lowercase letters, digits and '-'",
+            req.node
+        )));
     }
-    s.store.upsert_node(&req.node, &req.labels, now_ms()).await?;
+    s.store
+        .upsert_node(&req.node, &req.labels, now_ms())
+        .await?;
     tracing::info!(node = %req.node, "agent registered");
     s.engine.poke();
-    Ok(Json(api::RegisterResponse { node: req.node, lease_ms: NODE_LEASE_MS, report_interval_ms: REPORT_INTERVAL_MS }))
+    Ok(Json(api::RegisterResponse {
+        node: req.node,
+        lease_ms: NODE_LEASE_MS,
+        report_interval_ms: REPORT_INTERVAL_MS,
+    }))
 }
 
-async fn agent_report(State(s): S, Json(rep): Json<api::AgentReport>) -> Result<StatusCode, ApiErr> {
+async fn agent_report(
+    State(s): S,
+    Json(rep): Json<api::AgentReport>,
+) -> Result<StatusCode, ApiErr> {
     let now = now_ms();
-    s.store.touch_node(&rep.node, now).await.map_err(|e| match e {
-        StoreError::NotFound(_) => ApiErr::NotFound(format!("node {} is not registered; register first", rep.node)),
-        other => other.into(),
-    })?;
-    let observed: Vec<(String, String)> = rep.instances.iter().map(|i| (i.instance.clone(), serde_json::to_string(i).unwrap_or_default())).collect();
-    s.store.record_observations(&rep.node, &observed, now).await?;
+    s.store
+        .touch_node(&rep.node, now)
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound(_) => ApiErr::NotFound(format!(
+                "node {} is not registered; register first",
+                rep.node
+            )),
+            other => other.into(),
+        })?;
+    let observed: Vec<(String, String)> = rep
+        .instances
+        .iter()
+        .map(|i| {
+            (
+                i.instance.clone(),
+                serde_json::to_string(i).unwrap_or_default(),
+            )
+        })
+        .collect();
+    s.store
+        .record_observations(&rep.node, &observed, now)
+        .await?;
     s.engine.poke();
     Ok(StatusCode::NO_CONTENT)
 }
@@ -257,7 +382,8 @@ struct WaitQuery {
 async fn wait_for_index(s: &Server, index: Option<u64>, wait_ms: Option<u64>) {
     let Some(index) = index else { return };
     let mut rx = s.index.subscribe();
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms.unwrap_or(30_000).min(60_000));
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(wait_ms.unwrap_or(30_000).min(60_000));
     while *rx.borrow_and_update() <= index {
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
@@ -268,15 +394,25 @@ async fn wait_for_index(s: &Server, index: Option<u64>, wait_ms: Option<u64>) {
 }
 
 async fn agent_assignments(State(s): S, Query(q): Query<WaitQuery>) -> R<api::AssignmentsResponse> {
-    let node = q.node.ok_or_else(|| ApiErr::BadInput("missing ?node=".into()))?;
+    let node = q
+        .node
+        .ok_or_else(|| ApiErr::BadInput("missing ?node=".into()))?;
     wait_for_index(&s, q.index, q.wait_ms).await;
     let index = *s.index.borrow();
-    s.store.touch_node(&node, now_ms()).await.map_err(|e| match e {
-        StoreError::NotFound(_) => ApiErr::NotFound(format!("node {node} is not registered; register first")),
-        other => other.into(),
-    })?;
+    s.store
+        .touch_node(&node, now_ms())
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound(_) => {
+                ApiErr::NotFound(format!("node {node} is not registered; register first"))
+            }
+            other => other.into(),
+        })?;
     let mut out = Vec::new();
-    let mut releases: BTreeMap<(String, String), (drover_store::ReleaseRecord, drover_core::spec::AppSpec)> = BTreeMap::new();
+    let mut releases: BTreeMap<
+        (String, String),
+        (drover_store::ReleaseRecord, drover_core::spec::AppSpec),
+    > = BTreeMap::new();
     for rec in s.store.list_node_instances(&node).await? {
         let key = (rec.app.clone(), rec.release.clone());
         if !releases.contains_key(&key) {
@@ -288,18 +424,36 @@ async fn agent_assignments(State(s): S, Query(q): Query<WaitQuery>) -> R<api::As
         let (rel, spec) = &releases[&key];
         out.push(view::assignment(&rec, rel, spec));
     }
-    Ok(Json(api::AssignmentsResponse { index, assignments: out }))
+    Ok(Json(api::AssignmentsResponse {
+        index,
+        assignments: out,
+    }))
 }
 
 async fn artifact(State(s): S, Path(sha): Path<String>) -> Result<Response, ApiErr> {
     if !crate::artifact::valid_sha256(&sha) {
-        return Err(ApiErr::BadInput("an artifact is named by its lowercase hex sha256".into()));
+        return Err(ApiErr::BadInput(
+            "an artifact is named by its lowercase hex sha256".into(),
+        ));
     }
     let path = s.data_dir.join("artifacts").join(format!("{sha}.tar.zst"));
-    let file = tokio::fs::File::open(&path).await.map_err(|_| ApiErr::NotFound(format!("artifact {sha}")))?;
-    let len = file.metadata().await.map_err(|e| ApiErr::Internal(e.to_string()))?.len();
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|_| ApiErr::NotFound(format!("artifact {sha}")))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ApiErr::Internal(e.to_string()))?
+        .len();
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
-    Ok(([(header::CONTENT_TYPE, "application/zstd".to_string()), (header::CONTENT_LENGTH, len.to_string())], body).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/zstd".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 // ---------------------------------------------------------------- proxy ----
@@ -310,9 +464,18 @@ pub async fn routing_table(s: &Server) -> Result<api::RoutesResponse, ApiErr> {
     let mut routes = Vec::new();
     for app in s.store.list_apps().await? {
         let rollout = s.store.latest_rollout(&app.name).await.ok().flatten();
-        let release = rollout.filter(|r| !r.state.is_final()).map(|r| r.to).or(app.live_release.clone());
+        let release = rollout
+            .filter(|r| !r.state.is_final())
+            .map(|r| r.to)
+            .or(app.live_release.clone());
         let spec = match release.as_deref().and_then(view::parse_release_name) {
-            Some(n) => match s.store.get_release(&app.name, n).await.ok().and_then(|r| view::release_spec(&r).ok()) {
+            Some(n) => match s
+                .store
+                .get_release(&app.name, n)
+                .await
+                .ok()
+                .and_then(|r| view::release_spec(&r).ok())
+            {
                 Some(spec) => spec,
                 None => continue,
             },
@@ -323,9 +486,22 @@ pub async fn routing_table(s: &Server) -> Result<api::RoutesResponse, ApiErr> {
             .list_instances(&app.name)
             .await?
             .iter()
-            .filter_map(|r| view::serves(r, ready.get(&r.node).copied().unwrap_or(false)).map(|addr| api::Upstream { instance: r.id.clone(), release: r.release.clone(), address: addr, weight: 1 }))
+            .filter_map(|r| {
+                view::serves(r, ready.get(&r.node).copied().unwrap_or(false)).map(|addr| {
+                    api::Upstream {
+                        instance: r.id.clone(),
+                        release: r.release.clone(),
+                        address: addr,
+                        weight: 1,
+                    }
+                })
+            })
             .collect();
-        routes.push(api::Route { app: app.name.clone(), host: spec.route.host.clone(), upstreams });
+        routes.push(api::Route {
+            app: app.name.clone(),
+            host: spec.route.host.clone(),
+            upstreams,
+        });
     }
     Ok(api::RoutesResponse { index, routes })
 }
@@ -335,11 +511,18 @@ async fn routes(State(s): S, Query(q): Query<WaitQuery>) -> R<api::RoutesRespons
     Ok(Json(routing_table(&s).await?))
 }
 
-async fn proxy_report(State(s): S, Json(rep): Json<api::ProxyReport>) -> Result<StatusCode, ApiErr> {
+async fn proxy_report(
+    State(s): S,
+    Json(rep): Json<api::ProxyReport>,
+) -> Result<StatusCode, ApiErr> {
     s.store
-        .upsert_proxy(&ProxyRecord { name: rep.proxy.clone(), applied_index: rep.applied_index, oldest_live_index: rep.oldest_live_index, last_seen: now_ms() })
+        .upsert_proxy(&ProxyRecord {
+            name: rep.proxy.clone(),
+            applied_index: rep.applied_index,
+            oldest_live_index: rep.oldest_live_index,
+            last_seen: now_ms(),
+        })
         .await?;
     s.engine.poke();
     Ok(StatusCode::NO_CONTENT)
 }
-

@@ -18,7 +18,9 @@ pub fn pack(root: &Path, paths: &[String], artifacts_dir: &Path) -> Result<Packe
     let mut files: Vec<PathBuf> = Vec::new();
     for p in paths {
         let full = root.join(p);
-        let meta = std::fs::symlink_metadata(&full).map_err(|_| format!("artifact path {p:?} does not exist after the build; check [build] artifact"))?;
+        let meta = std::fs::symlink_metadata(&full).map_err(|_| {
+            format!("artifact path {p:?} does not exist after the build; check [build] artifact")
+        })?;
         if meta.is_dir() {
             walk(root, &full, &mut files).map_err(|e| format!("cannot read {p}: {e}"))?;
         } else {
@@ -83,7 +85,11 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
             }
             walk(root, &path, out)?;
         } else {
-            out.push(path.strip_prefix(root).map_err(io::Error::other)?.to_path_buf());
+            out.push(
+                path.strip_prefix(root)
+                    .map_err(io::Error::other)?
+                    .to_path_buf(),
+            );
         }
     }
     Ok(())
@@ -106,7 +112,9 @@ pub fn sha256_file(path: &Path) -> io::Result<(String, u64)> {
 }
 
 pub fn valid_sha256(s: &str) -> bool {
-    s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    s.len() == 64
+        && s.chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
 }
 
 #[cfg(test)]
@@ -132,7 +140,9 @@ mod tests {
     fn a_missing_artifact_path_is_named() {
         let src = tempfile::tempdir().unwrap();
         let out = tempfile::tempdir().unwrap();
-        let e = pack(src.path(), &["target/app".into()], out.path()).err().unwrap();
+        let e = pack(src.path(), &["target/app".into()], out.path())
+            .err()
+            .unwrap();
         assert!(e.contains("target/app"), "{e}");
     }
 }

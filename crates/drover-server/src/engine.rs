@@ -25,7 +25,12 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 pub enum Command {
     /// Start moving `app` to `to` (a release name), superseding an active rollout.
-    StartRollout { app: String, to: String, reason: String, reply: oneshot::Sender<Result<Rollout, ApiErr>> },
+    StartRollout {
+        app: String,
+        to: String,
+        reason: String,
+        reply: oneshot::Sender<Result<Rollout, ApiErr>>,
+    },
 }
 
 #[derive(Clone)]
@@ -42,17 +47,34 @@ pub struct EngineRx {
 pub fn channel() -> (EngineHandle, EngineRx) {
     let (tx, rx) = mpsc::channel(64);
     let poke = Arc::new(Notify::new());
-    (EngineHandle { tx, poke: poke.clone() }, EngineRx { rx, poke })
+    (
+        EngineHandle {
+            tx,
+            poke: poke.clone(),
+        },
+        EngineRx { rx, poke },
+    )
 }
 
 impl EngineHandle {
-    pub async fn start_rollout(&self, app: &str, to: &str, reason: &str) -> Result<Rollout, ApiErr> {
+    pub async fn start_rollout(
+        &self,
+        app: &str,
+        to: &str,
+        reason: &str,
+    ) -> Result<Rollout, ApiErr> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::StartRollout { app: app.into(), to: to.into(), reason: reason.into(), reply })
+            .send(Command::StartRollout {
+                app: app.into(),
+                to: to.into(),
+                reason: reason.into(),
+                reply,
+            })
             .await
             .map_err(|_| ApiErr::Unavailable("the rollout engine is shutting down".into()))?;
-        rx.await.map_err(|_| ApiErr::Unavailable("the rollout engine stopped".into()))?
+        rx.await
+            .map_err(|_| ApiErr::Unavailable("the rollout engine stopped".into()))?
     }
 
     /// Asks for a tick soon (an observation changed).
@@ -62,7 +84,11 @@ impl EngineHandle {
 }
 
 pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
-    let mut engine = Engine { server: server.clone(), specs: HashMap::new(), errors: HashMap::new() };
+    let mut engine = Engine {
+        server: server.clone(),
+        specs: HashMap::new(),
+        errors: HashMap::new(),
+    };
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -99,22 +125,37 @@ impl Engine {
         if let Some(s) = self.specs.get(&(app.to_string(), release.to_string())) {
             return Ok(s.clone());
         }
-        let n = view::parse_release_name(release).ok_or_else(|| ApiErr::BadInput(format!("{release:?} is not a release name such as r3")))?;
+        let n = view::parse_release_name(release).ok_or_else(|| {
+            ApiErr::BadInput(format!("{release:?} is not a release name such as r3"))
+        })?;
         let rec = self.store().get_release(app, n).await?;
         let spec = Arc::new(view::release_spec(&rec).map_err(ApiErr::Internal)?);
-        self.specs.insert((app.to_string(), release.to_string()), spec.clone());
+        self.specs
+            .insert((app.to_string(), release.to_string()), spec.clone());
         Ok(spec)
     }
 
-    async fn start_rollout(&mut self, app: &str, to: &str, reason: &str) -> Result<Rollout, ApiErr> {
+    async fn start_rollout(
+        &mut self,
+        app: &str,
+        to: &str,
+        reason: &str,
+    ) -> Result<Rollout, ApiErr> {
         let now = now_ms();
         let app_rec = self.store().get_app(app).await?;
         let spec = self.spec(app, to).await?;
-        if let Some(mut active) = self.store().latest_rollout(app).await?.filter(|r| !r.state.is_final()) {
+        if let Some(mut active) = self
+            .store()
+            .latest_rollout(app)
+            .await?
+            .filter(|r| !r.state.is_final())
+        {
             active.state = RolloutState::Aborted;
             active.message = format!("superseded by a rollout to {to} ({reason})");
             self.store().update_rollout(&active, now).await?;
-            self.store().add_event(Some(app), "rollout.aborted", &active.message, now).await?;
+            self.store()
+                .add_event(Some(app), "rollout.aborted", &active.message, now)
+                .await?;
         }
         let r = Rollout {
             id: 0,
@@ -132,7 +173,17 @@ impl Engine {
         };
         let r = self.store().create_rollout(&r, now).await?;
         let from = r.from.clone().unwrap_or_else(|| "nothing".into());
-        self.store().add_event(Some(app), "rollout.started", &format!("rollout {} {from} → {to} ({}, {reason})", r.id, spec.deploy.strategy), now).await?;
+        self.store()
+            .add_event(
+                Some(app),
+                "rollout.started",
+                &format!(
+                    "rollout {} {from} → {to} ({}, {reason})",
+                    r.id, spec.deploy.strategy
+                ),
+                now,
+            )
+            .await?;
         tracing::info!(app, rollout.id = r.id, from = %from, to, "rollout started");
         Ok(r)
     }
@@ -178,18 +229,42 @@ impl Engine {
         let records = self.store().list_instances(app).await?;
         let node_records = self.store().list_nodes().await?;
         let ready = view::nodes_ready(&node_records);
-        let proxies: Vec<_> = self.store().list_proxies().await?.into_iter().filter(|p| now.saturating_sub(p.last_seen) < PROXY_FRESH_MS).collect();
+        let proxies: Vec<_> = self
+            .store()
+            .list_proxies()
+            .await?
+            .into_iter()
+            .filter(|p| now.saturating_sub(p.last_seen) < PROXY_FRESH_MS)
+            .collect();
         let drained = |rec: &InstanceRecord| -> bool {
-            let Desired::Drain { since } = rec.desired else { return false };
+            let Desired::Drain { since } = rec.desired else {
+                return false;
+            };
             if now.saturating_sub(since) >= spec.deploy.drain_timeout_ms {
                 return true;
             }
             let at = rec.drain_index.unwrap_or(u64::MAX);
             proxies.iter().all(|p| p.oldest_live_index >= at)
         };
-        let instances: Vec<_> = records.iter().map(|r| view::to_core(r, ready.get(&r.node).copied().unwrap_or(false), drained(r))).collect();
-        let nodes: Vec<Node> = node_records.iter().map(|n| Node { name: n.name.clone(), ready: ready[&n.name] }).collect();
-        let p = plan(&PlanInput { settings: &spec.deploy, rollout: rollout.as_ref(), live: app_rec.live_release.as_deref(), instances: &instances, nodes: &nodes, now });
+        let instances: Vec<_> = records
+            .iter()
+            .map(|r| view::to_core(r, ready.get(&r.node).copied().unwrap_or(false), drained(r)))
+            .collect();
+        let nodes: Vec<Node> = node_records
+            .iter()
+            .map(|n| Node {
+                name: n.name.clone(),
+                ready: ready[&n.name],
+            })
+            .collect();
+        let p = plan(&PlanInput {
+            settings: &spec.deploy,
+            rollout: rollout.as_ref(),
+            live: app_rec.live_release.as_deref(),
+            instances: &instances,
+            nodes: &nodes,
+            now,
+        });
 
         let mut changes = Vec::new();
         for a in &p.actions {
@@ -206,11 +281,24 @@ impl Engine {
                     observed: None,
                     observed_at: None,
                 }),
-                Action::Route { instance } => InstanceChange::SetRouted { id: instance.clone(), routed: true },
-                Action::Unroute { instance } => InstanceChange::SetRouted { id: instance.clone(), routed: false },
-                Action::Retire { instance } => InstanceChange::Drain { id: instance.clone(), since: now },
-                Action::Stop { instance } => InstanceChange::Stop { id: instance.clone() },
-                Action::Forget { instance } => InstanceChange::Delete { id: instance.clone() },
+                Action::Route { instance } => InstanceChange::SetRouted {
+                    id: instance.clone(),
+                    routed: true,
+                },
+                Action::Unroute { instance } => InstanceChange::SetRouted {
+                    id: instance.clone(),
+                    routed: false,
+                },
+                Action::Retire { instance } => InstanceChange::Drain {
+                    id: instance.clone(),
+                    since: now,
+                },
+                Action::Stop { instance } => InstanceChange::Stop {
+                    id: instance.clone(),
+                },
+                Action::Forget { instance } => InstanceChange::Delete {
+                    id: instance.clone(),
+                },
             });
             tracing::debug!(app, action = %a, "apply");
         }
@@ -220,14 +308,22 @@ impl Engine {
         }
         if let Some(new) = p.rollout {
             let old = rollout.as_ref().expect("an update implies a rollout");
-            self.store().update_rollout(&new, now).await?;
-            if new.state != old.state || new.reverting != old.reverting {
-                let kind = if new.reverting && !old.reverting && !new.state.is_final() { "rollout.rolling_back".to_string() } else { format!("rollout.{}", new.state) };
-                self.store().add_event(Some(app), &kind, &new.message, now).await?;
-                tracing::info!(app, rollout.id = new.id, state = %new.state, message = %new.message, "rollout state changed");
-            }
+            // Live first: a reader between the two writes sees the rollout
+            // still active (routing by its target), never no release at all.
             if new.state == RolloutState::Succeeded && old.state != RolloutState::Succeeded {
                 self.store().set_live_release(app, &new.to).await?;
+            }
+            self.store().update_rollout(&new, now).await?;
+            if new.state != old.state || new.reverting != old.reverting {
+                let kind = if new.reverting && !old.reverting && !new.state.is_final() {
+                    "rollout.rolling_back".to_string()
+                } else {
+                    format!("rollout.{}", new.state)
+                };
+                self.store()
+                    .add_event(Some(app), &kind, &new.message, now)
+                    .await?;
+                tracing::info!(app, rollout.id = new.id, state = %new.state, message = %new.message, "rollout state changed");
             }
         }
         Ok(())

@@ -25,10 +25,18 @@ pub fn validate_ref(r: &str) -> Result<(), GitError> {
     if r.starts_with('-') {
         return bad("must not start with '-'");
     }
-    if r.contains("..") || r.contains("@{") || r.ends_with('/') || r.ends_with(".lock") || r.starts_with('/') {
+    if r.contains("..")
+        || r.contains("@{")
+        || r.ends_with('/')
+        || r.ends_with(".lock")
+        || r.starts_with('/')
+    {
         return bad("contains a sequence git does not allow in ref names");
     }
-    if !r.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-')) {
+    if !r
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-'))
+    {
         return bad("use only letters, digits, '/', '.', '_' and '-'");
     }
     Ok(())
@@ -48,7 +56,12 @@ async fn git(args: &[&str], cwd: Option<&Path>) -> Result<Vec<u8>, GitError> {
     }
     let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
         .await
-        .map_err(|_| GitError::Failed(format!("git {} timed out after 300s", args.first().unwrap_or(&""))))?
+        .map_err(|_| {
+            GitError::Failed(format!(
+                "git {} timed out after 300s",
+                args.first().unwrap_or(&"")
+            ))
+        })?
         .map_err(|e| GitError::Failed(format!("cannot run git: {e}; install git")))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
@@ -68,19 +81,47 @@ pub fn mirror_path(data_dir: &Path, app: &str) -> PathBuf {
 /// Clones `repo` (path or URL) as a bare mirror at `dest`, or fetches if it exists.
 pub async fn sync_mirror(repo: &str, dest: &Path) -> Result<(), GitError> {
     if dest.join("HEAD").exists() {
-        git(&["--git-dir", &dest.to_string_lossy(), "fetch", "--quiet", "--prune", "--force", "origin", "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"], None).await?;
+        git(
+            &[
+                "--git-dir",
+                &dest.to_string_lossy(),
+                "fetch",
+                "--quiet",
+                "--prune",
+                "--force",
+                "origin",
+                "+refs/heads/*:refs/heads/*",
+                "+refs/tags/*:refs/tags/*",
+            ],
+            None,
+        )
+        .await?;
         return Ok(());
     }
     if repo.starts_with('-') {
-        return Err(GitError::Failed(format!("repository {repo:?} must not start with '-'")));
+        return Err(GitError::Failed(format!(
+            "repository {repo:?} must not start with '-'"
+        )));
     }
     let tmp = dest.with_extension(format!("tmp{}", rand::random::<u32>()));
-    let res = git(&["clone", "--quiet", "--mirror", "--", repo, &tmp.to_string_lossy()], None).await;
+    let res = git(
+        &[
+            "clone",
+            "--quiet",
+            "--mirror",
+            "--",
+            repo,
+            &tmp.to_string_lossy(),
+        ],
+        None,
+    )
+    .await;
     if let Err(e) = res {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, dest).map_err(|e| GitError::Failed(format!("cannot move mirror into place: {e}")))?;
+    std::fs::rename(&tmp, dest)
+        .map_err(|e| GitError::Failed(format!("cannot move mirror into place: {e}")))?;
     Ok(())
 }
 
@@ -88,12 +129,29 @@ pub async fn sync_mirror(repo: &str, dest: &Path) -> Result<(), GitError> {
 pub async fn resolve(mirror: &Path, r: &str) -> Result<String, GitError> {
     validate_ref(r)?;
     let spec = format!("{r}^{{commit}}");
-    let out = git(&["--git-dir", &mirror.to_string_lossy(), "rev-parse", "--verify", "--quiet", "--end-of-options", &spec], None)
-        .await
-        .map_err(|_| GitError::Failed(format!("ref {r:?} does not name a commit in the repository")))?;
+    let out = git(
+        &[
+            "--git-dir",
+            &mirror.to_string_lossy(),
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            "--end-of-options",
+            &spec,
+        ],
+        None,
+    )
+    .await
+    .map_err(|_| {
+        GitError::Failed(format!(
+            "ref {r:?} does not name a commit in the repository"
+        ))
+    })?;
     let sha = String::from_utf8_lossy(&out).trim().to_string();
     if sha.len() != 40 || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(GitError::Failed(format!("git rev-parse gave an unexpected answer for {r:?}")));
+        return Err(GitError::Failed(format!(
+            "git rev-parse gave an unexpected answer for {r:?}"
+        )));
     }
     Ok(sha)
 }
@@ -101,22 +159,47 @@ pub async fn resolve(mirror: &Path, r: &str) -> Result<String, GitError> {
 /// Reads one file of a commit.
 pub async fn show_file(mirror: &Path, commit: &str, path: &str) -> Result<String, GitError> {
     let spec = format!("{commit}:{path}");
-    let out = git(&["--git-dir", &mirror.to_string_lossy(), "show", "--end-of-options", &spec], None)
-        .await
-        .map_err(|_| GitError::Failed(format!("{path} not found at the root of the repository at commit {}", &commit[..commit.len().min(12)])))?;
+    let out = git(
+        &[
+            "--git-dir",
+            &mirror.to_string_lossy(),
+            "show",
+            "--end-of-options",
+            &spec,
+        ],
+        None,
+    )
+    .await
+    .map_err(|_| {
+        GitError::Failed(format!(
+            "{path} not found at the root of the repository at commit {}",
+            &commit[..commit.len().min(12)]
+        ))
+    })?;
     String::from_utf8(out).map_err(|_| GitError::Failed(format!("{path} is not valid UTF-8")))
 }
 
 /// Writes the tree of `commit` into the empty directory `dest`.
 pub async fn checkout(mirror: &Path, commit: &str, dest: &Path) -> Result<(), GitError> {
-    let bytes = git(&["--git-dir", &mirror.to_string_lossy(), "archive", "--format=tar", commit], None).await?;
+    let bytes = git(
+        &[
+            "--git-dir",
+            &mirror.to_string_lossy(),
+            "archive",
+            "--format=tar",
+            commit,
+        ],
+        None,
+    )
+    .await?;
     let dest = dest.to_path_buf();
     tokio::task::spawn_blocking(move || {
         let mut ar = tar::Archive::new(std::io::Cursor::new(bytes));
         ar.set_preserve_permissions(true);
         ar.set_overwrite(false);
         // tar::Archive::unpack refuses paths escaping dest.
-        ar.unpack(&dest).map_err(|e| GitError::Failed(format!("cannot write checkout: {e}")))
+        ar.unpack(&dest)
+            .map_err(|e| GitError::Failed(format!("cannot write checkout: {e}")))
     })
     .await
     .map_err(|e| GitError::Failed(e.to_string()))?
@@ -128,7 +211,18 @@ mod tests {
 
     #[test]
     fn refs_that_could_be_options_or_shell_are_refused() {
-        for bad in ["-x", "--upload-pack=evil", "$(rm -rf /)", "a;b", "a\nb", "a..b", "", "a b", "\u{1b}[31m", "x@{1}"] {
+        for bad in [
+            "-x",
+            "--upload-pack=evil",
+            "$(rm -rf /)",
+            "a;b",
+            "a\nb",
+            "a..b",
+            "",
+            "a b",
+            "\u{1b}[31m",
+            "x@{1}",
+        ] {
             assert!(validate_ref(bad).is_err(), "{bad:?}");
         }
         for good in ["main", "feature/x-1", "v1.2.3", "0123abcd", "release_2"] {

@@ -55,7 +55,12 @@ pub struct Server {
 
 impl Server {
     pub async fn deploy_lock(&self, app: &str) -> Arc<Mutex<()>> {
-        self.deploy_locks.lock().await.entry(app.to_string()).or_default().clone()
+        self.deploy_locks
+            .lock()
+            .await
+            .entry(app.to_string())
+            .or_default()
+            .clone()
     }
 }
 

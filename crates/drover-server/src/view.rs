@@ -9,7 +9,9 @@ use drover_store::{InstanceRecord, NodeRecord, ReleaseRecord};
 use std::collections::BTreeMap;
 
 pub fn observed(rec: &InstanceRecord) -> Option<api::InstanceReport> {
-    rec.observed.as_deref().and_then(|s| serde_json::from_str(s).ok())
+    rec.observed
+        .as_deref()
+        .and_then(|s| serde_json::from_str(s).ok())
 }
 
 pub fn node_ready(n: &NodeRecord, now: u64) -> bool {
@@ -18,13 +20,17 @@ pub fn node_ready(n: &NodeRecord, now: u64) -> bool {
 
 /// The planner's view of an instance's health.
 pub fn health_of(rec: &InstanceRecord, node_ready: bool) -> Health {
-    let Some(o) = observed(rec) else { return Health::Pending };
+    let Some(o) = observed(rec) else {
+        return Health::Pending;
+    };
     match o.state {
         api::InstanceState::Stopped => Health::Stopped,
         _ if !node_ready => Health::Unhealthy,
         api::InstanceState::Preparing | api::InstanceState::Starting => Health::Starting,
         api::InstanceState::Healthy => Health::Healthy,
-        api::InstanceState::Unhealthy | api::InstanceState::Crashed | api::InstanceState::Stopping => Health::Unhealthy,
+        api::InstanceState::Unhealthy
+        | api::InstanceState::Crashed
+        | api::InstanceState::Stopping => Health::Unhealthy,
         api::InstanceState::Failed => Health::Failed,
     }
 }
@@ -49,10 +55,15 @@ pub fn parse_release_name(name: &str) -> Option<i64> {
 }
 
 pub fn release_spec(r: &ReleaseRecord) -> Result<AppSpec, String> {
-    serde_json::from_str(&r.spec).map_err(|e| format!("stored spec of {} {} does not parse: {e}", r.app, r.name()))
+    serde_json::from_str(&r.spec)
+        .map_err(|e| format!("stored spec of {} {} does not parse: {e}", r.app, r.name()))
 }
 
-pub fn assignment(rec: &InstanceRecord, release: &ReleaseRecord, spec: &AppSpec) -> api::Assignment {
+pub fn assignment(
+    rec: &InstanceRecord,
+    release: &ReleaseRecord,
+    spec: &AppSpec,
+) -> api::Assignment {
     api::Assignment {
         instance: rec.id.clone(),
         app: rec.app.clone(),
@@ -74,7 +85,11 @@ pub fn assignment(rec: &InstanceRecord, release: &ReleaseRecord, spec: &AppSpec)
             healthy_after: spec.health.healthy_after,
             unhealthy_after: spec.health.unhealthy_after,
         },
-        desired: if rec.desired == Desired::Stop { api::DesiredState::Stop } else { api::DesiredState::Run },
+        desired: if rec.desired == Desired::Stop {
+            api::DesiredState::Stop
+        } else {
+            api::DesiredState::Run
+        },
     }
 }
 
@@ -85,7 +100,9 @@ pub fn serves(rec: &InstanceRecord, node_ready: bool) -> Option<String> {
         return None;
     }
     let o = observed(rec)?;
-    (o.state == api::InstanceState::Healthy).then_some(o.address).flatten()
+    (o.state == api::InstanceState::Healthy)
+        .then_some(o.address)
+        .flatten()
 }
 
 pub fn instance_status(rec: &InstanceRecord, node_ready: bool) -> api::InstanceStatus {
@@ -133,7 +150,10 @@ pub fn traffic(instances: &[api::InstanceStatus]) -> BTreeMap<String, u32> {
         return BTreeMap::new();
     }
     // Largest-remainder rounding so the shares sum to 100.
-    let mut shares: Vec<(String, u32, u32)> = counts.iter().map(|(r, c)| (r.clone(), c * 100 / total, c * 100 % total)).collect();
+    let mut shares: Vec<(String, u32, u32)> = counts
+        .iter()
+        .map(|(r, c)| (r.clone(), c * 100 / total, c * 100 % total))
+        .collect();
     let mut left = 100 - shares.iter().map(|s| s.1).sum::<u32>();
     shares.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
     for s in shares.iter_mut() {
@@ -148,7 +168,10 @@ pub fn traffic(instances: &[api::InstanceStatus]) -> BTreeMap<String, u32> {
 
 pub fn nodes_ready(nodes: &[NodeRecord]) -> BTreeMap<String, bool> {
     let now = now_ms();
-    nodes.iter().map(|n| (n.name.clone(), node_ready(n, now))).collect()
+    nodes
+        .iter()
+        .map(|n| (n.name.clone(), node_ready(n, now)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -156,12 +179,28 @@ mod tests {
     use super::*;
 
     fn st(release: &str, routed: bool) -> api::InstanceStatus {
-        api::InstanceStatus { id: "x".into(), release: release.into(), node: "n".into(), address: None, state: "healthy".into(), routed, pid: None, restarts: 0, last_check: None, message: None }
+        api::InstanceStatus {
+            id: "x".into(),
+            release: release.into(),
+            node: "n".into(),
+            address: None,
+            state: "healthy".into(),
+            routed,
+            pid: None,
+            restarts: 0,
+            last_check: None,
+            message: None,
+        }
     }
 
     #[test]
     fn traffic_shares_sum_to_100() {
-        let t = traffic(&[st("r1", true), st("r1", true), st("r2", true), st("r2", false)]);
+        let t = traffic(&[
+            st("r1", true),
+            st("r1", true),
+            st("r2", true),
+            st("r2", false),
+        ]);
         assert_eq!(t, BTreeMap::from([("r1".into(), 67), ("r2".into(), 33)]));
         assert!(traffic(&[st("r1", false)]).is_empty());
     }

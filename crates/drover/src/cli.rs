@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "drover", version, about = "Continuous deployment for your own servers: build, release, roll out, roll back.")]
+#[command(
+    name = "drover",
+    version,
+    about = "Continuous deployment for your own servers: build, release, roll out, roll back."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -19,7 +23,12 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 pub struct ServerArg {
     /// API URL of the drover server.
-    #[arg(long, env = "DROVER_SERVER", default_value = "http://127.0.0.1:7070", global = true)]
+    #[arg(
+        long,
+        env = "DROVER_SERVER",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
     pub server: String,
 }
 
@@ -174,12 +183,16 @@ enum AppsCmd {
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("label {s:?} must look like key=value"))?;
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("label {s:?} must look like key=value"))?;
     Ok((k.to_string(), v.to_string()))
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
-    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?} must look like 20000-29999"))?;
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} must look like 20000-29999"))?;
     let a: u16 = a.parse().map_err(|_| format!("{a:?} is not a port"))?;
     let b: u16 = b.parse().map_err(|_| format!("{b:?} is not a port"))?;
     if a == 0 || a > b {
@@ -190,12 +203,21 @@ fn parse_range(s: &str) -> Result<(u16, u16), String> {
 
 fn init_logs() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("DROVER_LOG").unwrap_or_else(|_| EnvFilter::new("info,pingora=warn,pingora_core=warn,pingora_proxy=warn,sqlx=warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).try_init();
+    let filter = EnvFilter::try_from_env("DROVER_LOG").unwrap_or_else(|_| {
+        EnvFilter::new("info,pingora=warn,pingora_core=warn,pingora_proxy=warn,sqlx=warn")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }
 
 /// Cancels the token on SIGINT or SIGTERM.
@@ -214,7 +236,11 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     match run(cli) {
@@ -234,9 +260,21 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Up { data_dir, nodes, demo, api_addr, proxy_addr } => {
+        Cmd::Up {
+            data_dir,
+            nodes,
+            demo,
+            api_addr,
+            proxy_addr,
+        } => {
             init_logs();
-            up::run(up::UpArgs { data_dir, nodes, demo, api_addr, proxy_addr })
+            up::run(up::UpArgs {
+                data_dir,
+                nodes,
+                demo,
+                api_addr,
+                proxy_addr,
+            })
         }
         Cmd::Server { addr, data_dir } => {
             init_logs();
@@ -246,7 +284,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 drover_server::run(drover_server::ServerConfig { addr, data_dir }, token).await
             })
         }
-        Cmd::Agent { s, name, data_dir, labels, advertise_host, ports } => {
+        Cmd::Agent {
+            s,
+            name,
+            data_dir,
+            labels,
+            advertise_host,
+            ports,
+        } => {
             init_logs();
             let mut cfg = drover_agent::AgentConfig::new(s.server, name, data_dir);
             cfg.labels = labels.into_iter().collect::<BTreeMap<_, _>>();
@@ -258,26 +303,62 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 drover_agent::run(cfg, token).await
             })
         }
-        Cmd::Proxy { s, listen, name, threads, grace } => {
+        Cmd::Proxy {
+            s,
+            listen,
+            name,
+            threads,
+            grace,
+        } => {
             init_logs();
-            drover_proxy::run(drover_proxy::ProxyConfig { listen, server: s.server, name, threads, grace_period_secs: grace })
+            drover_proxy::run(drover_proxy::ProxyConfig {
+                listen,
+                server: s.server,
+                name,
+                threads,
+                grace_period_secs: grace,
+            })
         }
-        Cmd::Apps { cmd: AppsCmd::Add { repo, branch, s } } => {
+        Cmd::Apps {
+            cmd: AppsCmd::Add { repo, branch, s },
+        } => {
             let repo = absolutize(&repo);
             let c = Client::new(&s.server);
-            let app: drover_api::AppInfo = c.post("/v1/apps", &drover_api::AddAppRequest { repo, branch })?;
-            println!("added app {} (host {}, branch {}); deploy it with: drover deploy {}", app.name, app.host, app.branch, app.name);
+            let app: drover_api::AppInfo =
+                c.post("/v1/apps", &drover_api::AddAppRequest { repo, branch })?;
+            println!(
+                "added app {} (host {}, branch {}); deploy it with: drover deploy {}",
+                app.name, app.host, app.branch, app.name
+            );
             Ok(())
         }
-        Cmd::Apps { cmd: AppsCmd::List { json, s } } => {
+        Cmd::Apps {
+            cmd: AppsCmd::List { json, s },
+        } => {
             let apps: Vec<drover_api::AppInfo> = Client::new(&s.server).get("/v1/apps")?;
             output::apps(&apps, json)
         }
-        Cmd::Deploy { app, git_ref, wait, s } => {
+        Cmd::Deploy {
+            app,
+            git_ref,
+            wait,
+            s,
+        } => {
             let c = Client::new(&s.server);
-            eprintln!("building {app} ({})…", git_ref.as_deref().unwrap_or("branch tip"));
-            let d: drover_api::DeployResponse = c.post(&format!("/v1/apps/{app}/deploy"), &drover_api::DeployRequest { git_ref })?;
-            eprintln!("built {} from commit {}; rollout {} started", d.release, &d.commit[..12.min(d.commit.len())], d.rollout_id);
+            eprintln!(
+                "building {app} ({})…",
+                git_ref.as_deref().unwrap_or("branch tip")
+            );
+            let d: drover_api::DeployResponse = c.post(
+                &format!("/v1/apps/{app}/deploy"),
+                &drover_api::DeployRequest { git_ref },
+            )?;
+            eprintln!(
+                "built {} from commit {}; rollout {} started",
+                d.release,
+                &d.commit[..12.min(d.commit.len())],
+                d.rollout_id
+            );
             if wait {
                 output::follow(&c, &app, Some(d.rollout_id))
             } else {
@@ -286,8 +367,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Rollback { app, to, wait, s } => {
             let c = Client::new(&s.server);
-            let d: drover_api::DeployResponse = c.post(&format!("/v1/apps/{app}/rollback"), &drover_api::RollbackRequest { to })?;
-            eprintln!("rolling {app} back to {}; rollout {} started", d.release, d.rollout_id);
+            let d: drover_api::DeployResponse = c.post(
+                &format!("/v1/apps/{app}/rollback"),
+                &drover_api::RollbackRequest { to },
+            )?;
+            eprintln!(
+                "rolling {app} back to {}; rollout {} started",
+                d.release, d.rollout_id
+            );
             if wait {
                 output::follow(&c, &app, Some(d.rollout_id))
             } else {
@@ -295,12 +382,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Status { app, json, s } => {
-            let st: drover_api::AppStatus = Client::new(&s.server).get(&format!("/v1/apps/{app}/status"))?;
+            let st: drover_api::AppStatus =
+                Client::new(&s.server).get(&format!("/v1/apps/{app}/status"))?;
             output::status(&st, json)
         }
         Cmd::Watch { app, s } => output::follow(&Client::new(&s.server), &app, None),
         Cmd::Releases { app, json, s } => {
-            let r: Vec<drover_api::ReleaseInfo> = Client::new(&s.server).get(&format!("/v1/apps/{app}/releases"))?;
+            let r: Vec<drover_api::ReleaseInfo> =
+                Client::new(&s.server).get(&format!("/v1/apps/{app}/releases"))?;
             output::releases(&r, json)
         }
         Cmd::Nodes { json, s } => {
@@ -312,7 +401,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(r) => format!("/v1/apps/{app}/logs?release={r}"),
                 None => format!("/v1/apps/{app}/logs"),
             };
-            print!("{}", output::escape_terminal(&Client::new(&s.server).get_text(&path)?));
+            print!(
+                "{}",
+                output::escape_terminal(&Client::new(&s.server).get_text(&path)?)
+            );
             Ok(())
         }
         Cmd::Events { app, json, s } => {

@@ -21,7 +21,11 @@ impl std::fmt::Display for Fail {
 impl std::error::Error for Fail {}
 
 pub fn fail(code: u8, message: impl Into<String>) -> anyhow::Error {
-    Fail { code, message: message.into() }.into()
+    Fail {
+        code,
+        message: message.into(),
+    }
+    .into()
 }
 
 pub struct Client {
@@ -32,9 +36,19 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str) -> Self {
-        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().expect("http client");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        Client { base: base.trim_end_matches('/').to_string(), http, rt }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .expect("http client");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+            rt,
+        }
     }
 
     fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
@@ -56,16 +70,26 @@ impl Client {
 
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let resp = self.send(self.http.get(format!("{}{path}", self.base)))?;
-        self.rt.block_on(resp.json::<T>()).map_err(|e| fail(1, format!("unexpected answer from the server: {e}")))
+        self.rt
+            .block_on(resp.json::<T>())
+            .map_err(|e| fail(1, format!("unexpected answer from the server: {e}")))
     }
 
     pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
         let resp = self.send(self.http.get(format!("{}{path}", self.base)))?;
-        self.rt.block_on(resp.text()).map_err(|e| fail(1, e.to_string()))
+        self.rt
+            .block_on(resp.text())
+            .map_err(|e| fail(1, e.to_string()))
     }
 
-    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+    pub fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
         let resp = self.send(self.http.post(format!("{}{path}", self.base)).json(body))?;
-        self.rt.block_on(resp.json::<T>()).map_err(|e| fail(1, format!("unexpected answer from the server: {e}")))
+        self.rt
+            .block_on(resp.json::<T>())
+            .map_err(|e| fail(1, format!("unexpected answer from the server: {e}")))
     }
 }

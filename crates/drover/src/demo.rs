@@ -65,13 +65,24 @@ max_unavailable = 0
 
 fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("git")
-        .args(["-c", "user.name=drover demo", "-c", "user.email=demo@drover.invalid", "-c", "init.defaultBranch=main"])
+        .args([
+            "-c",
+            "user.name=drover demo",
+            "-c",
+            "user.email=demo@drover.invalid",
+            "-c",
+            "init.defaultBranch=main",
+        ])
         .args(args)
         .current_dir(dir)
         .output()
         .context("cannot run git; install git")?;
     if !out.status.success() {
-        bail!("git {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "git {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }

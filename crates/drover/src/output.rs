@@ -11,7 +11,13 @@ use std::time::{Duration, Instant};
 /// Replaces control characters (except newline and tab) with `\u{..}`.
 pub fn escape_terminal(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_control() && c != '\n' && c != '\t' { format!("\\u{{{:x}}}", c as u32) } else { c.to_string() })
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                format!("\\u{{{:x}}}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
         .collect()
 }
 
@@ -32,7 +38,13 @@ pub fn apps(apps: &[api::AppInfo], as_json: bool) -> anyhow::Result<()> {
     }
     let mut t = table(&["APP", "HOST", "LIVE", "BRANCH", "REPO"]);
     for a in apps {
-        t.add_row(vec![a.name.clone(), a.host.clone(), a.live_release.clone().unwrap_or("-".into()), a.branch.clone(), escape_terminal(&a.repo)]);
+        t.add_row(vec![
+            a.name.clone(),
+            a.host.clone(),
+            a.live_release.clone().unwrap_or("-".into()),
+            a.branch.clone(),
+            escape_terminal(&a.repo),
+        ]);
     }
     println!("{t}");
     Ok(())
@@ -58,9 +70,30 @@ pub fn status(st: &api::AppStatus, as_json: bool) -> anyhow::Result<()> {
         );
         println!("          {}", escape_terminal(&r.message));
     }
-    let traffic: Vec<String> = st.traffic.iter().map(|(r, p)| format!("{r} {p}%")).collect();
-    println!("traffic:  {}", if traffic.is_empty() { "none".to_string() } else { traffic.join(", ") });
-    let mut t = table(&["INSTANCE", "RELEASE", "NODE", "ADDRESS", "STATE", "ROUTED", "PID", "RESTARTS", "LAST CHECK"]);
+    let traffic: Vec<String> = st
+        .traffic
+        .iter()
+        .map(|(r, p)| format!("{r} {p}%"))
+        .collect();
+    println!(
+        "traffic:  {}",
+        if traffic.is_empty() {
+            "none".to_string()
+        } else {
+            traffic.join(", ")
+        }
+    );
+    let mut t = table(&[
+        "INSTANCE",
+        "RELEASE",
+        "NODE",
+        "ADDRESS",
+        "STATE",
+        "ROUTED",
+        "PID",
+        "RESTARTS",
+        "LAST CHECK",
+    ]);
     for i in &st.instances {
         t.add_row(vec![
             i.id.clone(),
@@ -71,7 +104,12 @@ pub fn status(st: &api::AppStatus, as_json: bool) -> anyhow::Result<()> {
             if i.routed { "yes" } else { "no" }.to_string(),
             i.pid.map(|p| p.to_string()).unwrap_or("-".into()),
             i.restarts.to_string(),
-            escape_terminal(i.last_check.as_deref().or(i.message.as_deref()).unwrap_or("-")),
+            escape_terminal(
+                i.last_check
+                    .as_deref()
+                    .or(i.message.as_deref())
+                    .unwrap_or("-"),
+            ),
         ]);
     }
     println!("{t}");
@@ -84,7 +122,13 @@ pub fn releases(rs: &[api::ReleaseInfo], as_json: bool) -> anyhow::Result<()> {
     }
     let mut t = table(&["RELEASE", "COMMIT", "ARTIFACT", "SIZE", "LIVE"]);
     for r in rs {
-        t.add_row(vec![r.name.clone(), r.commit[..12.min(r.commit.len())].to_string(), r.artifact_sha256[..12].to_string(), r.artifact_size.to_string(), if r.live { "live" } else { "" }.to_string()]);
+        t.add_row(vec![
+            r.name.clone(),
+            r.commit[..12.min(r.commit.len())].to_string(),
+            r.artifact_sha256[..12].to_string(),
+            r.artifact_size.to_string(),
+            if r.live { "live" } else { "" }.to_string(),
+        ]);
     }
     println!("{t}");
     Ok(())
@@ -97,7 +141,13 @@ pub fn nodes(ns: &[api::NodeInfo], as_json: bool) -> anyhow::Result<()> {
     let mut t = table(&["NODE", "READY", "LAST SEEN", "INSTANCES", "LABELS"]);
     for n in ns {
         let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        t.add_row(vec![n.name.clone(), if n.ready { "ready" } else { "lost" }.to_string(), format!("{:.1}s ago", n.last_seen_ms_ago as f64 / 1000.0), n.instances.to_string(), escape_terminal(&labels.join(","))]);
+        t.add_row(vec![
+            n.name.clone(),
+            if n.ready { "ready" } else { "lost" }.to_string(),
+            format!("{:.1}s ago", n.last_seen_ms_ago as f64 / 1000.0),
+            n.instances.to_string(),
+            escape_terminal(&labels.join(",")),
+        ]);
     }
     println!("{t}");
     Ok(())
@@ -108,7 +158,13 @@ pub fn events(ev: &[api::EventInfo], as_json: bool) -> anyhow::Result<()> {
         return json(&ev);
     }
     for e in ev.iter().rev() {
-        println!("#{} {} {} {}", e.id, e.app.as_deref().unwrap_or("-"), e.kind, escape_terminal(&e.message));
+        println!(
+            "#{} {} {} {}",
+            e.id,
+            e.app.as_deref().unwrap_or("-"),
+            e.kind,
+            escape_terminal(&e.message)
+        );
     }
     Ok(())
 }
@@ -119,7 +175,11 @@ pub fn follow(c: &Client, app: &str, rollout_id: Option<i64>) -> anyhow::Result<
     let tty = std::io::stderr().is_terminal();
     let bar = if tty {
         let b = indicatif::ProgressBar::new(1);
-        b.set_style(indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg}").expect("template").progress_chars("=> "));
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg}")
+                .expect("template")
+                .progress_chars("=> "),
+        );
         b.enable_steady_tick(Duration::from_millis(120));
         Some(b)
     } else {
@@ -129,15 +189,28 @@ pub fn follow(c: &Client, app: &str, rollout_id: Option<i64>) -> anyhow::Result<
     let started = Instant::now();
     loop {
         let st: api::AppStatus = c.get(&format!("/v1/apps/{app}/status"))?;
-        let Some(r) = st.rollout.as_ref().filter(|r| rollout_id.is_none_or(|id| r.id >= id)) else {
+        let Some(r) = st
+            .rollout
+            .as_ref()
+            .filter(|r| rollout_id.is_none_or(|id| r.id >= id))
+        else {
             if started.elapsed() > Duration::from_secs(10) {
                 return Err(fail(1, format!("{app} has no rollout to follow")));
             }
             std::thread::sleep(Duration::from_millis(200));
             continue;
         };
-        let traffic: Vec<String> = st.traffic.iter().map(|(r, p)| format!("{r} {p}%")).collect();
-        let msg = format!("{} [{}] {}", r.state, traffic.join(" "), escape_terminal(&r.message));
+        let traffic: Vec<String> = st
+            .traffic
+            .iter()
+            .map(|(r, p)| format!("{r} {p}%"))
+            .collect();
+        let msg = format!(
+            "{} [{}] {}",
+            r.state,
+            traffic.join(" "),
+            escape_terminal(&r.message)
+        );
         match &bar {
             Some(b) => {
                 b.set_length(r.steps as u64);
@@ -157,10 +230,22 @@ pub fn follow(c: &Client, app: &str, rollout_id: Option<i64>) -> anyhow::Result<
                 b.finish_and_clear();
             }
             if r.state == "succeeded" {
-                println!("rollout #{} succeeded: {}", r.id, escape_terminal(&r.message));
+                println!(
+                    "rollout #{} succeeded: {}",
+                    r.id,
+                    escape_terminal(&r.message)
+                );
                 return Ok(());
             }
-            return Err(fail(1, format!("rollout #{} {}: {}", r.id, r.state, escape_terminal(&r.message))));
+            return Err(fail(
+                1,
+                format!(
+                    "rollout #{} {}: {}",
+                    r.id,
+                    r.state,
+                    escape_terminal(&r.message)
+                ),
+            ));
         }
         std::thread::sleep(Duration::from_millis(250));
     }

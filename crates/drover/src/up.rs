@@ -9,8 +9,8 @@
 use crate::client::{fail, Client};
 use crate::{demo, output};
 use anyhow::Context;
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,10 @@ struct Role {
 }
 
 fn spawn(exe: &Path, logs: &Path, name: &str, args: &[String]) -> anyhow::Result<Role> {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(logs.join(format!("{name}.log")))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logs.join(format!("{name}.log")))?;
     let child = Command::new(exe)
         .args(args)
         .stdin(Stdio::null())
@@ -37,7 +40,10 @@ fn spawn(exe: &Path, logs: &Path, name: &str, args: &[String]) -> anyhow::Result
         .process_group(0)
         .spawn()
         .with_context(|| format!("cannot start {name}"))?;
-    Ok(Role { name: name.to_string(), child })
+    Ok(Role {
+        name: name.to_string(),
+        child,
+    })
 }
 
 fn terminate(role: &mut Role, timeout: Duration) {
@@ -61,7 +67,12 @@ fn stop_apps(agent_dir: &Path) {
     use drover_agent::process::{is_alive, signal_group};
     use nix::sys::signal::Signal;
     let loaded = drover_agent::state::load(&drover_agent::state::state_path(agent_dir));
-    let procs: Vec<(u32, u64)> = loaded.state.instances.values().filter_map(|i| Some((i.pid?, i.start_time?))).collect();
+    let procs: Vec<(u32, u64)> = loaded
+        .state
+        .instances
+        .values()
+        .filter_map(|i| Some((i.pid?, i.start_time?)))
+        .collect();
     for (pid, start) in &procs {
         signal_group(*pid, *start, Signal::SIGTERM);
     }
@@ -75,7 +86,8 @@ fn stop_apps(agent_dir: &Path) {
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let data = std::fs::canonicalize(&args.data_dir)?;
     let logs = data.join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -87,9 +99,25 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
 
     let mut roles: Vec<Role> = Vec::new();
     let result = (|| -> anyhow::Result<()> {
-        roles.push(spawn(&exe, &logs, "server", &["server".into(), "--addr".into(), args.api_addr.clone(), "--data-dir".into(), data.join("server").to_string_lossy().into()])?);
+        roles.push(spawn(
+            &exe,
+            &logs,
+            "server",
+            &[
+                "server".into(),
+                "--addr".into(),
+                args.api_addr.clone(),
+                "--data-dir".into(),
+                data.join("server").to_string_lossy().into(),
+            ],
+        )?);
         let client = Client::new(&api_url);
-        wait_until(Duration::from_secs(30), || client.get_text("/v1/health").is_ok(), &mut roles).context("the server did not come up; see logs/server.log")?;
+        wait_until(
+            Duration::from_secs(30),
+            || client.get_text("/v1/health").is_ok(),
+            &mut roles,
+        )
+        .context("the server did not come up; see logs/server.log")?;
         for i in 1..=args.nodes {
             let base = 20000 + (i - 1) * 1000;
             roles.push(spawn(
@@ -103,7 +131,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                     "--name".into(),
                     format!("node-{i}"),
                     "--data-dir".into(),
-                    data.join("agents").join(format!("node-{i}")).to_string_lossy().into(),
+                    data.join("agents")
+                        .join(format!("node-{i}"))
+                        .to_string_lossy()
+                        .into(),
                     "--ports".into(),
                     format!("{base}-{}", base + 999),
                     "--label".into(),
@@ -111,15 +142,37 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 ],
             )?);
         }
-        roles.push(spawn(&exe, &logs, "proxy", &["proxy".into(), "--server".into(), api_url.clone(), "--listen".into(), args.proxy_addr.clone(), "--grace".into(), "1".into()])?);
+        roles.push(spawn(
+            &exe,
+            &logs,
+            "proxy",
+            &[
+                "proxy".into(),
+                "--server".into(),
+                api_url.clone(),
+                "--listen".into(),
+                args.proxy_addr.clone(),
+                "--grace".into(),
+                "1".into(),
+            ],
+        )?);
         let want = args.nodes as usize;
         wait_until(
             Duration::from_secs(30),
-            || client.get::<Vec<drover_api::NodeInfo>>("/v1/nodes").map(|n| n.iter().filter(|n| n.ready).count() >= want).unwrap_or(false),
+            || {
+                client
+                    .get::<Vec<drover_api::NodeInfo>>("/v1/nodes")
+                    .map(|n| n.iter().filter(|n| n.ready).count() >= want)
+                    .unwrap_or(false)
+            },
             &mut roles,
         )
         .context("the agents did not register; see logs/agent-*.log")?;
-        println!("drover is up ({} nodes, data in {})", args.nodes, data.display());
+        println!(
+            "drover is up ({} nodes, data in {})",
+            args.nodes,
+            data.display()
+        );
         println!("  API and dashboard: {api_url}");
         println!("  proxy:             http://{}", args.proxy_addr);
         if args.demo {
@@ -127,20 +180,38 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             if demo::create(&repo)? {
                 println!("created the demo app repo at {}", repo.display());
             }
-            let add: anyhow::Result<drover_api::AppInfo> = client.post("/v1/apps", &drover_api::AddAppRequest { repo: repo.to_string_lossy().into(), branch: Some("main".into()) });
+            let add: anyhow::Result<drover_api::AppInfo> = client.post(
+                "/v1/apps",
+                &drover_api::AddAppRequest {
+                    repo: repo.to_string_lossy().into(),
+                    branch: Some("main".into()),
+                },
+            );
             match add {
                 Ok(_) => {}
                 Err(e) if e.to_string().contains("already exists") => {}
                 Err(e) => return Err(e),
             }
-            let d: drover_api::DeployResponse = client.post("/v1/apps/hello/deploy", &drover_api::DeployRequest::default())?;
-            println!("deploying hello {} (commit {})…", d.release, &d.commit[..12]);
+            let d: drover_api::DeployResponse = client.post(
+                "/v1/apps/hello/deploy",
+                &drover_api::DeployRequest::default(),
+            )?;
+            println!(
+                "deploying hello {} (commit {})…",
+                d.release,
+                &d.commit[..12]
+            );
             output::follow(&client, "hello", Some(d.rollout_id))?;
-            println!("try:  curl -H 'Host: hello.localhost' http://{}/", args.proxy_addr);
+            println!(
+                "try:  curl -H 'Host: hello.localhost' http://{}/",
+                args.proxy_addr
+            );
         }
         println!("use the CLI with:  export DROVER_SERVER={api_url}; drover status hello");
         println!("press Ctrl-C to stop");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(async {
             use tokio::signal::unix::{signal, SignalKind};
             let mut term = signal(SignalKind::terminate())?;
@@ -175,7 +246,11 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     result
 }
 
-fn wait_until(timeout: Duration, mut ok: impl FnMut() -> bool, roles: &mut [Role]) -> anyhow::Result<()> {
+fn wait_until(
+    timeout: Duration,
+    mut ok: impl FnMut() -> bool,
+    roles: &mut [Role],
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if ok() {

@@ -1,0 +1,625 @@
+//! Test harness: a drover cluster of real processes on 127.0.0.1 (server,
+//! agents, proxy — the `drover` binary under test), app repos made with git,
+//! a CLI runner and a load generator through the proxy.
+//!
+//! Every wait is bounded; every process is killed on drop (apps too, through
+//! the agents' state files).
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_drover");
+
+/// Cluster tests share two cores: run them one at a time.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub api: String,
+    pub api_addr: String,
+    pub proxy_addr: String,
+    pub server: Proc,
+    pub agents: Vec<Proc>,
+    pub proxy: Proc,
+    pub nodes: u32,
+    port_base: u16,
+}
+
+impl Cluster {
+    pub fn start(nodes: u32) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let api_addr = format!("127.0.0.1:{}", free_port());
+        let proxy_addr = format!("127.0.0.1:{}", free_port());
+        let api = format!("http://{api_addr}");
+        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+        let port_base = 30000 + (std::process::id() % 50) as u16 * 400;
+        let server = spawn_role(
+            dir.path(),
+            "server",
+            &[
+                "server",
+                "--addr",
+                &api_addr,
+                "--data-dir",
+                &dir.path().join("server").to_string_lossy(),
+            ],
+        );
+        wait_http(dir.path(), &api, "/v1/health");
+        let proxy = spawn_role(
+            dir.path(),
+            "proxy",
+            &[
+                "proxy",
+                "--server",
+                &api,
+                "--listen",
+                &proxy_addr,
+                "--name",
+                "proxy-1",
+                "--grace",
+                "1",
+            ],
+        );
+        let mut c = Cluster {
+            api: api.clone(),
+            api_addr,
+            proxy_addr,
+            server,
+            agents: Vec::new(),
+            proxy,
+            nodes,
+            port_base,
+            dir,
+        };
+        for i in 1..=nodes {
+            let a = c.spawn_agent(i);
+            c.agents.push(a);
+        }
+        c.wait_until("all nodes ready", Duration::from_secs(30), |c| {
+            c.api_get("/v1/nodes")
+                .map(|v| {
+                    v.as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|n| n["ready"] == true)
+                        .count() as u32
+                        == nodes
+                })
+                .unwrap_or(false)
+        });
+        c
+    }
+
+    pub fn spawn_agent(&self, i: u32) -> Proc {
+        let base = self.port_base + (i as u16 - 1) * 100;
+        spawn_role(
+            self.dir.path(),
+            &format!("agent-{i}"),
+            &[
+                "agent",
+                "--server",
+                &self.api,
+                "--name",
+                &format!("node-{i}"),
+                "--data-dir",
+                &self.agent_dir(i).to_string_lossy(),
+                "--ports",
+                &format!("{base}-{}", base + 99),
+            ],
+        )
+    }
+
+    pub fn agent_dir(&self, i: u32) -> PathBuf {
+        self.dir.path().join(format!("agent-{i}"))
+    }
+
+    pub fn restart_server(&mut self) {
+        self.server = spawn_role(
+            self.dir.path(),
+            "server",
+            &[
+                "server",
+                "--addr",
+                &self.api_addr,
+                "--data-dir",
+                &self.dir.path().join("server").to_string_lossy(),
+            ],
+        );
+        self.wait_http("/v1/health");
+    }
+
+    fn wait_http(&self, path: &str) {
+        wait_http(self.dir.path(), &self.api, path)
+    }
+
+    pub fn api_get(&self, path: &str) -> Result<Value, String> {
+        let body = http_get(&self.api, path)?;
+        serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))
+    }
+
+    pub fn status(&self, app: &str) -> Value {
+        self.api_get(&format!("/v1/apps/{app}/status"))
+            .unwrap_or_else(|e| panic!("status: {e}"))
+    }
+
+    /// Runs the CLI against this cluster.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("DROVER_SERVER", &self.api)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "drover {args:?} failed ({:?}):\n{}\n{}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut(&Cluster) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if f(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            self.logs()
+        );
+    }
+
+    /// The last lines of every role's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(rd) = std::fs::read_dir(self.dir.path().join("logs")) {
+            let mut files: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+            files.sort();
+            for f in files {
+                let text = std::fs::read_to_string(&f).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                out.push_str(&format!(
+                    "--- {} ---\n{}\n",
+                    f.display(),
+                    lines[lines.len().saturating_sub(25)..].join("\n")
+                ));
+            }
+        }
+        out
+    }
+
+    pub fn proxy_url(&self) -> String {
+        format!("http://{}", self.proxy_addr)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.proxy.kill9();
+        for a in &mut self.agents {
+            a.kill9();
+        }
+        for i in 1..=self.nodes {
+            stop_apps(&self.agent_dir(i));
+        }
+        self.server.kill9();
+        if std::env::var_os("DROVER_TEST_KEEP").is_some() {
+            let p = self.dir.path().to_path_buf();
+            eprintln!("keeping {}", p.display());
+            std::mem::forget(std::mem::replace(
+                &mut self.dir,
+                tempfile::tempdir().unwrap(),
+            ));
+        }
+    }
+}
+
+fn wait_http(dir: &Path, api: &str, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if http_get(api, path).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "{path} did not answer within 30s; logs in {}",
+        dir.display()
+    );
+}
+
+/// SIGKILLs the app process groups an agent recorded.
+pub fn stop_apps(agent_dir: &Path) {
+    use drover_agent::process::signal_group;
+    let loaded = drover_agent::state::load(&drover_agent::state::state_path(agent_dir));
+    for i in loaded.state.instances.values() {
+        if let (Some(pid), Some(st)) = (i.pid, i.start_time) {
+            signal_group(pid, st, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+fn spawn_role(dir: &Path, name: &str, args: &[&str]) -> Proc {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("logs").join(format!("{name}.log")))
+        .unwrap();
+    let child = Command::new(BIN)
+        .args(args)
+        .env(
+            "DROVER_LOG",
+            "info,drover_server=debug,pingora=warn,pingora_core=warn,pingora_proxy=warn,sqlx=warn",
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Proc {
+        name: name.into(),
+        child,
+    }
+}
+
+/// A minimal blocking HTTP/1.1 GET (no keep-alive) for the harness itself.
+pub fn http_get(base: &str, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
+    if !head.starts_with("HTTP/1.1 2") {
+        return Err(head.lines().next().unwrap_or("").to_string());
+    }
+    // The API answers JSON with content-length; chunked bodies are small here.
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((len, tail)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(len.trim(), 16).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            rest = &tail[n + 2..];
+        }
+        return Ok(out);
+    }
+    Ok(body.to_string())
+}
+
+// ------------------------------------------------------------- test apps ----
+
+/// How a test app behaves; written into the commit as behavior.json.
+#[derive(Clone, Debug)]
+pub struct Behavior {
+    pub version: String,
+    pub health_status: u16,
+    pub start_delay_ms: u64,
+    /// Extra latency for requests to /slow.
+    pub slow_ms: u64,
+}
+
+impl Behavior {
+    pub fn ok(version: &str) -> Self {
+        Behavior {
+            version: version.into(),
+            health_status: 200,
+            start_delay_ms: 0,
+            slow_ms: 300,
+        }
+    }
+}
+
+pub const TEST_APP_PY: &str = r#"
+import http.server, json, os, time
+cfg = json.load(open("behavior.json"))
+time.sleep(cfg["start_delay_ms"] / 1000.0)
+PORT = int(os.environ["PORT"])
+
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        status = 200
+        if self.path == "/healthz":
+            status = cfg["health_status"]
+            body = b"ok\n" if status == 200 else b"not ready\n"
+        else:
+            if self.path == "/slow":
+                time.sleep(cfg["slow_ms"] / 1000.0)
+            body = ("%s pid=%d\n" % (cfg["version"], os.getpid())).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+
+class S(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+S(("127.0.0.1", PORT), H).serve_forever()
+"#;
+
+pub struct Repo {
+    pub path: PathBuf,
+}
+
+pub fn spec(name: &str, instances: u32, deadline: &str) -> String {
+    format!(
+        r#"[app]
+name = "{name}"
+
+[build]
+command = "python3 -c 'import json; json.load(open(\"behavior.json\"))'"
+artifact = ["app.py", "behavior.json"]
+
+[run]
+command = "exec python3 app.py"
+instances = {instances}
+stop_timeout = "3s"
+
+[health]
+path = "/healthz"
+interval = "200ms"
+healthy_after = 1
+unhealthy_after = 2
+deadline = "{deadline}"
+
+[route]
+host = "{name}.localhost"
+
+[deploy]
+strategy = "rolling"
+max_surge = 1
+max_unavailable = 0
+drain_timeout = "10s"
+"#
+    )
+}
+
+impl Repo {
+    pub fn create(dir: &Path, spec: &str, b: &Behavior) -> Repo {
+        let path = dir.join("repo");
+        std::fs::create_dir_all(&path).unwrap();
+        git(&path, &["init", "--quiet", "--initial-branch=main"]);
+        let r = Repo { path };
+        r.commit(spec, b);
+        r
+    }
+
+    pub fn commit(&self, spec: &str, b: &Behavior) -> String {
+        std::fs::write(self.path.join("app.py"), TEST_APP_PY).unwrap();
+        std::fs::write(self.path.join("drover.toml"), spec).unwrap();
+        let json = format!(
+            r#"{{"version": "{}", "health_status": {}, "start_delay_ms": {}, "slow_ms": {}}}"#,
+            b.version, b.health_status, b.start_delay_ms, b.slow_ms
+        );
+        std::fs::write(self.path.join("behavior.json"), json).unwrap();
+        git(&self.path, &["add", "-A"]);
+        git(
+            &self.path,
+            &[
+                "commit",
+                "--quiet",
+                "--allow-empty",
+                "-m",
+                &format!("version {}", b.version),
+            ],
+        );
+        git(&self.path, &["rev-parse", "HEAD"]).trim().to_string()
+    }
+}
+
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@t.invalid"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+// ------------------------------------------------------------------ load ----
+
+#[derive(Default, Debug)]
+pub struct LoadStats {
+    pub sent: u64,
+    pub failed: u64,
+    pub by_version: std::collections::BTreeMap<String, u64>,
+    pub failures: Vec<String>,
+}
+
+/// Sends requests through the proxy until stopped: one task over a
+/// keep-alive connection, one with a fresh connection per request, one
+/// with slow (in-flight during drains) requests. Bounded by `max_time`.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    pub stats: Arc<Mutex<LoadStats>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+    pub sent: Arc<AtomicU64>,
+}
+
+impl Load {
+    pub fn start(proxy: &str, host: &str, max_time: Duration) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stats = Arc::new(Mutex::new(LoadStats::default()));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (proxy, host) = (proxy.to_string(), host.to_string());
+        let (stop2, stats2, sent2) = (stop.clone(), stats.clone(), sent.clone());
+        let handle = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let keepalive = reqwest::Client::builder()
+                    .pool_max_idle_per_host(4)
+                    .timeout(Duration::from_secs(20))
+                    .build()
+                    .unwrap();
+                let fresh = reqwest::Client::builder()
+                    .pool_max_idle_per_host(0)
+                    .timeout(Duration::from_secs(20))
+                    .build()
+                    .unwrap();
+                let deadline = tokio::time::Instant::now() + max_time;
+                let mut tasks = Vec::new();
+                for (client, path) in [(keepalive.clone(), "/"), (fresh, "/"), (keepalive, "/slow")]
+                {
+                    let (proxy, host, stop, stats, sent) = (
+                        proxy.clone(),
+                        host.clone(),
+                        stop2.clone(),
+                        stats2.clone(),
+                        sent2.clone(),
+                    );
+                    tasks.push(tokio::spawn(async move {
+                        while !stop.load(Ordering::Relaxed)
+                            && tokio::time::Instant::now() < deadline
+                        {
+                            let res = client
+                                .get(format!("{proxy}{path}"))
+                                .header("host", &host)
+                                .send()
+                                .await;
+                            let outcome = match res {
+                                Ok(r) if r.status().is_success() => {
+                                    Ok(r.text().await.unwrap_or_default())
+                                }
+                                Ok(r) => Err(format!(
+                                    "{} {}",
+                                    r.status(),
+                                    r.text().await.unwrap_or_default()
+                                )),
+                                Err(e) => Err(format!("{e:?}")),
+                            };
+                            sent.fetch_add(1, Ordering::Relaxed);
+                            {
+                                let mut s = stats.lock().unwrap();
+                                s.sent += 1;
+                                match outcome {
+                                    Ok(body) => {
+                                        *s.by_version
+                                            .entry(
+                                                body.split_whitespace()
+                                                    .next()
+                                                    .unwrap_or("")
+                                                    .to_string(),
+                                            )
+                                            .or_default() += 1
+                                    }
+                                    Err(e) => {
+                                        s.failed += 1;
+                                        if s.failures.len() < 20 {
+                                            s.failures.push(e);
+                                        }
+                                    }
+                                }
+                            }
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    }));
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+        });
+        Load {
+            stop,
+            stats,
+            handle: Some(handle),
+            sent,
+        }
+    }
+
+    pub fn finish(mut self) -> LoadStats {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            h.join().unwrap();
+        }
+        std::mem::take(&mut *self.stats.lock().unwrap())
+    }
+}
+
+/// One GET through the proxy; returns the body's first word (the version).
+pub fn get_version(proxy: &str, host: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let addr = proxy.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("{head} {body}"));
+    }
+    Ok(body.split_whitespace().next().unwrap_or("").to_string())
+}
