@@ -53,7 +53,7 @@ pub fn format_ms(ms: u64) -> String {
     if ms < 1_000 {
         format!("{ms}ms")
     } else if ms < 60_000 {
-        if ms % 1_000 == 0 {
+        if ms.is_multiple_of(1_000) {
             format!("{}s", ms / 1_000)
         } else {
             format!("{:.1}s", ms as f64 / 1_000.0)
