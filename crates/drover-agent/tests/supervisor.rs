@@ -50,9 +50,17 @@ async fn starts_with_port_env_own_group_and_log_capture() {
         )),
         "{text}"
     );
-    // The state file records pid, start time, port.
-    let st = state::load(&state::state_path(dir.path()));
-    let rec = &st.state.instances["hello-r1-aaa"];
+    // The state file records pid, start time, port (it is written just
+    // after the in-memory state changes, so wait for it).
+    let rec = wait_for(5, "state file with the pid", || {
+        let st = state::load(&state::state_path(dir.path()));
+        st.state
+            .instances
+            .get("hello-r1-aaa")
+            .filter(|r| r.pid == Some(pid))
+            .cloned()
+    })
+    .await;
     assert_eq!(rec.pid, Some(pid));
     assert_eq!(rec.port, Some(port));
     assert!(rec.start_time.is_some());
@@ -349,11 +357,12 @@ async fn health_thresholds_against_a_real_http_server() {
     })
     .await;
     // The verdict is persisted for re-adoption.
-    let st = state::load(&state::state_path(dir.path()));
-    assert_eq!(
-        st.state.instances["hello-r1-health"].health,
-        Some(InstanceState::Healthy)
-    );
+    wait_for(5, "healthy verdict in the state file", || {
+        let st = state::load(&state::state_path(dir.path()));
+        (st.state.instances.get("hello-r1-health")?.health == Some(InstanceState::Healthy))
+            .then_some(())
+    })
+    .await;
     kill_group(pid);
 }
 
@@ -424,8 +433,11 @@ async fn stray_instances_are_stopped_and_forgotten() {
     .await;
     assert!(!pid_exists(pa));
     assert_eq!(report(&sup, "hello-r1-keep").unwrap().pid, Some(pb));
-    let st = state::load(&state::state_path(dir.path()));
-    assert!(!st.state.instances.contains_key("hello-r1-stray"));
+    let st = wait_for(5, "stray gone from the state file", || {
+        let st = state::load(&state::state_path(dir.path()));
+        (!st.state.instances.contains_key("hello-r1-stray")).then_some(st)
+    })
+    .await;
     assert!(st.state.instances.contains_key("hello-r1-keep"));
     kill_group(pb);
 }

@@ -301,3 +301,50 @@ fn a_malformed_drover_toml_is_refused_with_file_line_and_field_and_nothing_is_st
     assert!(stderr.contains("drover.toml:10:"), "{stderr}");
     assert_eq!(c.api_get("/v1/apps").unwrap(), serde_json::json!([]));
 }
+
+#[test]
+fn rollback_restores_the_earlier_release_with_its_artifact_and_config() {
+    let _g = serial();
+    let c = Cluster::start(2);
+    let with_color = |color: &str| {
+        spec("web", 2, "30s").replace(
+            "stop_timeout = \"3s\"",
+            &format!("stop_timeout = \"3s\"\nenv = {{ COLOR = \"{color}\" }}"),
+        )
+    };
+    let repo = Repo::create(c.dir.path(), &with_color("blue"), &Behavior::ok("v1"));
+    deploy_first(&c, &repo, "web");
+    repo.commit(&with_color("green"), &Behavior::ok("v2"));
+    c.cli_ok(&["deploy", "web", "--wait"]);
+    let body = |c: &Cluster| raw_get(&c.proxy_addr, "web.localhost", "/").unwrap().1;
+    assert!(
+        body(&c).starts_with("v2 ") && body(&c).contains("color=green"),
+        "{}",
+        body(&c)
+    );
+
+    // No version id needed: rollback goes to the previous live release.
+    c.cli_ok(&["rollback", "web", "--wait"]);
+    let st = c.status("web");
+    assert_eq!(st["live_release"], "r1");
+    for _ in 0..10 {
+        let b = body(&c);
+        assert!(
+            b.starts_with("v1 ") && b.contains("color=blue"),
+            "artifact and config of r1: {b}"
+        );
+    }
+    let releases = c.cli_ok(&["releases", "web"]);
+    assert!(
+        releases.contains("r1") && releases.contains("r2"),
+        "{releases}"
+    );
+    // Bad input to rollback is refused with exit code 2.
+    let out = c.cli(&["rollback", "web", "--to", "r99"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -303,21 +303,29 @@ fn spawn_role(dir: &Path, name: &str, args: &[&str]) -> Proc {
     }
 }
 
-/// A minimal blocking HTTP/1.1 GET (no keep-alive) for the harness itself.
-pub fn http_get(base: &str, path: &str) -> Result<String, String> {
+/// A minimal blocking HTTP/1.1 GET with `Connection: close`; returns the
+/// status line's head and the raw body.
+pub fn raw_get(addr: &str, host: &str, path: &str) -> Result<(String, String), String> {
     use std::io::{Read, Write};
-    let addr = base.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )
     .map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
+    Ok((head.to_string(), body.to_string()))
+}
+
+/// GET on the API; Err unless 2xx. Handles chunked bodies.
+pub fn http_get(base: &str, path: &str) -> Result<String, String> {
+    let addr = base.trim_start_matches("http://");
+    let (head, body) = raw_get(addr, addr, path)?;
+    let body = body.as_str();
     if !head.starts_with("HTTP/1.1 2") {
         return Err(head.lines().next().unwrap_or("").to_string());
     }
@@ -380,7 +388,7 @@ class H(http.server.BaseHTTPRequestHandler):
         else:
             if self.path == "/slow":
                 time.sleep(cfg["slow_ms"] / 1000.0)
-            body = ("%s pid=%d\n" % (cfg["version"], os.getpid())).encode()
+            body = ("%s pid=%d color=%s\n" % (cfg["version"], os.getpid(), os.environ.get("COLOR", "-"))).encode()
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -605,19 +613,7 @@ impl Load {
 
 /// One GET through the proxy; returns the body's first word (the version).
 pub fn get_version(proxy: &str, host: &str) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let addr = proxy.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
+    let (head, body) = raw_get(proxy.trim_start_matches("http://"), host, "/")?;
     if !head.starts_with("HTTP/1.1 200") {
         return Err(format!("{head} {body}"));
     }
