@@ -220,9 +220,13 @@ impl Engine {
         let settings_release = match active {
             Some(r) if r.reverting => r.from.clone().unwrap_or_else(|| r.to.clone()),
             Some(r) => r.to.clone(),
-            None => match &app_rec.live_release {
-                Some(l) => l.clone(),
-                None => return Ok(()),
+            // No active rollout: the live release's settings; after a failed
+            // first deploy, the failed release's (housekeeping must still
+            // stop and forget its instances).
+            None => match (&app_rec.live_release, &rollout) {
+                (Some(l), _) => l.clone(),
+                (None, Some(r)) => r.to.clone(),
+                (None, None) => return Ok(()),
             },
         };
         let spec = self.spec(app, &settings_release).await?;

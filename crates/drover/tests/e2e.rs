@@ -348,3 +348,33 @@ fn rollback_restores_the_earlier_release_with_its_artifact_and_config() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_first_deploy_that_never_becomes_healthy_fails_and_leaves_nothing_running() {
+    let _g = serial();
+    let c = Cluster::start(2);
+    let mut bad = Behavior::ok("v1");
+    bad.health_status = 503;
+    let repo = Repo::create(c.dir.path(), &spec("web", 2, "3s"), &bad);
+    c.cli_ok(&["apps", "add", &repo.path.to_string_lossy()]);
+    let out = c.cli(&["deploy", "web", "--wait"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = c.status("web");
+    assert_eq!(st["rollout"]["state"], "failed", "{st:#}");
+    assert!(st["live_release"].is_null());
+    c.wait_until(
+        "failed instances stopped and forgotten",
+        Duration::from_secs(20),
+        |c| c.status("web")["instances"].as_array().unwrap().is_empty(),
+    );
+    let (head, body) = raw_get(&c.proxy_addr, "web.localhost", "/").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 404"),
+        "no live release, no route: {head} {body}"
+    );
+}
