@@ -19,8 +19,9 @@ use crate::supervisor::Supervisor;
 
 /// Long-poll wait asked of the server.
 pub const WAIT_MS: u64 = 30_000;
-/// Delay after a report-triggering change before reporting (debounce).
-pub const REPORT_DEBOUNCE: Duration = Duration::from_millis(50);
+/// Delay after a report-triggering change before reporting (debounce: batches
+/// changes that arrive together; short, since the rollout waits on reports).
+pub const REPORT_DEBOUNCE: Duration = Duration::from_millis(10);
 const RETRY_MIN: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
