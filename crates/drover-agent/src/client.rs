@@ -115,6 +115,19 @@ impl ControlClient {
         check_status(resp).await.map(|_| ())
     }
 
+    /// `POST /v1/agent/logs`: new output of one instance.
+    pub async fn ship_logs(&self, chunk: &drover_api::LogChunk) -> Result<(), ClientError> {
+        let resp = self
+            .http
+            .post(self.url("/v1/agent/logs"))
+            .timeout(Duration::from_secs(10))
+            .json(chunk)
+            .send()
+            .await
+            .map_err(|e| unreachable(&e))?;
+        check_status(resp).await.map(|_| ())
+    }
+
     /// A plain GET of `path` on the server, status checked (artifacts).
     /// No overall timeout: the caller bounds reads itself.
     pub async fn get(&self, path: &str) -> Result<reqwest::Response, ClientError> {

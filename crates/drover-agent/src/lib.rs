@@ -11,7 +11,8 @@
 //! Files: `config` (what to run with), `client` (HTTP protocol), `session`
 //! (register/poll/report loops), `supervisor` (per-instance tasks),
 //! `artifacts` + `unpack` (releases), `process` (spawn/identify/signal),
-//! `health` (checks), `state` (state file), `logs` (log files), `ports`.
+//! `health` (checks), `state` (state file), `logs` (log files), `logship`
+//! (log files → control plane), `ports`.
 #![forbid(unsafe_code)]
 
 pub mod artifacts;
@@ -19,6 +20,7 @@ pub mod client;
 pub mod config;
 pub mod health;
 pub mod logs;
+pub mod logship;
 pub mod ports;
 pub mod process;
 pub mod session;
@@ -64,12 +66,20 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         node: config.node.clone(),
         labels: config.labels.clone(),
     };
-    if let Some(session) = Session::establish(client, request, shutdown.clone()).await {
+    if let Some(session) = Session::establish(client.clone(), request, shutdown.clone()).await {
         let poll = tokio::spawn(session.clone().assignments_loop(sup.clone()));
         let report = tokio::spawn(session.report_loop(sup.clone()));
+        let ship = tokio::spawn(logship::ship_loop(
+            config.node.clone(),
+            client.clone(),
+            sup.clone(),
+            config.data_dir.clone(),
+            shutdown.clone(),
+        ));
         shutdown.cancelled().await;
         let _ = poll.await;
         let _ = report.await;
+        let _ = ship.await;
     }
     match Arc::try_unwrap(sup) {
         Ok(sup) => sup.detach().await,

@@ -330,3 +330,13 @@ pub struct EventInfo {
     pub kind: String,
     pub message: String,
 }
+
+/// New output of one instance, shipped by its agent (`POST /v1/agent/logs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogChunk {
+    pub node: String,
+    pub instance: String,
+    /// The bytes appended to the instance's log since the last chunk
+    /// (lossy UTF-8; at most 256 KiB).
+    pub data: String,
+}

@@ -82,12 +82,13 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/apps/{app}/rollback", post(rollback))
         .route("/v1/apps/{app}/status", get(status))
         .route("/v1/apps/{app}/releases", get(releases))
-        .route("/v1/apps/{app}/logs", get(build_log))
+        .route("/v1/apps/{app}/logs", get(app_logs))
         .route("/v1/nodes", get(nodes))
         .route("/v1/events", get(events))
         .route("/v1/agent/register", post(agent_register))
         .route("/v1/agent/report", post(agent_report))
         .route("/v1/agent/assignments", get(agent_assignments))
+        .route("/v1/agent/logs", post(agent_logs))
         .route("/v1/routes", get(routes))
         .route("/v1/proxy/report", post(proxy_report))
         .route("/v1/artifacts/{sha256}", get(artifact))
@@ -240,32 +241,90 @@ async fn releases(State(s): S, Path(app): Path<String>) -> R<Vec<api::ReleaseInf
 
 #[derive(Deserialize)]
 struct LogQuery {
+    /// Show the build log instead of instance output.
+    #[serde(default)]
+    build: bool,
     release: Option<String>,
+    instance: Option<String>,
+    lines: Option<usize>,
 }
 
-/// The build log of a release (default: the newest).
-async fn build_log(
+fn instance_log_path(s: &Server, instance: &str) -> std::path::PathBuf {
+    s.data_dir
+        .join("logs")
+        .join("instances")
+        .join(format!("{instance}.log"))
+}
+
+fn tail_lines(text: &str, n: usize) -> Vec<&str> {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+/// Instance output shipped by the agents (default: the last lines of every
+/// current instance, prefixed by its id), or a release's build log.
+async fn app_logs(
     State(s): S,
     Path(app): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Result<Response, ApiErr> {
-    let list = s.store.list_releases(&app).await?;
-    let rel = match &q.release {
-        Some(name) => list
-            .iter()
-            .find(|r| &r.name() == name)
-            .ok_or_else(|| ApiErr::NotFound(format!("release {name} of {app} not found")))?,
-        None => list
-            .first()
-            .ok_or_else(|| ApiErr::NotFound(format!("{app} has no release yet")))?,
+    let text_response =
+        |t: String| ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], t).into_response();
+    let lines = q.lines.unwrap_or(50).min(10_000);
+    if q.build || q.release.is_some() {
+        let list = s.store.list_releases(&app).await?;
+        let rel = match &q.release {
+            Some(name) => list
+                .iter()
+                .find(|r| &r.name() == name)
+                .ok_or_else(|| ApiErr::NotFound(format!("release {name} of {app} not found")))?,
+            None => list
+                .first()
+                .ok_or_else(|| ApiErr::NotFound(format!("{app} has no release yet")))?,
+        };
+        let path = s
+            .data_dir
+            .join("logs")
+            .join(format!("build-{}-{}.log", app, &rel.commit[..12]));
+        return Ok(text_response(
+            std::fs::read_to_string(&path).unwrap_or_else(|_| {
+                format!("({} has no build log: no [build] command)\n", rel.name())
+            }),
+        ));
+    }
+    s.store.get_app(&app).await?;
+    let ids: Vec<String> = match q.instance {
+        Some(id) => {
+            let valid = id.strip_prefix(&format!("{app}-")).is_some()
+                && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+            if !valid || !instance_log_path(&s, &id).exists() {
+                return Err(ApiErr::NotFound(format!("no logs for instance {id:?} of {app}; see `drover status {app}` for instance ids")));
+            }
+            vec![id]
+        }
+        None => s
+            .store
+            .list_instances(&app)
+            .await?
+            .into_iter()
+            .map(|i| i.id)
+            .collect(),
     };
-    let path = s
-        .data_dir
-        .join("logs")
-        .join(format!("build-{}-{}.log", app, &rel.commit[..12]));
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|_| format!("({} has no build log: no [build] command)\n", rel.name()));
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+    let single = ids.len() == 1;
+    let mut out = String::new();
+    for id in ids {
+        let text = std::fs::read(instance_log_path(&s, &id))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        for l in tail_lines(&text, lines) {
+            if !single {
+                out.push_str(&format!("[{id}] "));
+            }
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    Ok(text_response(out))
 }
 
 async fn nodes(State(s): S) -> R<Vec<api::NodeInfo>> {
@@ -428,6 +487,50 @@ async fn agent_assignments(State(s): S, Query(q): Query<WaitQuery>) -> R<api::As
         index,
         assignments: out,
     }))
+}
+
+/// Appends shipped output to the instance's log on the server (capped: past
+/// 4 MiB the oldest half is dropped).
+async fn agent_logs(State(s): S, Json(chunk): Json<api::LogChunk>) -> Result<StatusCode, ApiErr> {
+    let owned = s
+        .store
+        .list_node_instances(&chunk.node)
+        .await?
+        .iter()
+        .any(|i| i.id == chunk.instance);
+    if !owned {
+        return Err(ApiErr::NotFound(format!(
+            "instance {} is not assigned to node {}",
+            chunk.instance, chunk.node
+        )));
+    }
+    let path = instance_log_path(&s, &chunk.instance);
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        use std::io::Write;
+        std::fs::create_dir_all(path.parent().expect("has parent"))?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        f.write_all(chunk.data.as_bytes())?;
+        if f.metadata()?.len() > 4 * 1024 * 1024 {
+            let all = std::fs::read(&path)?;
+            let keep = &all[all.len() - 2 * 1024 * 1024..];
+            let start = keep
+                .iter()
+                .position(|b| *b == b'\n')
+                .map(|i| i + 1)
+                .unwrap_or(0);
+            let tmp = path.with_extension("log.tmp");
+            std::fs::write(&tmp, &keep[start..])?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| ApiErr::Internal(e.to_string()))?
+    .map_err(|e| ApiErr::Unavailable(format!("cannot store instance logs: {e}")))?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn artifact(State(s): S, Path(sha): Path<String>) -> Result<Response, ApiErr> {

@@ -144,9 +144,18 @@ enum Cmd {
         #[command(flatten)]
         s: ServerArg,
     },
-    /// Show the build log of a release (default: the newest).
+    /// Show the recent output of an app's instances (or one), or a build log.
     Logs {
         app: String,
+        /// One instance (ids as in `drover status`).
+        #[arg(long)]
+        instance: Option<String>,
+        /// Lines per instance.
+        #[arg(long, default_value_t = 50)]
+        lines: usize,
+        /// The build log of the newest release (or of --release rN).
+        #[arg(long)]
+        build: bool,
         #[arg(long)]
         release: Option<String>,
         #[command(flatten)]
@@ -396,11 +405,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let n: Vec<drover_api::NodeInfo> = Client::new(&s.server).get("/v1/nodes")?;
             output::nodes(&n, json)
         }
-        Cmd::Logs { app, release, s } => {
-            let path = match release {
-                Some(r) => format!("/v1/apps/{app}/logs?release={r}"),
-                None => format!("/v1/apps/{app}/logs"),
-            };
+        Cmd::Logs {
+            app,
+            instance,
+            lines,
+            build,
+            release,
+            s,
+        } => {
+            let mut path = format!("/v1/apps/{app}/logs?lines={lines}");
+            if build {
+                path.push_str("&build=true");
+            }
+            if let Some(r) = release {
+                path.push_str(&format!("&release={r}"));
+            }
+            if let Some(i) = instance {
+                path.push_str(&format!("&instance={i}"));
+            }
             print!(
                 "{}",
                 output::escape_terminal(&Client::new(&s.server).get_text(&path)?)

@@ -314,6 +314,17 @@ fn rollback_restores_the_earlier_release_with_its_artifact_and_config() {
     };
     let repo = Repo::create(c.dir.path(), &with_color("blue"), &Behavior::ok("v1"));
     deploy_first(&c, &repo, "web");
+    // Instance output reaches the server and `drover logs`.
+    c.wait_until("instance logs shipped", Duration::from_secs(15), |c| {
+        let out = c.cli(&["logs", "web"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .filter(|l| l.starts_with("[web-r1-") && l.contains("started v1 on port"))
+            .count()
+            == 2
+    });
+    let build = c.cli_ok(&["logs", "web", "--build"]);
+    assert!(build.contains("==> build:"), "{build}");
     repo.commit(&with_color("green"), &Behavior::ok("v2"));
     c.cli_ok(&["deploy", "web", "--wait"]);
     let body = |c: &Cluster| raw_get(&c.proxy_addr, "web.localhost", "/").unwrap().1;

@@ -377,6 +377,7 @@ import http.server, json, os, time
 cfg = json.load(open("behavior.json"))
 time.sleep(cfg["start_delay_ms"] / 1000.0)
 PORT = int(os.environ["PORT"])
+print("started %s on port %d" % (cfg["version"], PORT), flush=True)
 
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
