@@ -229,6 +229,10 @@ pub struct AddAppRequest {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AppInfo {
+    /// Only in the answer to `POST /v1/apps`: the HMAC-SHA256 key for push
+    /// webhooks to `/v1/hooks/<app>`. Never shown again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<String>,
     pub name: String,
     pub repo: String,
     pub branch: String,
@@ -255,6 +259,8 @@ pub struct DeployResponse {
     pub release: String,
     pub commit: String,
     pub rollout_id: i64,
+    #[serde(default)]
+    pub run_id: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -265,6 +271,9 @@ pub struct ReleaseInfo {
     pub artifact_size: u64,
     pub created_at_ms: u64,
     pub live: bool,
+    /// ok | failed (its [release] command failed; never deployed)
+    #[serde(default)]
+    pub status: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -276,6 +285,9 @@ pub struct AppStatus {
     /// Release → percent of traffic (integers summing to 100 when serving).
     pub traffic: BTreeMap<String, u32>,
     pub instances: Vec<InstanceStatus>,
+    /// The newest pipeline run.
+    #[serde(default)]
+    pub last_run: Option<RunInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -339,4 +351,45 @@ pub struct LogChunk {
     /// The bytes appended to the instance's log since the last chunk
     /// (lossy UTF-8; at most 256 KiB).
     pub data: String,
+}
+
+/// One pipeline run: a commit through checkout, build, test, pack, release
+/// command and the start of its rollout.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunInfo {
+    pub id: i64,
+    pub app: String,
+    pub commit: String,
+    pub git_ref: String,
+    /// manual | poll | webhook
+    pub trigger: String,
+    /// queued | running | succeeded | failed | superseded
+    pub state: String,
+    pub steps: Vec<RunStep>,
+    pub release: Option<String>,
+    pub rollout_id: Option<i64>,
+    pub error: Option<String>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunStep {
+    /// checkout | build | test | pack | release | deploy
+    pub name: String,
+    /// running | succeeded | failed
+    pub state: String,
+    pub started_at_ms: u64,
+    pub duration_ms: Option<u64>,
+    /// On failure: the last lines of the step's output.
+    pub log_tail: Option<String>,
+}
+
+/// Answer to a webhook delivery.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HookResponse {
+    /// run_started | duplicate | ignored
+    pub outcome: String,
+    pub run_id: Option<i64>,
+    pub message: String,
 }

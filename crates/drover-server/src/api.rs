@@ -4,7 +4,7 @@
 //! *API Boundary*: errors become HTTP statuses only here, in
 //! [`ApiErr::into_response`]; bodies are `{"error": "..."}` and say what to do.
 
-use crate::{now_ms, pipeline, view, Server, NODE_LEASE_MS, REPORT_INTERVAL_MS};
+use crate::{git, now_ms, pipeline, view, Server, NODE_LEASE_MS, REPORT_INTERVAL_MS};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
@@ -27,6 +27,8 @@ pub enum ApiErr {
     BadInput(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Unauthorized(String),
     #[error("{0}")]
     Conflict(String),
     /// The operation ran and failed (build failed, …).
@@ -54,6 +56,7 @@ impl IntoResponse for ApiErr {
         let status = match &self {
             ApiErr::BadInput(_) => StatusCode::BAD_REQUEST,
             ApiErr::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiErr::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiErr::Conflict(_) => StatusCode::CONFLICT,
             ApiErr::Failed(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiErr::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -83,6 +86,9 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/apps/{app}/status", get(status))
         .route("/v1/apps/{app}/releases", get(releases))
         .route("/v1/apps/{app}/logs", get(app_logs))
+        .route("/v1/apps/{app}/runs", get(runs))
+        .route("/v1/runs/{id}", get(run))
+        .route("/v1/runs/{id}/log", get(run_log))
         .route("/v1/nodes", get(nodes))
         .route("/v1/events", get(events))
         .route("/v1/agent/register", post(agent_register))
@@ -92,6 +98,10 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/routes", get(routes))
         .route("/v1/proxy/report", post(proxy_report))
         .route("/v1/artifacts/{sha256}", get(artifact))
+        .route(
+            "/v1/hooks/{app}",
+            post(hook).layer(DefaultBodyLimit::max(crate::source::HOOK_BODY_LIMIT)),
+        )
         .layer(DefaultBodyLimit::max(1024 * 1024))
         .with_state(server)
 }
@@ -103,6 +113,7 @@ fn app_info(a: &drover_store::AppRecord) -> api::AppInfo {
         .map(|s| s.route.host)
         .unwrap_or_default();
     api::AppInfo {
+        webhook_secret: None,
         name: a.name.clone(),
         repo: a.repo.clone(),
         branch: a.branch.clone(),
@@ -113,7 +124,10 @@ fn app_info(a: &drover_store::AppRecord) -> api::AppInfo {
 
 async fn add_app(State(s): S, Json(req): Json<api::AddAppRequest>) -> R<api::AppInfo> {
     let rec = pipeline::add_app(&s, &req.repo, req.branch.as_deref()).await?;
-    Ok(Json(app_info(&rec)))
+    let mut info = app_info(&rec);
+    // Shown once, to whoever registered the app.
+    info.webhook_secret = rec.webhook_secret.clone();
+    Ok(Json(info))
 }
 
 async fn list_apps(State(s): S) -> R<Vec<api::AppInfo>> {
@@ -122,27 +136,38 @@ async fn list_apps(State(s): S) -> R<Vec<api::AppInfo>> {
     ))
 }
 
+/// Builds a commit (default: the branch tip) as a manual run and starts its
+/// rollout; answers when the rollout has started (or the run failed).
 async fn deploy(
     State(s): S,
     Path(app): Path<String>,
     Json(req): Json<api::DeployRequest>,
 ) -> R<api::DeployResponse> {
-    let lock = s.deploy_lock(&app).await;
-    let _held = lock.lock().await;
     let app_rec = s.store.get_app(&app).await?;
-    let (release, _spec) = pipeline::build_release(&s, &app_rec, req.git_ref.as_deref()).await?;
-    let r = s
-        .engine
-        .start_rollout(
-            &app,
-            &release.name(),
-            &format!("deploy of {}", &release.commit[..12]),
-        )
-        .await?;
+    let mirror = git::mirror_path(&s.data_dir, &app);
+    git::sync_mirror(&app_rec.repo, &mirror)
+        .await
+        .map_err(|e| ApiErr::Failed(format!("cannot fetch {}: {e}", app_rec.repo)))?;
+    let git_ref = match &req.git_ref {
+        Some(r) => {
+            git::validate_ref(r).map_err(|e| ApiErr::BadInput(e.to_string()))?;
+            r.clone()
+        }
+        None => format!("refs/heads/{}", app_rec.branch),
+    };
+    let commit = git::resolve(&mirror, &git_ref)
+        .await
+        .map_err(|e| ApiErr::BadInput(e.to_string()))?;
+    let (_run, handle) =
+        pipeline::start_run(&s, &app_rec, &commit, &git_ref, "manual", None).await?;
+    let out = handle
+        .await
+        .map_err(|e| ApiErr::Internal(e.to_string()))??;
     Ok(Json(api::DeployResponse {
-        release: release.name(),
-        commit: release.commit,
-        rollout_id: r.id,
+        release: out.release.name(),
+        commit: out.release.commit,
+        rollout_id: out.rollout.id,
+        run_id: Some(out.run.id),
     }))
 }
 
@@ -161,11 +186,15 @@ async fn rollback(
     let n = view::parse_release_name(&to)
         .ok_or_else(|| ApiErr::BadInput(format!("{to:?} is not a release name such as r3")))?;
     let release = s.store.get_release(&app, n).await?;
+    if release.status == "failed" {
+        return Err(ApiErr::BadInput(format!("{to} failed its [release] command and was never deployed; pick another release (see `drover releases {app}`)")));
+    }
     let r = s.engine.start_rollout(&app, &to, "rollback").await?;
     Ok(Json(api::DeployResponse {
         release: to,
         commit: release.commit,
         rollout_id: r.id,
+        run_id: None,
     }))
 }
 
@@ -215,6 +244,12 @@ pub async fn app_status(s: &Server, app: &str) -> Result<api::AppStatus, ApiErr>
         rollout,
         traffic: view::traffic(&instances),
         instances,
+        last_run: s
+            .store
+            .list_runs(app, 1)
+            .await?
+            .first()
+            .map(pipeline::run_info),
     })
 }
 
@@ -234,6 +269,7 @@ async fn releases(State(s): S, Path(app): Path<String>) -> R<Vec<api::ReleaseInf
                 artifact_size: r.artifact_size,
                 created_at_ms: r.created_at,
                 live: live.as_deref() == Some(&r.name()),
+                status: r.status.clone(),
             })
             .collect(),
     ))
@@ -282,15 +318,14 @@ async fn app_logs(
                 .first()
                 .ok_or_else(|| ApiErr::NotFound(format!("{app} has no release yet")))?,
         };
-        let path = s
-            .data_dir
-            .join("logs")
-            .join(format!("build-{}-{}.log", app, &rel.commit[..12]));
-        return Ok(text_response(
-            std::fs::read_to_string(&path).unwrap_or_else(|_| {
-                format!("({} has no build log: no [build] command)\n", rel.name())
-            }),
-        ));
+        let runs = s.store.list_runs(&app, 1000).await?;
+        let run = runs
+            .iter()
+            .find(|r| r.release.as_deref() == Some(&rel.name()[..]))
+            .ok_or_else(|| ApiErr::NotFound(format!("no run log for {}", rel.name())))?;
+        let text = std::fs::read_to_string(pipeline::run_log_path(&s.data_dir, run.id))
+            .unwrap_or_default();
+        return Ok(text_response(text));
     }
     s.store.get_app(&app).await?;
     let ids: Vec<String> = match q.instance {
@@ -325,6 +360,63 @@ async fn app_logs(
         }
     }
     Ok(text_response(out))
+}
+
+async fn hook(
+    State(s): S,
+    Path(app): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: bytes::Bytes,
+) -> Result<Response, ApiErr> {
+    let (status, resp) = crate::source::handle_push(&s, &app, &headers, &body).await?;
+    Ok((status, Json(resp)).into_response())
+}
+
+async fn runs(State(s): S, Path(app): Path<String>) -> R<Vec<api::RunInfo>> {
+    s.store.get_app(&app).await?;
+    Ok(Json(
+        s.store
+            .list_runs(&app, 50)
+            .await?
+            .iter()
+            .map(pipeline::run_info)
+            .collect(),
+    ))
+}
+
+async fn run(State(s): S, Path(id): Path<i64>) -> R<api::RunInfo> {
+    Ok(Json(pipeline::run_info(&s.store.get_run(id).await?)))
+}
+
+#[derive(Deserialize)]
+struct OffsetQuery {
+    offset: Option<u64>,
+}
+
+/// The run's log from byte `offset` (for `drover logs --run ID --follow`).
+async fn run_log(
+    State(s): S,
+    Path(id): Path<i64>,
+    Query(q): Query<OffsetQuery>,
+) -> Result<Response, ApiErr> {
+    s.store.get_run(id).await?;
+    let bytes = std::fs::read(pipeline::run_log_path(&s.data_dir, id)).unwrap_or_default();
+    let from = (q.offset.unwrap_or(0) as usize).min(bytes.len());
+    let text = String::from_utf8_lossy(&bytes[from..]).into_owned();
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-drover-log-size"),
+                bytes.len().to_string(),
+            ),
+        ],
+        text,
+    )
+        .into_response())
 }
 
 async fn nodes(State(s): S) -> R<Vec<api::NodeInfo>> {

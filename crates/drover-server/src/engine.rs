@@ -185,6 +185,8 @@ impl Engine {
             )
             .await?;
         tracing::info!(app, rollout.id = r.id, from = %from, to, "rollout started");
+        let index = self.store().bump_index().await?;
+        self.server.index.send_replace(index);
         Ok(r)
     }
 
@@ -318,6 +320,11 @@ impl Engine {
                 self.store().set_live_release(app, &new.to).await?;
             }
             self.store().update_rollout(&new, now).await?;
+            if new.state != old.state {
+                // Routing follows the rollout's target and the live release.
+                let index = self.store().bump_index().await?;
+                self.server.index.send_replace(index);
+            }
             if new.state != old.state || new.reverting != old.reverting {
                 let kind = if new.reverting && !old.reverting && !new.state.is_final() {
                     "rollout.rolling_back".to_string()

@@ -156,6 +156,35 @@ pub async fn resolve(mirror: &Path, r: &str) -> Result<String, GitError> {
     Ok(sha)
 }
 
+/// Whether `a` is an ancestor of (or equal to) `b`.
+pub async fn is_ancestor(mirror: &Path, a: &str, b: &str) -> Result<bool, GitError> {
+    let out = Command::new("git")
+        .args([
+            "--git-dir",
+            &mirror.to_string_lossy(),
+            "merge-base",
+            "--is-ancestor",
+            "--end-of-options",
+            a,
+            b,
+        ])
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .map_err(|e| GitError::Failed(format!("cannot run git: {e}")))?;
+    match out.status.code() {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => Err(GitError::Failed(format!(
+            "git merge-base failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))),
+    }
+}
+
 /// Reads one file of a commit.
 pub async fn show_file(mirror: &Path, commit: &str, path: &str) -> Result<String, GitError> {
     let spec = format!("{commit}:{path}");

@@ -5,8 +5,9 @@
 //! - [`engine`]: the rollout engine. It alone writes rollouts and instance
 //!   placement: every tick it feeds persisted + observed state to the pure
 //!   planner (`drover_core::planner`) and applies the actions.
-//! - [`pipeline`]: a commit → fresh checkout → build → content-addressed
-//!   artifact → release.
+//! - [`pipeline`]: runs: a commit → fresh checkout → build → test →
+//!   content-addressed artifact → release → `[release]` command → rollout.
+//! - [`source`]: finding new commits (polling, signed push webhooks).
 //! - [`git`]: the git CLI, with validated refs and no shell.
 //! - [`artifact`]: deterministic tar.zst packing and sha256.
 //! - [`view`]: turns records into the status/instance views.
@@ -17,6 +18,7 @@ pub mod artifact;
 pub mod engine;
 pub mod git;
 pub mod pipeline;
+pub mod source;
 pub mod view;
 
 use anyhow::Context;
@@ -39,6 +41,8 @@ pub const PROXY_FRESH_MS: u64 = 10_000;
 pub struct ServerConfig {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
+    /// How often tracked branches are polled for new commits (zero: off).
+    pub poll_interval: std::time::Duration,
 }
 
 /// Shared state of the control plane.
@@ -48,8 +52,10 @@ pub struct Server {
     /// The global change index; long polls wait on it.
     pub index: watch::Sender<u64>,
     pub engine: engine::EngineHandle,
-    /// One deploy at a time per app (build + rollout creation).
+    /// One deploy at a time per app (pipeline run or rollback).
     pub deploy_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Limits pipeline runs running at once.
+    pub run_slots: tokio::sync::Semaphore,
     pub shutdown: CancellationToken,
 }
 
@@ -91,6 +97,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         index: index_tx,
         engine: engine_handle,
         deploy_locks: Mutex::new(HashMap::new()),
+        run_slots: tokio::sync::Semaphore::new(pipeline::MAX_CONCURRENT_RUNS),
         shutdown: shutdown.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.addr)
@@ -98,6 +105,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         .with_context(|| format!("cannot listen on {}", config.addr))?;
     tracing::info!(addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "drover server listening");
     let engine_task = tokio::spawn(engine::run(server.clone(), engine_rx));
+    tokio::spawn(source::poll_loop(server.clone(), config.poll_interval));
     let app = api::router(server.clone());
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

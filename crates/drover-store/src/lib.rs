@@ -56,6 +56,12 @@ pub struct AppRecord {
     pub live_release: Option<String>,
     pub prev_release: Option<String>,
     pub created_at: Millis,
+    /// The branch tip the poller saw last (runs start only for new tips).
+    #[serde(default)]
+    pub polled_commit: Option<String>,
+    /// HMAC-SHA256 key for push webhooks.
+    #[serde(default, skip_serializing)]
+    pub webhook_secret: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,6 +74,8 @@ pub struct ReleaseRecord {
     /// JSON snapshot of the spec of that commit.
     pub spec: String,
     pub created_at: Millis,
+    /// `ok`, or `failed` when its `[release]` command failed (never deployed).
+    pub status: String,
 }
 
 impl ReleaseRecord {
@@ -117,6 +125,26 @@ pub struct EventRecord {
     pub message: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: i64,
+    pub app: String,
+    pub commit: String,
+    pub git_ref: String,
+    /// manual | poll | webhook
+    pub trigger: String,
+    pub delivery: Option<String>,
+    /// queued | running | succeeded | failed | superseded
+    pub state: String,
+    /// JSON list of steps (owned by the server's pipeline).
+    pub steps: String,
+    pub release: Option<String>,
+    pub rollout_id: Option<i64>,
+    pub error: Option<String>,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
 /// A change to one instance, applied with others in one transaction.
 #[derive(Debug, Clone, PartialEq)]
 pub enum InstanceChange {
@@ -148,6 +176,17 @@ pub trait Store: Send + Sync + 'static {
     async fn get_app(&self, name: &str) -> Result<AppRecord>;
     async fn list_apps(&self) -> Result<Vec<AppRecord>>;
     async fn set_live_release(&self, app: &str, live: &str) -> Result<()>;
+    async fn set_polled_commit(&self, app: &str, commit: &str) -> Result<()>;
+
+    /// Inserts a run (its `id` is assigned). Conflict when the webhook
+    /// delivery id was seen before, or an automatic run of that commit exists.
+    async fn create_run(&self, run: &RunRecord) -> Result<RunRecord>;
+    async fn update_run(&self, run: &RunRecord) -> Result<()>;
+    async fn get_run(&self, id: i64) -> Result<RunRecord>;
+    /// Newest first.
+    async fn list_runs(&self, app: &str, limit: u32) -> Result<Vec<RunRecord>>;
+    /// Any run of this commit (any trigger)?
+    async fn has_run_for_commit(&self, app: &str, commit: &str) -> Result<bool>;
 
     /// Inserts a release with the next number; returns it.
     async fn create_release(
@@ -160,6 +199,7 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> Result<ReleaseRecord>;
     async fn get_release(&self, app: &str, number: i64) -> Result<ReleaseRecord>;
+    async fn set_release_status(&self, app: &str, number: i64, status: &str) -> Result<()>;
     async fn list_releases(&self, app: &str) -> Result<Vec<ReleaseRecord>>;
 
     /// Inserts a rollout (its `id` is assigned) and returns it.
@@ -172,6 +212,9 @@ pub trait Store: Send + Sync + 'static {
     /// Applies changes in one transaction; bumps and returns the index if
     /// anything changed.
     async fn apply_instance_changes(&self, changes: &[InstanceChange]) -> Result<u64>;
+    /// Bumps the index without an instance change (routing depends on a
+    /// rollout's state or the live release, which changed). Returns it.
+    async fn bump_index(&self) -> Result<u64>;
     /// Records an agent's reports (JSON per instance id) for its own instances.
     async fn record_observations(
         &self,

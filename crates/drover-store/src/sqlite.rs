@@ -44,6 +44,8 @@ fn app_from_row(r: &sqlx::sqlite::SqliteRow) -> AppRecord {
         live_release: r.get("live_release"),
         prev_release: r.get("prev_release"),
         created_at: r.get::<i64, _>("created_at") as u64,
+        polled_commit: r.get("polled_commit"),
+        webhook_secret: r.get("webhook_secret"),
     }
 }
 
@@ -56,6 +58,25 @@ fn release_from_row(r: &sqlx::sqlite::SqliteRow) -> ReleaseRecord {
         artifact_size: r.get::<i64, _>("artifact_size") as u64,
         spec: r.get("spec"),
         created_at: r.get::<i64, _>("created_at") as u64,
+        status: r.get("status"),
+    }
+}
+
+fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRecord {
+    RunRecord {
+        id: r.get("id"),
+        app: r.get("app"),
+        commit: r.get("commit_sha"),
+        git_ref: r.get("git_ref"),
+        trigger: r.get("trigger"),
+        delivery: r.get("delivery"),
+        state: r.get("state"),
+        steps: r.get("steps"),
+        release: r.get("release"),
+        rollout_id: r.get("rollout_id"),
+        error: r.get("error"),
+        created_at: r.get::<i64, _>("created_at") as u64,
+        updated_at: r.get::<i64, _>("updated_at") as u64,
     }
 }
 
@@ -108,7 +129,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_app(&self, app: &AppRecord) -> Result<()> {
-        let res = sqlx::query("INSERT INTO apps (name, repo, branch, spec, live_release, prev_release, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        let res = sqlx::query("INSERT INTO apps (name, repo, branch, spec, live_release, prev_release, created_at, polled_commit, webhook_secret) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(&app.name)
             .bind(&app.repo)
             .bind(&app.branch)
@@ -116,6 +137,8 @@ impl Store for SqliteStore {
             .bind(&app.live_release)
             .bind(&app.prev_release)
             .bind(app.created_at as i64)
+            .bind(&app.polled_commit)
+            .bind(&app.webhook_secret)
             .execute(&self.pool)
             .await;
         match res {
@@ -189,6 +212,7 @@ impl Store for SqliteStore {
             artifact_size: size,
             spec: spec.into(),
             created_at: now,
+            status: "ok".into(),
         })
     }
 
@@ -200,6 +224,97 @@ impl Store for SqliteStore {
             .await?;
         row.map(|r| release_from_row(&r))
             .ok_or_else(|| StoreError::NotFound(format!("release r{number} of {app}")))
+    }
+
+    async fn set_release_status(&self, app: &str, number: i64, status: &str) -> Result<()> {
+        sqlx::query("UPDATE releases SET status = ? WHERE app = ? AND number = ?")
+            .bind(status)
+            .bind(app)
+            .bind(number)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_polled_commit(&self, app: &str, commit: &str) -> Result<()> {
+        sqlx::query("UPDATE apps SET polled_commit = ? WHERE name = ?")
+            .bind(commit)
+            .bind(app)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn create_run(&self, run: &RunRecord) -> Result<RunRecord> {
+        let res = sqlx::query_scalar::<_, i64>(
+            "INSERT INTO runs (app, commit_sha, git_ref, trigger, delivery, state, steps, release, rollout_id, error, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(&run.app)
+        .bind(&run.commit)
+        .bind(&run.git_ref)
+        .bind(&run.trigger)
+        .bind(&run.delivery)
+        .bind(&run.state)
+        .bind(&run.steps)
+        .bind(&run.release)
+        .bind(run.rollout_id)
+        .bind(&run.error)
+        .bind(run.created_at as i64)
+        .bind(run.updated_at as i64)
+        .fetch_one(&self.pool)
+        .await;
+        match res {
+            Ok(id) => Ok(RunRecord { id, ..run.clone() }),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::Conflict(format!(
+                    "a run of {} for commit {} (or delivery {:?})",
+                    run.app, run.commit, run.delivery
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn update_run(&self, run: &RunRecord) -> Result<()> {
+        sqlx::query("UPDATE runs SET state = ?, steps = ?, release = ?, rollout_id = ?, error = ?, updated_at = ? WHERE id = ?")
+            .bind(&run.state)
+            .bind(&run.steps)
+            .bind(&run.release)
+            .bind(run.rollout_id)
+            .bind(&run.error)
+            .bind(run.updated_at as i64)
+            .bind(run.id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn get_run(&self, id: i64) -> Result<RunRecord> {
+        let row = sqlx::query("SELECT * FROM runs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| run_from_row(&r))
+            .ok_or_else(|| StoreError::NotFound(format!("run {id}")))
+    }
+
+    async fn list_runs(&self, app: &str, limit: u32) -> Result<Vec<RunRecord>> {
+        let rows = sqlx::query("SELECT * FROM runs WHERE app = ? ORDER BY id DESC LIMIT ?")
+            .bind(app)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(run_from_row).collect())
+    }
+
+    async fn has_run_for_commit(&self, app: &str, commit: &str) -> Result<bool> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM runs WHERE app = ? AND commit_sha = ?")
+                .bind(app)
+                .bind(commit)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(n > 0)
     }
 
     async fn list_releases(&self, app: &str) -> Result<Vec<ReleaseRecord>> {
@@ -327,6 +442,14 @@ impl Store for SqliteStore {
             .await?;
         tx.commit().await?;
         Ok(next)
+    }
+
+    async fn bump_index(&self) -> Result<u64> {
+        let v: String = sqlx::query_scalar("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'index' RETURNING value")
+            .fetch_one(&self.pool)
+            .await?;
+        v.parse()
+            .map_err(|_| StoreError::Corrupt(format!("meta index {v:?}")))
     }
 
     async fn record_observations(

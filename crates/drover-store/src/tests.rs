@@ -20,6 +20,8 @@ fn app(name: &str) -> AppRecord {
         live_release: None,
         prev_release: None,
         created_at: 1,
+        polled_commit: None,
+        webhook_secret: None,
     }
 }
 
@@ -178,5 +180,66 @@ async fn events_are_listed_newest_first() {
     assert_eq!(
         ev.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(),
         ["two", "one"]
+    );
+}
+
+#[tokio::test]
+async fn bump_index_moves_the_index_forward() {
+    let (_d, s) = open().await;
+    let a = s.index().await.unwrap();
+    assert_eq!(s.bump_index().await.unwrap(), a + 1);
+    assert_eq!(s.index().await.unwrap(), a + 1);
+}
+
+fn run(app: &str, commit: &str, trigger: &str, delivery: Option<&str>) -> RunRecord {
+    RunRecord {
+        id: 0,
+        app: app.into(),
+        commit: commit.into(),
+        git_ref: "main".into(),
+        trigger: trigger.into(),
+        delivery: delivery.map(Into::into),
+        state: "queued".into(),
+        steps: "[]".into(),
+        release: None,
+        rollout_id: None,
+        error: None,
+        created_at: 1,
+        updated_at: 1,
+    }
+}
+
+#[tokio::test]
+async fn a_webhook_delivery_and_an_automatic_commit_make_one_run_each() {
+    let (_d, s) = open().await;
+    s.insert_app(&app("a")).await.unwrap();
+    let r1 = s
+        .create_run(&run("a", "c1", "webhook", Some("d1")))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            s.create_run(&run("a", "c2", "webhook", Some("d1"))).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "same delivery"
+    );
+    assert!(
+        matches!(
+            s.create_run(&run("a", "c1", "poll", None)).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "same commit, automatic"
+    );
+    // Manual runs of the same commit are allowed (a redeploy).
+    s.create_run(&run("a", "c1", "manual", None)).await.unwrap();
+    assert!(s.has_run_for_commit("a", "c1").await.unwrap());
+    let mut r = s.get_run(r1.id).await.unwrap();
+    r.state = "failed".into();
+    r.error = Some("test failed".into());
+    s.update_run(&r).await.unwrap();
+    assert_eq!(
+        s.list_runs("a", 10).await.unwrap().last().unwrap().state,
+        "failed"
     );
 }

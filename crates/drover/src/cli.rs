@@ -54,6 +54,10 @@ enum Cmd {
         addr: std::net::SocketAddr,
         #[arg(long, default_value = ".drover/server")]
         data_dir: PathBuf,
+        /// How often tracked branches are polled for new commits ("0s": off;
+        /// push webhooks work either way).
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        poll_interval: std::time::Duration,
     },
     /// Run an agent (one per server).
     Agent {
@@ -137,6 +141,14 @@ enum Cmd {
         #[command(flatten)]
         s: ServerArg,
     },
+    /// List an app's pipeline runs with their steps and durations.
+    Runs {
+        app: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        s: ServerArg,
+    },
     /// List nodes.
     Nodes {
         #[arg(long)]
@@ -156,6 +168,12 @@ enum Cmd {
         /// The build log of the newest release (or of --release rN).
         #[arg(long)]
         build: bool,
+        /// The log of a pipeline run (see `drover runs APP`).
+        #[arg(long)]
+        run: Option<i64>,
+        /// With --run: keep printing until the run ends.
+        #[arg(long, short)]
+        follow: bool,
         #[arg(long)]
         release: Option<String>,
         #[command(flatten)]
@@ -189,6 +207,13 @@ enum AppsCmd {
         #[command(flatten)]
         s: ServerArg,
     },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    if s == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    drover_core::duration::parse_duration_ms(s).map(std::time::Duration::from_millis)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -285,12 +310,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 proxy_addr,
             })
         }
-        Cmd::Server { addr, data_dir } => {
+        Cmd::Server {
+            addr,
+            data_dir,
+            poll_interval,
+        } => {
             init_logs();
             runtime().block_on(async {
                 let token = tokio_util::sync::CancellationToken::new();
                 tokio::spawn(stop_signal(token.clone()));
-                drover_server::run(drover_server::ServerConfig { addr, data_dir }, token).await
+                drover_server::run(
+                    drover_server::ServerConfig {
+                        addr,
+                        data_dir,
+                        poll_interval,
+                    },
+                    token,
+                )
+                .await
             })
         }
         Cmd::Agent {
@@ -339,6 +376,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "added app {} (host {}, branch {}); deploy it with: drover deploy {}",
                 app.name, app.host, app.branch, app.name
             );
+            println!(
+                "new commits on {} deploy automatically (polling, or a push webhook)",
+                app.branch
+            );
+            if let Some(secret) = app.webhook_secret {
+                println!(
+                    "push webhook: POST {}/v1/hooks/{} signed with HMAC-SHA256 secret {secret}",
+                    s.server.trim_end_matches('/'),
+                    app.name
+                );
+                println!("(the secret is shown only now)");
+            }
             Ok(())
         }
         Cmd::Apps {
@@ -363,7 +412,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &drover_api::DeployRequest { git_ref },
             )?;
             eprintln!(
-                "built {} from commit {}; rollout {} started",
+                "run {} built {} from commit {}; rollout {} started",
+                d.run_id.map(|i| i.to_string()).unwrap_or_default(),
                 d.release,
                 &d.commit[..12.min(d.commit.len())],
                 d.rollout_id
@@ -401,10 +451,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Client::new(&s.server).get(&format!("/v1/apps/{app}/releases"))?;
             output::releases(&r, json)
         }
+        Cmd::Runs { app, json, s } => {
+            let r: Vec<drover_api::RunInfo> =
+                Client::new(&s.server).get(&format!("/v1/apps/{app}/runs"))?;
+            output::runs(&r, json)
+        }
         Cmd::Nodes { json, s } => {
             let n: Vec<drover_api::NodeInfo> = Client::new(&s.server).get("/v1/nodes")?;
             output::nodes(&n, json)
         }
+        Cmd::Logs {
+            app,
+            run: Some(id),
+            follow,
+            s,
+            ..
+        } => output::run_log(&Client::new(&s.server), &app, id, follow),
         Cmd::Logs {
             app,
             instance,
@@ -412,6 +474,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             build,
             release,
             s,
+            ..
         } => {
             let mut path = format!("/v1/apps/{app}/logs?lines={lines}");
             if build {

@@ -70,6 +70,22 @@ pub fn status(st: &api::AppStatus, as_json: bool) -> anyhow::Result<()> {
         );
         println!("          {}", escape_terminal(&r.message));
     }
+    if let Some(r) = &st.last_run {
+        println!(
+            "last run: #{} {} of {} ({}){}",
+            r.id,
+            r.state,
+            &r.commit[..12.min(r.commit.len())],
+            r.trigger,
+            r.release
+                .as_ref()
+                .map(|x| format!(" → {x}"))
+                .unwrap_or_default()
+        );
+        if r.state == "failed" {
+            print_run_failure(r);
+        }
+    }
     let traffic: Vec<String> = st
         .traffic
         .iter()
@@ -116,18 +132,96 @@ pub fn status(st: &api::AppStatus, as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn runs(rs: &[api::RunInfo], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(&rs);
+    }
+    let mut t = table(&["RUN", "COMMIT", "TRIGGER", "STATE", "STEPS", "RELEASE"]);
+    for r in rs {
+        let steps: Vec<String> = r
+            .steps
+            .iter()
+            .map(|s| match s.duration_ms {
+                Some(d) => format!(
+                    "{} {} {}",
+                    s.name,
+                    if s.state == "succeeded" {
+                        "ok"
+                    } else {
+                        &s.state
+                    },
+                    drover_core::duration::format_ms(d)
+                ),
+                None => format!("{} {}", s.name, s.state),
+            })
+            .collect();
+        t.add_row(vec![
+            r.id.to_string(),
+            r.commit[..12.min(r.commit.len())].to_string(),
+            r.trigger.clone(),
+            r.state.clone(),
+            steps.join(", "),
+            r.release.clone().unwrap_or("-".into()),
+        ]);
+    }
+    println!("{t}");
+    if let Some(r) = rs.first().filter(|r| r.state == "failed") {
+        print_run_failure(r);
+    }
+    Ok(())
+}
+
+fn print_run_failure(r: &api::RunInfo) {
+    if let Some(step) = r.steps.iter().find(|s| s.state == "failed") {
+        println!(
+            "run {} failed at step {}; last lines of its output:",
+            r.id, step.name
+        );
+        for l in step.log_tail.as_deref().unwrap_or("").lines() {
+            println!("  | {}", escape_terminal(l));
+        }
+    } else if let Some(e) = &r.error {
+        println!("run {} failed: {}", r.id, escape_terminal(e));
+    }
+}
+
+/// Prints a run's log; with `follow`, until the run ends.
+pub fn run_log(c: &Client, _app: &str, id: i64, follow: bool) -> anyhow::Result<()> {
+    let mut offset = 0usize;
+    loop {
+        let text = c.get_text(&format!("/v1/runs/{id}/log?offset={offset}"))?;
+        offset += text.len();
+        print!("{}", escape_terminal(&text));
+        if !follow {
+            return Ok(());
+        }
+        let run: api::RunInfo = c.get(&format!("/v1/runs/{id}"))?;
+        if !matches!(run.state.as_str(), "queued" | "running") {
+            let rest = c.get_text(&format!("/v1/runs/{id}/log?offset={offset}"))?;
+            print!("{}", escape_terminal(&rest));
+            println!("(run {id} {})", run.state);
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 pub fn releases(rs: &[api::ReleaseInfo], as_json: bool) -> anyhow::Result<()> {
     if as_json {
         return json(&rs);
     }
-    let mut t = table(&["RELEASE", "COMMIT", "ARTIFACT", "SIZE", "LIVE"]);
+    let mut t = table(&["RELEASE", "COMMIT", "ARTIFACT", "SIZE", "STATUS"]);
     for r in rs {
         t.add_row(vec![
             r.name.clone(),
             r.commit[..12.min(r.commit.len())].to_string(),
             r.artifact_sha256[..12].to_string(),
             r.artifact_size.to_string(),
-            if r.live { "live" } else { "" }.to_string(),
+            if r.live {
+                "live".to_string()
+            } else {
+                r.status.clone()
+            },
         ]);
     }
     println!("{t}");

@@ -109,6 +109,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 args.api_addr.clone(),
                 "--data-dir".into(),
                 data.join("server").to_string_lossy().into(),
+                "--poll-interval".into(),
+                "2s".into(),
             ],
         )?);
         let client = Client::new(&api_url);

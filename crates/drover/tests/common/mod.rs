@@ -54,10 +54,16 @@ pub struct Cluster {
     pub proxy: Proc,
     pub nodes: u32,
     port_base: u16,
+    poll: String,
 }
 
 impl Cluster {
     pub fn start(nodes: u32) -> Cluster {
+        Cluster::start_polling(nodes, "0")
+    }
+
+    /// A cluster whose server polls tracked branches every `poll` ("0": off).
+    pub fn start_polling(nodes: u32, poll: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let api_addr = format!("127.0.0.1:{}", free_port());
         let proxy_addr = format!("127.0.0.1:{}", free_port());
@@ -73,6 +79,8 @@ impl Cluster {
                 &api_addr,
                 "--data-dir",
                 &dir.path().join("server").to_string_lossy(),
+                "--poll-interval",
+                poll,
             ],
         );
         wait_http(dir.path(), &api, "/v1/health");
@@ -100,6 +108,7 @@ impl Cluster {
             proxy,
             nodes,
             port_base,
+            poll: poll.to_string(),
             dir,
         };
         for i in 1..=nodes {
@@ -154,6 +163,8 @@ impl Cluster {
                 &self.api_addr,
                 "--data-dir",
                 &self.dir.path().join("server").to_string_lossy(),
+                "--poll-interval",
+                &self.poll,
             ],
         );
         self.wait_http("/v1/health");

@@ -1,0 +1,349 @@
+//! Continuous deployment end to end: commits found by polling and by signed
+//! webhooks become runs (checkout → build → test → pack → release → deploy),
+//! tests gate releases, older commits never replace newer releases, and a
+//! failing `[release]` command moves nothing.
+
+mod common;
+
+use common::*;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use std::time::Duration;
+
+const TESTS: &str = r#"
+[test]
+command = "if grep -q broken behavior.json; then echo 'test_version ... FAILED: version is broken'; exit 1; fi; echo 'all tests passed'"
+"#;
+
+fn with_tests(instances: u32) -> String {
+    format!("{}{TESTS}", spec("web", instances, "30s"))
+}
+
+fn add(c: &Cluster, repo: &Repo) -> String {
+    let out = c.cli_ok(&["apps", "add", &repo.path.to_string_lossy()]);
+    let secret = out
+        .split("secret ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("the webhook secret is shown once");
+    secret.to_string()
+}
+
+fn runs(c: &Cluster) -> Vec<serde_json::Value> {
+    c.api_get("/v1/apps/web/runs")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn sign(secret: &str, body: &[u8]) -> String {
+    let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    m.update(body);
+    format!("sha256={}", hex::encode(m.finalize().into_bytes()))
+}
+
+/// POSTs a push payload; returns the status code.
+fn push_hook(c: &Cluster, commit: &str, delivery: &str, signature: Option<(&str, String)>) -> u16 {
+    use std::io::{Read, Write};
+    let body = format!(
+        r#"{{"ref":"refs/heads/main","before":"0000000000000000000000000000000000000000","after":"{commit}","repository":{{"name":"web"}}}}"#
+    );
+    let mut s = std::net::TcpStream::connect(&c.api_addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let sig = signature
+        .map(|(h, v)| format!("{h}: {v}\r\n"))
+        .unwrap_or_default();
+    write!(s, "POST /v1/hooks/web HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-GitHub-Event: push\r\nX-GitHub-Delivery: {delivery}\r\n{sig}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn signed(secret: &str, commit: &str) -> (&'static str, String) {
+    let body = format!(
+        r#"{{"ref":"refs/heads/main","before":"0000000000000000000000000000000000000000","after":"{commit}","repository":{{"name":"web"}}}}"#
+    );
+    ("X-Hub-Signature-256", sign(secret, body.as_bytes()))
+}
+
+fn all_answer(c: &Cluster, version: &str) -> bool {
+    (0..6).all(|_| {
+        get_version(&c.proxy_url(), "web.localhost")
+            .map(|v| v == version)
+            .unwrap_or(false)
+    })
+}
+
+#[test]
+fn a_commit_to_the_tracked_branch_goes_live_with_no_command_typed() {
+    let _g = serial();
+    let c = Cluster::start_polling(3, "300ms");
+    let repo = Repo::create(c.dir.path(), &with_tests(3), &Behavior::ok("v1"));
+    add(&c, &repo);
+    c.cli_ok(&["deploy", "web", "--wait"]);
+    repo.commit(&with_tests(3), &Behavior::ok("v2"));
+    c.wait_until(
+        "v2 live everywhere, nothing typed",
+        Duration::from_secs(60),
+        |c| {
+            let st = c.status("web");
+            st["live_release"] == "r2"
+                && st["instances"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|i| i["release"] == "r2")
+                && all_answer(c, "v2")
+        },
+    );
+    let r = runs(&c);
+    assert_eq!(r.len(), 2, "{r:#?}");
+    assert_eq!(r[0]["trigger"], "poll");
+    assert_eq!(r[0]["state"], "succeeded");
+    assert_eq!(r[0]["release"], "r2");
+    let steps: Vec<&str> = r[0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["checkout", "build", "test", "pack", "deploy"]);
+    assert!(r[0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["state"] == "succeeded" && s["duration_ms"].is_u64()));
+    let table = c.cli_ok(&["runs", "web"]);
+    assert!(
+        table.contains("poll") && table.contains("test ok"),
+        "{table}"
+    );
+    let log = c.cli_ok(&["logs", "web", "--run", &r[0]["id"].to_string()]);
+    assert!(log.contains("all tests passed"), "{log}");
+}
+
+#[test]
+fn a_commit_whose_tests_fail_makes_no_release_and_status_shows_the_failing_step() {
+    let _g = serial();
+    let c = Cluster::start(2);
+    let repo = Repo::create(c.dir.path(), &with_tests(2), &Behavior::ok("v1"));
+    add(&c, &repo);
+    c.cli_ok(&["deploy", "web", "--wait"]);
+    repo.commit(&with_tests(2), &Behavior::ok("broken"));
+    let out = c.cli(&["deploy", "web", "--wait"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("tests failed, no release"), "{stderr}");
+    let st = c.status("web");
+    assert_eq!(st["live_release"], "r1");
+    assert_eq!(st["last_run"]["state"], "failed");
+    let failed: Vec<_> = st["last_run"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == "failed")
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["name"], "test");
+    assert!(failed[0]["log_tail"]
+        .as_str()
+        .unwrap()
+        .contains("test_version ... FAILED"));
+    let text = c.cli_ok(&["status", "web"]);
+    assert!(
+        text.contains("failed at step test") && text.contains("test_version ... FAILED"),
+        "{text}"
+    );
+    assert_eq!(
+        c.api_get("/v1/apps/web/releases")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "no release"
+    );
+    assert!(all_answer(&c, "v1"));
+}
+
+#[test]
+fn webhooks_need_a_valid_sha256_signature_and_a_delivery_runs_once() {
+    let _g = serial();
+    let c = Cluster::start(2);
+    let repo = Repo::create(c.dir.path(), &spec("web", 2, "30s"), &Behavior::ok("v1"));
+    let secret = add(&c, &repo);
+    let commit = repo.commit(&spec("web", 2, "30s"), &Behavior::ok("v2"));
+    assert_eq!(
+        push_hook(&c, &commit, "d-1", None),
+        401,
+        "missing signature"
+    );
+    assert_eq!(
+        push_hook(&c, &commit, "d-1", Some(signed("wrong secret", &commit))),
+        401,
+        "wrong signature"
+    );
+    assert_eq!(
+        push_hook(
+            &c,
+            &commit,
+            "d-1",
+            Some((
+                "X-Hub-Signature",
+                "sha1=0123456789abcdef0123456789abcdef01234567".into()
+            ))
+        ),
+        401,
+        "SHA-1 only"
+    );
+    let (h, v) = signed(&secret, &commit);
+    assert_eq!(
+        push_hook(&c, &commit, "d-1", Some((h, v[..30].to_string()))),
+        401,
+        "truncated"
+    );
+    assert!(runs(&c).is_empty(), "no side effect");
+
+    // The same delivery twice at the same moment: one run.
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let (api_addr, secret, commit) = (c.api_addr.clone(), secret.clone(), commit.clone());
+            std::thread::spawn(move || {
+                let fake = FakeCluster { api_addr };
+                fake.push(&commit, "d-2", &secret)
+            })
+        })
+        .collect();
+    let codes: Vec<u16> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(codes.contains(&202), "{codes:?}");
+    c.wait_until(
+        "v2 live through the webhook",
+        Duration::from_secs(60),
+        |c| c.status("web")["live_release"] == "r1" && all_answer(c, "v2"),
+    );
+    let r = runs(&c);
+    assert_eq!(r.len(), 1, "exactly one run: {r:#?}");
+    assert_eq!(r[0]["trigger"], "webhook");
+}
+
+/// Just enough of a cluster to send a signed push from another thread.
+struct FakeCluster {
+    api_addr: String,
+}
+
+impl FakeCluster {
+    fn push(&self, commit: &str, delivery: &str, secret: &str) -> u16 {
+        use std::io::{Read, Write};
+        let body = format!(
+            r#"{{"ref":"refs/heads/main","before":"0000000000000000000000000000000000000000","after":"{commit}","repository":{{"name":"web"}}}}"#
+        );
+        let mut s = std::net::TcpStream::connect(&self.api_addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "POST /v1/hooks/web HTTP/1.1\r\nHost: x\r\nX-GitHub-Delivery: {delivery}\r\nX-Hub-Signature-256: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", sign(secret, body.as_bytes()), body.len()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+#[test]
+fn of_two_commits_100ms_apart_only_the_newer_ends_up_live_and_an_older_push_never_replaces_it() {
+    let _g = serial();
+    let c = Cluster::start(2);
+    let repo = Repo::create(c.dir.path(), &spec("web", 2, "30s"), &Behavior::ok("v1"));
+    let secret = add(&c, &repo);
+    c.cli_ok(&["deploy", "web", "--wait"]);
+    let older = repo.commit(&spec("web", 2, "30s"), &Behavior::ok("v2"));
+    let newer = repo.commit(&spec("web", 2, "30s"), &Behavior::ok("v3"));
+    let hook = FakeCluster {
+        api_addr: c.api_addr.clone(),
+    };
+    assert_eq!(hook.push(&older, "o-1", &secret), 202);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(hook.push(&newer, "n-1", &secret), 202);
+    c.wait_until("v3 live", Duration::from_secs(60), |c| {
+        all_answer(c, "v3") && c.status("web")["rollout"]["state"] == "succeeded"
+    });
+    c.wait_until("runs settled", Duration::from_secs(30), |c| {
+        runs(c)
+            .iter()
+            .all(|r| r["state"] != "queued" && r["state"] != "running")
+    });
+    // The older push arrives again, late (a new delivery): it must not win.
+    assert_eq!(
+        hook.push(&older, "o-2", &secret),
+        200,
+        "same commit already has a run"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(all_answer(&c, "v3"));
+    let live = c.status("web")["live_release"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let releases = c.api_get("/v1/apps/web/releases").unwrap();
+    let live_commit = releases
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == live.as_str())
+        .unwrap()["commit"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(live_commit, newer);
+    let r = runs(&c);
+    let older_run = r.iter().find(|r| r["commit"] == older.as_str()).unwrap();
+    assert!(
+        older_run["state"] == "superseded" || older_run["state"] == "succeeded",
+        "{older_run:#}"
+    );
+    // Whatever the older run did, no release of it came after the newer one's.
+    let newest_release = &releases.as_array().unwrap()[0];
+    assert_eq!(newest_release["commit"], newer.as_str(), "{releases:#}");
+}
+
+#[test]
+fn a_failing_release_command_leaves_the_previous_release_serving() {
+    let _g = serial();
+    let c = Cluster::start(2);
+    let migrate = |cmd: &str| {
+        format!(
+            "{}\n[release]\ncommand = \"{cmd}\"\n",
+            spec("web", 2, "30s")
+        )
+    };
+    let repo = Repo::create(
+        c.dir.path(),
+        &migrate("echo migrated to v1 >> /dev/null"),
+        &Behavior::ok("v1"),
+    );
+    add(&c, &repo);
+    c.cli_ok(&["deploy", "web", "--wait"]);
+    repo.commit(
+        &migrate("echo 'migration 0042 failed: column exists' && exit 3"),
+        &Behavior::ok("v2"),
+    );
+    let out = c.cli(&["deploy", "web", "--wait"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("[release] command of r2 failed")
+            && stderr.contains("migration 0042 failed"),
+        "{stderr}"
+    );
+    let st = c.status("web");
+    assert_eq!(st["live_release"], "r1");
+    assert_eq!(st["rollout"]["to"], "r1", "no rollout to r2 was started");
+    assert!(all_answer(&c, "v1"));
+    let rels = c.api_get("/v1/apps/web/releases").unwrap();
+    assert_eq!(rels[0]["name"], "r2");
+    assert_eq!(rels[0]["status"], "failed");
+    let out = c.cli(&["rollback", "web", "--to", "r2"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a failed release cannot be deployed"
+    );
+}
