@@ -7,7 +7,8 @@
 #   1. rollout wall time for 30 instances on 3 agents (max_surge 30 and 1),
 #      from the `rollout.started` to the `rollout.succeeded` event;
 #   2. proxy throughput and latency vs. calling an instance directly
-#      (loadgen: 1 and 50 keep-alive connections, and a new connection per request).
+#      (loadgen: 1 and 50 keep-alive connections, and a new connection per request);
+#   3. commit to live: signed push webhook → all requests answered by the new release.
 # Prints markdown rows for BENCHMARKS.md. All traffic stays on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ D=$(mktemp -d /tmp/drover-bench.XXXXXX)
 API=127.0.0.1:17070
 PROXY=127.0.0.1:18080
 export DROVER_SERVER=http://$API
-"$BIN/drover" up --data-dir "$D" --nodes 3 --api-addr $API --proxy-addr $PROXY >"$D/up.log" 2>&1 &
+"$BIN/drover" up --data-dir "$D" --nodes 3 --api-addr $API --proxy-addr $PROXY --poll-interval 0 >"$D/up.log" 2>&1 &
 UP=$!
 trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null || true; rm -rf "$D"' EXIT
 for _ in $(seq 1 300); do grep -q "press Ctrl-C" "$D/up.log" && break; sleep 0.1; done
@@ -52,7 +53,7 @@ TOML
 commit() { echo "$1" >"$REPO/VERSION"; git -C "$REPO" add -A; git -C "$REPO" -c user.name=b -c user.email=b@b.invalid commit -qm "$1"; }
 git -C "$REPO" init -q --initial-branch=main
 spec 30 30 50ms; commit v1
-"$BIN/drover" apps add "$REPO" >/dev/null
+"$BIN/drover" apps add "$REPO" | sed -n 's/.*secret \([0-9a-f]*\).*/\1/p' >"$D/secret"
 "$BIN/drover" deploy bench --wait >/dev/null 2>&1
 
 rollout_ms() { # duration of the newest rollout, from events
@@ -95,4 +96,40 @@ for spec_ in "1 keep-alive connection:1 5" "50 keep-alive connections:50 5" "new
   row "$label" "instance directly" "$DIRECT" $args
   # shellcheck disable=SC2086
   row "$label" "through drover proxy" "$PROXY" $args
+done
+
+# Commit to live: a signed push webhook (polling off), until every request
+# through the proxy answers from the new release; minus the run's own
+# build and test time (this app has none).
+SECRET=$(cat "$D/secret")
+spec 2 2 50ms; commit "fast health checks"
+"$BIN/drover" deploy bench --wait >/dev/null 2>&1
+echo
+echo "| commit to live (webhook, polling off, 2 instances) | wall time | build + test | overhead |"
+echo "|---|---|---|---|"
+for i in 1 2 3; do
+  commit "live $i"
+  SHA=$(git -C "$REPO" rev-parse HEAD)
+  BODY="{\"ref\":\"refs/heads/main\",\"after\":\"$SHA\"}"
+  SIG=$(printf '%s' "$BODY" | python3 -c "import hmac,hashlib,sys; print(hmac.new(sys.argv[1].encode(), sys.stdin.buffer.read(), hashlib.sha256).hexdigest())" "$SECRET")
+  START=$(date +%s%3N)
+  curl -fsS -o /dev/null -X POST "http://$API/v1/hooks/bench" -H "X-Hub-Signature-256: sha256=$SIG" -H "X-GitHub-Delivery: bench-$i-$START" --data-binary "$BODY"
+  REL=""
+  for _ in $(seq 1 600); do
+    REL=$("$BIN/drover" runs bench --json | python3 -c 'import json,sys; r=json.load(sys.stdin)[0]; print(r["release"] or "")')
+    [ -n "$REL" ] && break
+    sleep 0.01
+  done
+  # All of 20 requests in a row answer from the new release.
+  while :; do
+    ok=1
+    for _ in $(seq 1 20); do
+      curl -fsS -H 'Host: bench.localhost' "http://$PROXY/" | grep -q "hello $REL" || { ok=0; break; }
+    done
+    [ $ok = 1 ] && break
+    [ $(( $(date +%s%3N) - START )) -gt 60000 ] && { echo "timed out"; exit 1; }
+  done
+  END=$(date +%s%3N)
+  BT=$("$BIN/drover" runs bench --json | python3 -c 'import json,sys; r=json.load(sys.stdin)[0]; print(sum(s["duration_ms"] or 0 for s in r["steps"] if s["name"] in ("build","test")))')
+  echo "| run $i | $((END - START)) ms | ${BT} ms | $((END - START - BT)) ms |"
 done

@@ -89,6 +89,13 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     let store: Arc<dyn Store> = Arc::new(store);
     let index = store.index().await?;
+    let interrupted = store.fail_interrupted_runs(now_ms()).await?;
+    if interrupted > 0 {
+        tracing::warn!(
+            runs = interrupted,
+            "runs interrupted by the last shutdown were marked failed"
+        );
+    }
     let (index_tx, _) = watch::channel(index);
     let (engine_handle, engine_rx) = engine::channel();
     let server = Arc::new(Server {

@@ -185,6 +185,9 @@ pub trait Store: Send + Sync + 'static {
     async fn get_run(&self, id: i64) -> Result<RunRecord>;
     /// Newest first.
     async fn list_runs(&self, app: &str, limit: u32) -> Result<Vec<RunRecord>>;
+    /// Marks runs left queued or running by a previous server process as
+    /// failed; returns how many.
+    async fn fail_interrupted_runs(&self, now: Millis) -> Result<u64>;
     /// Any run of this commit (any trigger)?
     async fn has_run_for_commit(&self, app: &str, commit: &str) -> Result<bool>;
 

@@ -307,6 +307,14 @@ impl Store for SqliteStore {
         Ok(rows.iter().map(run_from_row).collect())
     }
 
+    async fn fail_interrupted_runs(&self, now: Millis) -> Result<u64> {
+        let res = sqlx::query("UPDATE runs SET state = 'failed', error = 'interrupted by a server restart; deploy the commit again with drover deploy --ref', updated_at = ? WHERE state IN ('queued', 'running')")
+            .bind(now as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(res.rows_affected())
+    }
+
     async fn has_run_for_commit(&self, app: &str, commit: &str) -> Result<bool> {
         let n: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM runs WHERE app = ? AND commit_sha = ?")

@@ -243,3 +243,14 @@ async fn a_webhook_delivery_and_an_automatic_commit_make_one_run_each() {
         "failed"
     );
 }
+
+#[tokio::test]
+async fn runs_left_running_by_a_dead_server_are_marked_failed() {
+    let (_d, s) = open().await;
+    s.insert_app(&app("a")).await.unwrap();
+    let r = s.create_run(&run("a", "c1", "poll", None)).await.unwrap();
+    assert_eq!(s.fail_interrupted_runs(5).await.unwrap(), 1);
+    let r = s.get_run(r.id).await.unwrap();
+    assert_eq!(r.state, "failed");
+    assert!(r.error.unwrap().contains("server restart"));
+}

@@ -47,6 +47,9 @@ enum Cmd {
         api_addr: String,
         #[arg(long, default_value = "127.0.0.1:8080")]
         proxy_addr: String,
+        /// How often the server polls tracked branches ("0": off).
+        #[arg(long, default_value = "2s")]
+        poll_interval: String,
     },
     /// Run the control plane.
     Server {
@@ -300,14 +303,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             demo,
             api_addr,
             proxy_addr,
+            poll_interval,
         } => {
             init_logs();
+            parse_duration(&poll_interval)
+                .map_err(|e| crate::client::fail(2, format!("--poll-interval: {e}")))?;
             up::run(up::UpArgs {
                 data_dir,
                 nodes,
                 demo,
                 api_addr,
                 proxy_addr,
+                poll_interval,
             })
         }
         Cmd::Server {

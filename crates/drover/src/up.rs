@@ -20,6 +20,7 @@ pub struct UpArgs {
     pub demo: bool,
     pub api_addr: String,
     pub proxy_addr: String,
+    pub poll_interval: String,
 }
 
 struct Role {
@@ -110,7 +111,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 "--data-dir".into(),
                 data.join("server").to_string_lossy().into(),
                 "--poll-interval".into(),
-                "2s".into(),
+                args.poll_interval.clone(),
             ],
         )?);
         let client = Client::new(&api_url);
