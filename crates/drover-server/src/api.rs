@@ -186,6 +186,9 @@ async fn rollback(
     let n = view::parse_release_name(&to)
         .ok_or_else(|| ApiErr::BadInput(format!("{to:?} is not a release name such as r3")))?;
     let release = s.store.get_release(&app, n).await?;
+    if release.status == "pruned" {
+        return Err(ApiErr::BadInput(format!("the artifact of {to} was pruned by retention (the server keeps the newest releases, the live one and the rollback target); deploy its commit {} again instead", &release.commit[..12])));
+    }
     if release.status == "failed" {
         return Err(ApiErr::BadInput(format!("{to} failed its [release] command and was never deployed; pick another release (see `drover releases {app}`)")));
     }

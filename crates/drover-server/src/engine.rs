@@ -325,6 +325,13 @@ impl Engine {
                 let index = self.store().bump_index().await?;
                 self.server.index.send_replace(index);
             }
+            if new.state.is_final() && !old.state.is_final() {
+                if let Err(e) =
+                    crate::retention::prune(&self.server, app, self.server.keep_releases).await
+                {
+                    tracing::warn!(app, error = %e, "artifact retention failed");
+                }
+            }
             if new.state != old.state || new.reverting != old.reverting {
                 let kind = if new.reverting && !old.reverting && !new.state.is_final() {
                     "rollout.rolling_back".to_string()

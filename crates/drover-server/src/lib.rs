@@ -8,6 +8,7 @@
 //! - [`pipeline`]: runs: a commit → fresh checkout → build → test →
 //!   content-addressed artifact → release → `[release]` command → rollout.
 //! - [`source`]: finding new commits (polling, signed push webhooks).
+//! - [`retention`]: pruning old artifacts.
 //! - [`git`]: the git CLI, with validated refs and no shell.
 //! - [`artifact`]: deterministic tar.zst packing and sha256.
 //! - [`view`]: turns records into the status/instance views.
@@ -18,6 +19,7 @@ pub mod artifact;
 pub mod engine;
 pub mod git;
 pub mod pipeline;
+pub mod retention;
 pub mod source;
 pub mod view;
 
@@ -43,6 +45,9 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// How often tracked branches are polled for new commits (zero: off).
     pub poll_interval: std::time::Duration,
+    /// Releases per app whose artifacts are kept (besides live, rollback
+    /// target and any in use).
+    pub keep_releases: usize,
 }
 
 /// Shared state of the control plane.
@@ -56,6 +61,7 @@ pub struct Server {
     pub deploy_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Limits pipeline runs running at once.
     pub run_slots: tokio::sync::Semaphore,
+    pub keep_releases: usize,
     pub shutdown: CancellationToken,
 }
 
@@ -105,6 +111,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         engine: engine_handle,
         deploy_locks: Mutex::new(HashMap::new()),
         run_slots: tokio::sync::Semaphore::new(pipeline::MAX_CONCURRENT_RUNS),
+        keep_releases: config.keep_releases.max(1),
         shutdown: shutdown.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.addr)

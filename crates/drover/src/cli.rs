@@ -61,6 +61,10 @@ enum Cmd {
         /// push webhooks work either way).
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         poll_interval: std::time::Duration,
+        /// Releases per app whose artifacts are kept (the live release and
+        /// the rollback target are always kept).
+        #[arg(long, default_value_t = 10)]
+        keep_releases: usize,
     },
     /// Run an agent (one per server).
     Agent {
@@ -321,6 +325,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             addr,
             data_dir,
             poll_interval,
+            keep_releases,
         } => {
             init_logs();
             runtime().block_on(async {
@@ -331,6 +336,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         addr,
                         data_dir,
                         poll_interval,
+                        keep_releases,
                     },
                     token,
                 )

@@ -347,3 +347,40 @@ fn a_failing_release_command_leaves_the_previous_release_serving() {
         "a failed release cannot be deployed"
     );
 }
+
+#[test]
+fn old_artifacts_are_pruned_but_never_the_live_release_or_the_rollback_target() {
+    let _g = serial();
+    let c = Cluster::start_with(1, "0", &["--keep-releases", "1"]);
+    let repo = Repo::create(c.dir.path(), &spec("web", 1, "30s"), &Behavior::ok("v1"));
+    add(&c, &repo);
+    c.cli_ok(&["deploy", "web", "--wait"]);
+    for v in ["v2", "v3", "v4"] {
+        repo.commit(&spec("web", 1, "30s"), &Behavior::ok(v));
+        c.cli_ok(&["deploy", "web", "--wait"]);
+    }
+    let rels = c.api_get("/v1/apps/web/releases").unwrap();
+    let status = |name: &str| {
+        rels.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap()["status"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(status("r1"), "pruned");
+    assert_eq!(status("r2"), "pruned");
+    assert_eq!(status("r3"), "ok", "the rollback target is kept");
+    assert_eq!(status("r4"), "ok", "the live release is kept");
+    let artifacts = std::fs::read_dir(c.dir.path().join("server/artifacts"))
+        .unwrap()
+        .count();
+    assert_eq!(artifacts, 2, "only r3's and r4's artifacts remain");
+    let out = c.cli(&["rollback", "web", "--to", "r1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pruned"));
+    c.cli_ok(&["rollback", "web", "--wait"]);
+    assert!(all_answer(&c, "v3"));
+}

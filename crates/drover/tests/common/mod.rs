@@ -64,6 +64,11 @@ impl Cluster {
 
     /// A cluster whose server polls tracked branches every `poll` ("0": off).
     pub fn start_polling(nodes: u32, poll: &str) -> Cluster {
+        Cluster::start_with(nodes, poll, &[])
+    }
+
+    /// A cluster whose server gets extra flags.
+    pub fn start_with(nodes: u32, poll: &str, server_flags: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let api_addr = format!("127.0.0.1:{}", free_port());
         let proxy_addr = format!("127.0.0.1:{}", free_port());
@@ -81,7 +86,11 @@ impl Cluster {
                 &dir.path().join("server").to_string_lossy(),
                 "--poll-interval",
                 poll,
-            ],
+            ]
+            .iter()
+            .copied()
+            .chain(server_flags.iter().copied())
+            .collect::<Vec<_>>(),
         );
         wait_http(dir.path(), &api, "/v1/health");
         let proxy = spawn_role(

@@ -1,0 +1,69 @@
+//! Artifact retention: keep the artifacts of the newest `keep` releases of
+//! each app, and always those of the live release, the rollback target
+//! (previous live), any release in an active rollout and any release with
+//! instances. Older ones lose their artifact and are marked `pruned`; the
+//! release record itself stays (history is never deleted).
+
+use crate::view;
+use crate::Server;
+use drover_store::Store;
+use std::collections::BTreeSet;
+
+pub async fn prune(
+    server: &Server,
+    app: &str,
+    keep: usize,
+) -> Result<Vec<String>, drover_store::StoreError> {
+    let store: &dyn Store = &*server.store;
+    let app_rec = store.get_app(app).await?;
+    let releases = store.list_releases(app).await?; // newest first
+    let mut protected: BTreeSet<String> = releases.iter().take(keep).map(|r| r.name()).collect();
+    protected.extend(app_rec.live_release.clone());
+    protected.extend(app_rec.prev_release.clone());
+    if let Some(r) = store
+        .latest_rollout(app)
+        .await?
+        .filter(|r| !r.state.is_final())
+    {
+        protected.insert(r.to.clone());
+        protected.extend(r.from.clone());
+    }
+    for i in store.list_instances(app).await? {
+        protected.insert(i.release);
+    }
+    // Digests still needed by a protected release (identical builds share one).
+    let needed: BTreeSet<String> = releases
+        .iter()
+        .filter(|r| protected.contains(&r.name()))
+        .map(|r| r.artifact_sha256.clone())
+        .collect();
+    let mut pruned = Vec::new();
+    for r in releases
+        .iter()
+        .filter(|r| !protected.contains(&r.name()) && r.status != "pruned")
+    {
+        if !needed.contains(&r.artifact_sha256) {
+            let path = server
+                .data_dir
+                .join("artifacts")
+                .join(format!("{}.tar.zst", r.artifact_sha256));
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(app, release = %r.name(), error = %e, "cannot remove artifact");
+                    continue;
+                }
+            }
+        }
+        let n = view::parse_release_name(&r.name()).unwrap_or(r.number);
+        store.set_release_status(app, n, "pruned").await?;
+        pruned.push(r.name());
+    }
+    if !pruned.is_empty() {
+        let msg = format!("artifacts of {} pruned (keeping the newest {keep}, the live release and the rollback target)", pruned.join(", "));
+        store
+            .add_event(Some(app), "release.pruned", &msg, crate::now_ms())
+            .await?;
+        tracing::info!(app, releases = %pruned.join(","), "artifacts pruned");
+    }
+    Ok(pruned)
+}
