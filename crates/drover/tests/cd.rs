@@ -43,13 +43,22 @@ fn sign(secret: &str, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(m.finalize().into_bytes()))
 }
 
-/// POSTs a push payload; returns the status code.
-fn push_hook(c: &Cluster, commit: &str, delivery: &str, signature: Option<(&str, String)>) -> u16 {
-    use std::io::{Read, Write};
-    let body = format!(
+fn payload(commit: &str) -> String {
+    format!(
         r#"{{"ref":"refs/heads/main","before":"0000000000000000000000000000000000000000","after":"{commit}","repository":{{"name":"web"}}}}"#
-    );
-    let mut s = std::net::TcpStream::connect(&c.api_addr).unwrap();
+    )
+}
+
+/// POSTs a push payload to the API at `api_addr`; returns the status code.
+fn post_hook(
+    api_addr: &str,
+    commit: &str,
+    delivery: &str,
+    signature: Option<(&str, String)>,
+) -> u16 {
+    use std::io::{Read, Write};
+    let body = payload(commit);
+    let mut s = std::net::TcpStream::connect(api_addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let sig = signature
         .map(|(h, v)| format!("{h}: {v}\r\n"))
@@ -58,6 +67,10 @@ fn push_hook(c: &Cluster, commit: &str, delivery: &str, signature: Option<(&str,
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn push_hook(c: &Cluster, commit: &str, delivery: &str, signature: Option<(&str, String)>) -> u16 {
+    post_hook(&c.api_addr, commit, delivery, signature)
 }
 
 fn signed(secret: &str, commit: &str) -> (&'static str, String) {
@@ -234,16 +247,12 @@ struct FakeCluster {
 
 impl FakeCluster {
     fn push(&self, commit: &str, delivery: &str, secret: &str) -> u16 {
-        use std::io::{Read, Write};
-        let body = format!(
-            r#"{{"ref":"refs/heads/main","before":"0000000000000000000000000000000000000000","after":"{commit}","repository":{{"name":"web"}}}}"#
-        );
-        let mut s = std::net::TcpStream::connect(&self.api_addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "POST /v1/hooks/web HTTP/1.1\r\nHost: x\r\nX-GitHub-Delivery: {delivery}\r\nX-Hub-Signature-256: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", sign(secret, body.as_bytes()), body.len()).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out.split_whitespace().nth(1).unwrap().parse().unwrap()
+        post_hook(
+            &self.api_addr,
+            commit,
+            delivery,
+            Some(signed(secret, commit)),
+        )
     }
 }
 
