@@ -88,3 +88,29 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     tracing::info!(node = %config.node, "agent stopped (apps left running)");
     Ok(())
 }
+
+/// Stops the app processes recorded in the state file under `data_dir`
+/// (which a stopped agent deliberately leaves running): SIGTERM to each
+/// process group, up to `grace` for them to exit, then SIGKILL. For
+/// `drover up`'s shutdown and test harnesses; blocking.
+pub fn stop_recorded_apps(data_dir: &std::path::Path, grace: std::time::Duration) {
+    use nix::sys::signal::Signal;
+    use process::{is_alive, signal_group};
+    let loaded = state::load(&state::state_path(data_dir));
+    let procs: Vec<(u32, u64)> = loaded
+        .state
+        .instances
+        .values()
+        .filter_map(|i| Some((i.pid?, i.start_time?)))
+        .collect();
+    for (pid, start) in &procs {
+        signal_group(*pid, *start, Signal::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline && procs.iter().any(|(p, s)| is_alive(*p, *s)) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for (pid, start) in &procs {
+        signal_group(*pid, *start, Signal::SIGKILL);
+    }
+}

@@ -22,7 +22,7 @@
 
 use crate::duration::format_ms;
 use crate::model::*;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,7 +75,6 @@ pub struct Plan {
 /// Computes the next actions. Pure and deterministic.
 pub fn plan(input: &PlanInput<'_>) -> Plan {
     let mut p = Planner::new(input);
-    p.housekeeping();
     let Some(rollout) = input.rollout.filter(|r| !r.state.is_final()) else {
         // Steady state: keep the live release's healthy instances routed.
         if let Some(live) = input.live {
@@ -134,6 +133,8 @@ struct Planner<'a> {
     input: &'a PlanInput<'a>,
     /// Instance view after the actions so far.
     inst: BTreeMap<String, Instance>,
+    /// Instance view after housekeeping only (where a rollout pass starts).
+    after_housekeeping: BTreeMap<String, Instance>,
     housekeeping: Vec<Action>,
     actions: Vec<Action>,
     placed: Vec<(String, String)>,
@@ -141,17 +142,21 @@ struct Planner<'a> {
 
 impl<'a> Planner<'a> {
     fn new(input: &'a PlanInput<'a>) -> Self {
-        Planner {
+        let mut p = Planner {
             input,
             inst: input
                 .instances
                 .iter()
                 .map(|i| (i.id.clone(), i.clone()))
                 .collect(),
+            after_housekeeping: BTreeMap::new(),
             housekeeping: Vec::new(),
             actions: Vec::new(),
             placed: Vec::new(),
-        }
+        };
+        p.housekeeping();
+        p.after_housekeeping = p.inst.clone();
+        p
     }
 
     fn now(&self) -> Millis {
@@ -191,15 +196,7 @@ impl<'a> Planner<'a> {
     fn reset_pass(&mut self) {
         self.actions.clear();
         self.placed.clear();
-        self.inst = self
-            .input
-            .instances
-            .iter()
-            .map(|i| (i.id.clone(), i.clone()))
-            .collect();
-        let hk = std::mem::take(&mut self.housekeeping);
-        self.housekeeping();
-        debug_assert_eq!(hk, self.housekeeping);
+        self.inst = self.after_housekeeping.clone();
     }
 
     fn route_healthy(&mut self, release: &str) {
@@ -310,23 +307,21 @@ impl<'a> Planner<'a> {
                     self.retire(&id);
                 }
                 let min_available = n.saturating_sub(s.max_unavailable);
-                // Extra target instances beyond `n` (not serving first).
+                // Extra target instances beyond `n`: not serving first, then newest.
                 let mut new_run: Vec<&Instance> = self
                     .inst
                     .values()
                     .filter(|i| is_target(i) && i.desired == Desired::Run)
                     .collect();
-                if new_run.len() as u32 > n {
-                    new_run.sort_by_key(|i| (i.serving(), std::cmp::Reverse(i.created_at)));
-                    let extra: Vec<String> = new_run[..new_run.len() - n as usize]
-                        .iter()
-                        .filter(|i| !i.serving() || self.serving_count() > min_available)
-                        .map(|i| i.id.clone())
-                        .collect();
-                    for id in extra {
-                        if !self.inst[&id].serving() || self.serving_count() > min_available {
-                            self.retire(&id);
-                        }
+                new_run.sort_by_key(|i| (i.serving(), std::cmp::Reverse(i.created_at)));
+                let extra: Vec<String> = new_run
+                    .iter()
+                    .take(new_run.len().saturating_sub(n as usize))
+                    .map(|i| i.id.clone())
+                    .collect();
+                for id in extra {
+                    if !self.inst[&id].serving() || self.serving_count() > min_available {
+                        self.retire(&id);
                     }
                 }
                 // Serving old instances, bounded by availability.
@@ -511,13 +506,7 @@ impl<'a> Planner<'a> {
 
     fn finish(self, rollout: Option<(&Rollout, Rollout)>) -> Plan {
         let mut actions = self.housekeeping;
-        // A release's instances could be routed twice if both passes routed; dedupe.
-        let mut seen = BTreeSet::new();
-        for a in self.actions {
-            if seen.insert(a.to_string()) || matches!(a, Action::Place { .. }) {
-                actions.push(a);
-            }
-        }
+        actions.extend(self.actions);
         Plan {
             actions,
             rollout: rollout.and_then(|(old, new)| (*old != new).then_some(new)),

@@ -204,7 +204,7 @@ async fn rollback(
 pub async fn app_status(s: &Server, app: &str) -> Result<api::AppStatus, ApiErr> {
     let app_rec = s.store.get_app(app).await?;
     let rollout = s.store.latest_rollout(app).await?;
-    let ready = view::nodes_ready(&s.store.list_nodes().await?);
+    let ready = view::nodes_ready(&s.store.list_nodes().await?, now_ms());
     let instances: Vec<api::InstanceStatus> = s
         .store
         .list_instances(app)
@@ -497,17 +497,6 @@ async fn agent_report(
     State(s): S,
     Json(rep): Json<api::AgentReport>,
 ) -> Result<StatusCode, ApiErr> {
-    let now = now_ms();
-    s.store
-        .touch_node(&rep.node, now)
-        .await
-        .map_err(|e| match e {
-            StoreError::NotFound(_) => ApiErr::NotFound(format!(
-                "node {} is not registered; register first",
-                rep.node
-            )),
-            other => other.into(),
-        })?;
     let observed: Vec<(String, String)> = rep
         .instances
         .iter()
@@ -518,11 +507,23 @@ async fn agent_report(
             )
         })
         .collect();
+    // Also the heartbeat; NotFound when the node never registered.
     s.store
-        .record_observations(&rep.node, &observed, now)
-        .await?;
+        .record_observations(&rep.node, &observed, now_ms())
+        .await
+        .map_err(|e| unregistered(&rep.node, e))?;
     s.engine.poke();
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A store NotFound for an agent's node means it must register (again).
+fn unregistered(node: &str, e: StoreError) -> ApiErr {
+    match e {
+        StoreError::NotFound(_) => {
+            ApiErr::NotFound(format!("node {node} is not registered; register first"))
+        }
+        other => other.into(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -556,12 +557,7 @@ async fn agent_assignments(State(s): S, Query(q): Query<WaitQuery>) -> R<api::As
     s.store
         .touch_node(&node, now_ms())
         .await
-        .map_err(|e| match e {
-            StoreError::NotFound(_) => {
-                ApiErr::NotFound(format!("node {node} is not registered; register first"))
-            }
-            other => other.into(),
-        })?;
+        .map_err(|e| unregistered(&node, e))?;
     let mut out = Vec::new();
     let mut releases: BTreeMap<
         (String, String),
@@ -658,7 +654,7 @@ async fn artifact(State(s): S, Path(sha): Path<String>) -> Result<Response, ApiE
 
 pub async fn routing_table(s: &Server) -> Result<api::RoutesResponse, ApiErr> {
     let index = *s.index.borrow();
-    let ready = view::nodes_ready(&s.store.list_nodes().await?);
+    let ready = view::nodes_ready(&s.store.list_nodes().await?, now_ms());
     let mut routes = Vec::new();
     for app in s.store.list_apps().await? {
         let rollout = s.store.latest_rollout(&app.name).await.ok().flatten();

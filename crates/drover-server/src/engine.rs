@@ -17,7 +17,7 @@ use crate::{now_ms, Server, PROXY_FRESH_MS};
 use drover_core::planner::{plan, Action, PlanInput};
 use drover_core::spec::AppSpec;
 use drover_core::{Desired, Node, Rollout, RolloutState};
-use drover_store::{InstanceChange, InstanceRecord, Store};
+use drover_store::{AppRecord, InstanceChange, InstanceRecord, Store};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,6 +108,16 @@ pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
     }
 }
 
+/// What every app's plan of one tick shares.
+struct Cluster {
+    now: u64,
+    nodes: Vec<Node>,
+    ready: std::collections::BTreeMap<String, bool>,
+    /// The lowest routing-table index still in use on any live proxy
+    /// (None: no live proxy, nothing to wait for).
+    drain_floor: Option<u64>,
+}
+
 struct Engine {
     server: Arc<Server>,
     /// Parsed release specs, by (app, release).
@@ -191,15 +201,40 @@ impl Engine {
     }
 
     async fn tick_all(&mut self) {
-        let apps = match self.store().list_apps().await {
-            Ok(a) => a,
+        let now = now_ms();
+        // Cluster-wide observations, read once per tick for every app.
+        let cluster = async {
+            let apps = self.store().list_apps().await?;
+            let nodes = self.store().list_nodes().await?;
+            let proxies = self.store().list_proxies().await?;
+            Ok::<_, drover_store::StoreError>((apps, nodes, proxies))
+        };
+        let (apps, node_records, proxies) = match cluster.await {
+            Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot list apps");
+                tracing::warn!(error = %e, "cannot read apps, nodes and proxies");
                 return;
             }
         };
+        let ready = view::nodes_ready(&node_records, now);
+        let cluster = Cluster {
+            now,
+            nodes: node_records
+                .iter()
+                .map(|n| Node {
+                    name: n.name.clone(),
+                    ready: ready[&n.name],
+                })
+                .collect(),
+            ready,
+            drain_floor: proxies
+                .iter()
+                .filter(|p| now.saturating_sub(p.last_seen) < PROXY_FRESH_MS)
+                .map(|p| p.oldest_live_index)
+                .min(),
+        };
         for app in apps {
-            match self.tick_app(&app.name).await {
+            match self.tick_app(&app, &cluster).await {
                 Ok(()) => {
                     self.errors.remove(&app.name);
                 }
@@ -214,9 +249,9 @@ impl Engine {
         }
     }
 
-    async fn tick_app(&mut self, app: &str) -> Result<(), ApiErr> {
-        let now = now_ms();
-        let app_rec = self.store().get_app(app).await?;
+    async fn tick_app(&mut self, app_rec: &AppRecord, cluster: &Cluster) -> Result<(), ApiErr> {
+        let now = cluster.now;
+        let app = app_rec.name.as_str();
         let rollout = self.store().latest_rollout(app).await?;
         let active = rollout.as_ref().filter(|r| !r.state.is_final());
         let settings_release = match active {
@@ -233,42 +268,34 @@ impl Engine {
         };
         let spec = self.spec(app, &settings_release).await?;
         let records = self.store().list_instances(app).await?;
-        let node_records = self.store().list_nodes().await?;
-        let ready = view::nodes_ready(&node_records);
-        let proxies: Vec<_> = self
-            .store()
-            .list_proxies()
-            .await?
-            .into_iter()
-            .filter(|p| now.saturating_sub(p.last_seen) < PROXY_FRESH_MS)
-            .collect();
+        // Out of routing on every live proxy with no request in flight that
+        // could still reach it, or past the drain timeout.
         let drained = |rec: &InstanceRecord| -> bool {
             let Desired::Drain { since } = rec.desired else {
                 return false;
             };
-            if now.saturating_sub(since) >= spec.deploy.drain_timeout_ms {
-                return true;
-            }
-            let at = rec.drain_index.unwrap_or(u64::MAX);
-            proxies.iter().all(|p| p.oldest_live_index >= at)
+            now.saturating_sub(since) >= spec.deploy.drain_timeout_ms
+                || cluster
+                    .drain_floor
+                    .is_none_or(|floor| floor >= rec.drain_index.unwrap_or(u64::MAX))
         };
         let instances: Vec<_> = records
             .iter()
-            .map(|r| view::to_core(r, ready.get(&r.node).copied().unwrap_or(false), drained(r)))
-            .collect();
-        let nodes: Vec<Node> = node_records
-            .iter()
-            .map(|n| Node {
-                name: n.name.clone(),
-                ready: ready[&n.name],
+            .map(|r| {
+                view::to_core(
+                    r,
+                    cluster.ready.get(&r.node).copied().unwrap_or(false),
+                    drained(r),
+                )
             })
             .collect();
+        let nodes = &cluster.nodes;
         let p = plan(&PlanInput {
             settings: &spec.deploy,
             rollout: rollout.as_ref(),
             live: app_rec.live_release.as_deref(),
             instances: &instances,
-            nodes: &nodes,
+            nodes,
             now,
         });
 

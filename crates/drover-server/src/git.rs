@@ -42,7 +42,8 @@ pub fn validate_ref(r: &str) -> Result<(), GitError> {
     Ok(())
 }
 
-async fn git(args: &[&str], cwd: Option<&Path>) -> Result<Vec<u8>, GitError> {
+/// Runs git with `args` (no shell, no prompts, bounded in time).
+async fn git_output(args: &[&str]) -> Result<std::process::Output, GitError> {
     let mut cmd = Command::new("git");
     cmd.args(args)
         .env("GIT_TERMINAL_PROMPT", "0")
@@ -51,25 +52,33 @@ async fn git(args: &[&str], cwd: Option<&Path>) -> Result<Vec<u8>, GitError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    if let Some(d) = cwd {
-        cmd.current_dir(d);
-    }
-    let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+    let what = args
+        .iter()
+        .find(|a| !a.starts_with('-') && !a.contains('/'))
+        .unwrap_or(&"");
+    tokio::time::timeout(Duration::from_secs(300), cmd.output())
         .await
-        .map_err(|_| {
-            GitError::Failed(format!(
-                "git {} timed out after 300s",
-                args.first().unwrap_or(&"")
-            ))
-        })?
-        .map_err(|e| GitError::Failed(format!("cannot run git: {e}; install git")))?;
+        .map_err(|_| GitError::Failed(format!("git {what} timed out after 300s")))?
+        .map_err(|e| GitError::Failed(format!("cannot run git: {e}; install git")))
+}
+
+fn failed(args: &[&str], out: &std::process::Output) -> GitError {
+    let what = args
+        .iter()
+        .find(|a| !a.starts_with('-') && !a.contains('/'))
+        .unwrap_or(&"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    GitError::Failed(format!(
+        "git {what} failed: {}",
+        err.trim().chars().take(500).collect::<String>()
+    ))
+}
+
+/// Runs git; its stdout, or an error with its stderr.
+async fn git(args: &[&str]) -> Result<Vec<u8>, GitError> {
+    let out = git_output(args).await?;
     if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(GitError::Failed(format!(
-            "git {} failed: {}",
-            args.first().unwrap_or(&""),
-            err.trim().chars().take(500).collect::<String>()
-        )));
+        return Err(failed(args, &out));
     }
     Ok(out.stdout)
 }
@@ -81,20 +90,17 @@ pub fn mirror_path(data_dir: &Path, app: &str) -> PathBuf {
 /// Clones `repo` (path or URL) as a bare mirror at `dest`, or fetches if it exists.
 pub async fn sync_mirror(repo: &str, dest: &Path) -> Result<(), GitError> {
     if dest.join("HEAD").exists() {
-        git(
-            &[
-                "--git-dir",
-                &dest.to_string_lossy(),
-                "fetch",
-                "--quiet",
-                "--prune",
-                "--force",
-                "origin",
-                "+refs/heads/*:refs/heads/*",
-                "+refs/tags/*:refs/tags/*",
-            ],
-            None,
-        )
+        git(&[
+            "--git-dir",
+            &dest.to_string_lossy(),
+            "fetch",
+            "--quiet",
+            "--prune",
+            "--force",
+            "origin",
+            "+refs/heads/*:refs/heads/*",
+            "+refs/tags/*:refs/tags/*",
+        ])
         .await?;
         return Ok(());
     }
@@ -104,17 +110,14 @@ pub async fn sync_mirror(repo: &str, dest: &Path) -> Result<(), GitError> {
         )));
     }
     let tmp = dest.with_extension(format!("tmp{}", rand::random::<u32>()));
-    let res = git(
-        &[
-            "clone",
-            "--quiet",
-            "--mirror",
-            "--",
-            repo,
-            &tmp.to_string_lossy(),
-        ],
-        None,
-    )
+    let res = git(&[
+        "clone",
+        "--quiet",
+        "--mirror",
+        "--",
+        repo,
+        &tmp.to_string_lossy(),
+    ])
     .await;
     if let Err(e) = res {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -129,18 +132,15 @@ pub async fn sync_mirror(repo: &str, dest: &Path) -> Result<(), GitError> {
 pub async fn resolve(mirror: &Path, r: &str) -> Result<String, GitError> {
     validate_ref(r)?;
     let spec = format!("{r}^{{commit}}");
-    let out = git(
-        &[
-            "--git-dir",
-            &mirror.to_string_lossy(),
-            "rev-parse",
-            "--verify",
-            "--quiet",
-            "--end-of-options",
-            &spec,
-        ],
-        None,
-    )
+    let out = git(&[
+        "--git-dir",
+        &mirror.to_string_lossy(),
+        "rev-parse",
+        "--verify",
+        "--quiet",
+        "--end-of-options",
+        &spec,
+    ])
     .await
     .map_err(|_| {
         GitError::Failed(format!(
@@ -157,47 +157,51 @@ pub async fn resolve(mirror: &Path, r: &str) -> Result<String, GitError> {
 }
 
 /// Whether `a` is an ancestor of (or equal to) `b`.
+/// Whether the mirror already has `commit`.
+pub async fn has_commit(mirror: &Path, commit: &str) -> bool {
+    let spec = format!("{commit}^{{commit}}");
+    let mirror = mirror.to_string_lossy();
+    git(&[
+        "--git-dir",
+        &mirror,
+        "cat-file",
+        "-e",
+        "--end-of-options",
+        &spec,
+    ])
+    .await
+    .is_ok()
+}
+
 pub async fn is_ancestor(mirror: &Path, a: &str, b: &str) -> Result<bool, GitError> {
-    let out = Command::new("git")
-        .args([
-            "--git-dir",
-            &mirror.to_string_lossy(),
-            "merge-base",
-            "--is-ancestor",
-            "--end-of-options",
-            a,
-            b,
-        ])
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .await
-        .map_err(|e| GitError::Failed(format!("cannot run git: {e}")))?;
+    let mirror = mirror.to_string_lossy();
+    let args = [
+        "--git-dir",
+        &mirror,
+        "merge-base",
+        "--is-ancestor",
+        "--end-of-options",
+        a,
+        b,
+    ];
+    let out = git_output(&args).await?;
     match out.status.code() {
         Some(0) => Ok(true),
         Some(1) => Ok(false),
-        _ => Err(GitError::Failed(format!(
-            "git merge-base failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))),
+        _ => Err(failed(&args, &out)),
     }
 }
 
 /// Reads one file of a commit.
 pub async fn show_file(mirror: &Path, commit: &str, path: &str) -> Result<String, GitError> {
     let spec = format!("{commit}:{path}");
-    let out = git(
-        &[
-            "--git-dir",
-            &mirror.to_string_lossy(),
-            "show",
-            "--end-of-options",
-            &spec,
-        ],
-        None,
-    )
+    let out = git(&[
+        "--git-dir",
+        &mirror.to_string_lossy(),
+        "show",
+        "--end-of-options",
+        &spec,
+    ])
     .await
     .map_err(|_| {
         GitError::Failed(format!(
@@ -210,16 +214,13 @@ pub async fn show_file(mirror: &Path, commit: &str, path: &str) -> Result<String
 
 /// Writes the tree of `commit` into the empty directory `dest`.
 pub async fn checkout(mirror: &Path, commit: &str, dest: &Path) -> Result<(), GitError> {
-    let bytes = git(
-        &[
-            "--git-dir",
-            &mirror.to_string_lossy(),
-            "archive",
-            "--format=tar",
-            commit,
-        ],
-        None,
-    )
+    let bytes = git(&[
+        "--git-dir",
+        &mirror.to_string_lossy(),
+        "archive",
+        "--format=tar",
+        commit,
+    ])
     .await?;
     let dest = dest.to_path_buf();
     tokio::task::spawn_blocking(move || {

@@ -344,7 +344,7 @@ async fn steps(r: &mut Running, app: &AppRecord, work: &Path) -> Result<RunOutco
     r.begin("checkout").await;
     r.log_line(&format!("==> checkout {short} of {}", app.repo))
         .await;
-    let spec: AppSpec = match checkout(&server, app, &mirror, &commit, work).await {
+    let spec: AppSpec = match checkout(app, &mirror, &commit, work).await {
         Ok(s) => {
             r.end(true).await;
             s
@@ -477,16 +477,18 @@ async fn steps(r: &mut Running, app: &AppRecord, work: &Path) -> Result<RunOutco
 }
 
 async fn checkout(
-    server: &Server,
     app: &AppRecord,
     mirror: &Path,
     commit: &str,
     work: &Path,
 ) -> Result<AppSpec, ApiErr> {
-    git::sync_mirror(&app.repo, mirror)
-        .await
-        .map_err(|e| ApiErr::Failed(format!("cannot fetch {}: {e}", app.repo)))?;
-    let _ = server;
+    // The trigger (deploy, poll) usually fetched already; a webhook may
+    // name a commit the mirror has not seen yet.
+    if !git::has_commit(mirror, commit).await {
+        git::sync_mirror(&app.repo, mirror)
+            .await
+            .map_err(|e| ApiErr::Failed(format!("cannot fetch {}: {e}", app.repo)))?;
+    }
     std::fs::create_dir_all(work)
         .map_err(|e| ApiErr::Internal(format!("cannot create {}: {e}", work.display())))?;
     git::checkout(mirror, commit, work)

@@ -71,19 +71,26 @@ async fn poll_app(server: &Arc<Server>, app: &drover_store::AppRecord) -> Result
     }
 }
 
+/// A header's value as trimmed text, if present and text.
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
 /// Checks the signature headers against an HMAC-SHA256 of `body`.
 /// Accepted: `X-Hub-Signature-256: sha256=<hex>` (GitHub, Gitea),
 /// `X-Gitea-Signature: <hex>`, `X-Drover-Signature-256: sha256=<hex>`.
 pub fn verify_signature(secret: &[u8], headers: &HeaderMap, body: &[u8]) -> Result<(), String> {
-    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
     let sig_hex = if let Some(v) =
-        header("x-hub-signature-256").or(header("x-drover-signature-256"))
+        header(headers, "x-hub-signature-256").or(header(headers, "x-drover-signature-256"))
     {
         v.strip_prefix("sha256=")
             .ok_or("the signature header must look like sha256=<hex>")?
-    } else if let Some(v) = header("x-gitea-signature") {
+    } else if let Some(v) = header(headers, "x-gitea-signature") {
         v
-    } else if header("x-hub-signature").is_some() {
+    } else if header(headers, "x-hub-signature").is_some() {
         return Err(
             "SHA-1 signatures (X-Hub-Signature) are not accepted; send X-Hub-Signature-256".into(),
         );
@@ -163,16 +170,11 @@ pub async fn handle_push(
         ));
     }
     let after = after.to_ascii_lowercase();
-    let header = |n: &str| {
-        headers
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let delivery = header("x-github-delivery")
-        .or(header("x-gitea-delivery"))
-        .or(header("x-gitlab-event-uuid"))
-        .or(header("x-drover-delivery"))
+    let delivery = header(headers, "x-github-delivery")
+        .or(header(headers, "x-gitea-delivery"))
+        .or(header(headers, "x-gitlab-event-uuid"))
+        .or(header(headers, "x-drover-delivery"))
+        .map(str::to_string)
         .unwrap_or_else(|| format!("body-{}", hex::encode(Sha256::digest(body))));
     let delivery: String = delivery
         .chars()

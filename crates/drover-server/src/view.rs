@@ -1,7 +1,7 @@
 //! Translation between stored records, the planner's plain types and the
 //! wire views (status, assignments, routes).
 
-use crate::{now_ms, NODE_LEASE_MS};
+use crate::NODE_LEASE_MS;
 use drover_api as api;
 use drover_core::spec::AppSpec;
 use drover_core::{Desired, Health, Instance};
@@ -18,9 +18,9 @@ pub fn node_ready(n: &NodeRecord, now: u64) -> bool {
     now.saturating_sub(n.last_seen) < NODE_LEASE_MS
 }
 
-/// The planner's view of an instance's health.
-pub fn health_of(rec: &InstanceRecord, node_ready: bool) -> Health {
-    let Some(o) = observed(rec) else {
+/// The planner's view of an instance's health, from its last report.
+fn health_of(o: Option<&api::InstanceReport>, node_ready: bool) -> Health {
+    let Some(o) = o else {
         return Health::Pending;
     };
     match o.state {
@@ -43,7 +43,7 @@ pub fn to_core(rec: &InstanceRecord, node_ready: bool, drained: bool) -> Instanc
         node: rec.node.clone(),
         desired: rec.desired,
         routed: rec.routed,
-        health: health_of(rec, node_ready),
+        health: health_of(o.as_ref(), node_ready),
         created_at: rec.created_at,
         drained,
         last_check: o.and_then(|o| o.health.last_response.or(o.message)),
@@ -96,12 +96,20 @@ pub fn assignment(
 /// Whether an instance serves traffic: routed by the planner, running,
 /// reported healthy, on a node within its lease, with a known address.
 pub fn serves(rec: &InstanceRecord, node_ready: bool) -> Option<String> {
+    serving_address(rec, observed(rec).as_ref(), node_ready)
+}
+
+fn serving_address(
+    rec: &InstanceRecord,
+    o: Option<&api::InstanceReport>,
+    node_ready: bool,
+) -> Option<String> {
     if rec.desired != Desired::Run || !rec.routed || !node_ready {
         return None;
     }
-    let o = observed(rec)?;
+    let o = o?;
     (o.state == api::InstanceState::Healthy)
-        .then_some(o.address)
+        .then(|| o.address.clone())
         .flatten()
 }
 
@@ -131,7 +139,7 @@ pub fn instance_status(rec: &InstanceRecord, node_ready: bool) -> api::InstanceS
         node: rec.node.clone(),
         address: o.as_ref().and_then(|o| o.address.clone()),
         state: state.to_string(),
-        routed: serves(rec, node_ready).is_some(),
+        routed: serving_address(rec, o.as_ref(), node_ready).is_some(),
         pid: o.as_ref().and_then(|o| o.pid),
         restarts: o.as_ref().map(|o| o.restarts).unwrap_or(0),
         last_check: o.as_ref().and_then(|o| o.health.last_response.clone()),
@@ -166,8 +174,7 @@ pub fn traffic(instances: &[api::InstanceStatus]) -> BTreeMap<String, u32> {
     shares.into_iter().map(|(r, p, _)| (r, p)).collect()
 }
 
-pub fn nodes_ready(nodes: &[NodeRecord]) -> BTreeMap<String, bool> {
-    let now = now_ms();
+pub fn nodes_ready(nodes: &[NodeRecord], now: u64) -> BTreeMap<String, bool> {
     nodes
         .iter()
         .map(|n| (n.name.clone(), node_ready(n, now)))

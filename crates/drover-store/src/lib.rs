@@ -218,7 +218,8 @@ pub trait Store: Send + Sync + 'static {
     /// Bumps the index without an instance change (routing depends on a
     /// rollout's state or the live release, which changed). Returns it.
     async fn bump_index(&self) -> Result<u64>;
-    /// Records an agent's reports (JSON per instance id) for its own instances.
+    /// Records an agent's reports (JSON per instance id) for its own
+    /// instances and its heartbeat; NotFound when the node never registered.
     async fn record_observations(
         &self,
         node: &str,

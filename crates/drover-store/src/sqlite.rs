@@ -467,6 +467,14 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        let seen = sqlx::query("UPDATE nodes SET last_seen = ? WHERE name = ?")
+            .bind(now as i64)
+            .bind(node)
+            .execute(&mut *tx)
+            .await?;
+        if seen.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("node {node}")));
+        }
         for (id, json) in observed {
             sqlx::query(
                 "UPDATE instances SET observed = ?, observed_at = ? WHERE id = ? AND node = ?",
@@ -478,11 +486,6 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query("UPDATE nodes SET last_seen = ? WHERE name = ?")
-            .bind(now as i64)
-            .bind(node)
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(())
     }

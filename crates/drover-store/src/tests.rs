@@ -132,6 +132,9 @@ async fn instance_changes_bump_the_index_once_per_transaction() {
     assert_eq!(got[0].desired, Desired::Drain { since: 9 });
     assert_eq!(got[0].drain_index, Some(i2));
     assert!(!got[0].routed);
+    for n in ["n1", "n2"] {
+        s.upsert_node(n, &BTreeMap::new(), 1).await.unwrap();
+    }
     s.record_observations("n1", &[("i1".into(), "{\"x\":1}".into())], 10)
         .await
         .unwrap();
@@ -253,4 +256,13 @@ async fn runs_left_running_by_a_dead_server_are_marked_failed() {
     let r = s.get_run(r.id).await.unwrap();
     assert_eq!(r.state, "failed");
     assert!(r.error.unwrap().contains("server restart"));
+}
+
+#[tokio::test]
+async fn observations_from_an_unregistered_node_are_refused() {
+    let (_d, s) = open().await;
+    assert!(matches!(
+        s.record_observations("ghost", &[], 1).await,
+        Err(StoreError::NotFound(_))
+    ));
 }

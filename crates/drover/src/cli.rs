@@ -48,8 +48,8 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:8080")]
         proxy_addr: String,
         /// How often the server polls tracked branches ("0": off).
-        #[arg(long, default_value = "2s")]
-        poll_interval: String,
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        poll_interval: std::time::Duration,
     },
     /// Run the control plane.
     Server {
@@ -310,8 +310,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             poll_interval,
         } => {
             init_logs();
-            parse_duration(&poll_interval)
-                .map_err(|e| crate::client::fail(2, format!("--poll-interval: {e}")))?;
             up::run(up::UpArgs {
                 data_dir,
                 nodes,

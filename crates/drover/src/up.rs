@@ -20,7 +20,7 @@ pub struct UpArgs {
     pub demo: bool,
     pub api_addr: String,
     pub proxy_addr: String,
-    pub poll_interval: String,
+    pub poll_interval: Duration,
 }
 
 struct Role {
@@ -63,29 +63,6 @@ fn terminate(role: &mut Role, timeout: Duration) {
     let _ = role.child.wait();
 }
 
-/// Stops the app processes an agent left running (from its state file).
-fn stop_apps(agent_dir: &Path) {
-    use drover_agent::process::{is_alive, signal_group};
-    use nix::sys::signal::Signal;
-    let loaded = drover_agent::state::load(&drover_agent::state::state_path(agent_dir));
-    let procs: Vec<(u32, u64)> = loaded
-        .state
-        .instances
-        .values()
-        .filter_map(|i| Some((i.pid?, i.start_time?)))
-        .collect();
-    for (pid, start) in &procs {
-        signal_group(*pid, *start, Signal::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && procs.iter().any(|(p, s)| is_alive(*p, *s)) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for (pid, start) in &procs {
-        signal_group(*pid, *start, Signal::SIGKILL);
-    }
-}
-
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
@@ -111,7 +88,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 "--data-dir".into(),
                 data.join("server").to_string_lossy().into(),
                 "--poll-interval".into(),
-                args.poll_interval.clone(),
+                format!("{}ms", args.poll_interval.as_millis()),
             ],
         )?);
         let client = Client::new(&api_url);
@@ -241,7 +218,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         terminate(r, Duration::from_secs(5));
     }
     for i in 1..=args.nodes {
-        stop_apps(&data.join("agents").join(format!("node-{i}")));
+        drover_agent::stop_recorded_apps(
+            &data.join("agents").join(format!("node-{i}")),
+            Duration::from_secs(5),
+        );
     }
     for r in roles.iter_mut().filter(|r| r.name == "server") {
         terminate(r, Duration::from_secs(5));

@@ -261,7 +261,7 @@ impl Drop for Cluster {
             a.kill9();
         }
         for i in 1..=self.nodes {
-            stop_apps(&self.agent_dir(i));
+            drover_agent::stop_recorded_apps(&self.agent_dir(i), Duration::ZERO);
         }
         self.server.kill9();
         if std::env::var_os("DROVER_TEST_KEEP").is_some() {
@@ -287,17 +287,6 @@ fn wait_http(dir: &Path, api: &str, path: &str) {
         "{path} did not answer within 30s; logs in {}",
         dir.display()
     );
-}
-
-/// SIGKILLs the app process groups an agent recorded.
-pub fn stop_apps(agent_dir: &Path) {
-    use drover_agent::process::signal_group;
-    let loaded = drover_agent::state::load(&drover_agent::state::state_path(agent_dir));
-    for i in loaded.state.instances.values() {
-        if let (Some(pid), Some(st)) = (i.pid, i.start_time) {
-            signal_group(pid, st, nix::sys::signal::Signal::SIGKILL);
-        }
-    }
 }
 
 fn spawn_role(dir: &Path, name: &str, args: &[&str]) -> Proc {
