@@ -65,14 +65,6 @@ max_unavailable = 0
 
 fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=drover demo",
-            "-c",
-            "user.email=demo@drover.invalid",
-            "-c",
-            "init.defaultBranch=main",
-        ])
         .args(args)
         .current_dir(dir)
         .output()
@@ -96,6 +88,10 @@ pub fn create(dir: &Path) -> anyhow::Result<bool> {
     std::fs::write(dir.join("app.py"), APP_PY)?;
     std::fs::write(dir.join("drover.toml"), DROVER_TOML)?;
     git(dir, &["init", "--quiet", "--initial-branch=main"])?;
+    // A repo-local identity, so commits work on a machine with no git
+    // identity configured (the README's quick start commits here).
+    git(dir, &["config", "user.name", "drover demo"])?;
+    git(dir, &["config", "user.email", "demo@drover.invalid"])?;
     git(dir, &["add", "app.py", "drover.toml"])?;
     git(dir, &["commit", "--quiet", "-m", "hello: first version"])?;
     Ok(true)
