@@ -168,6 +168,10 @@ pub struct RoutesResponse {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Route {
     pub app: String,
+    /// The app's environment this route serves ("" for an app without
+    /// `[environments]`). Stats are kept per (app, env, release).
+    #[serde(default)]
+    pub env: String,
     /// Matched against the request's Host header (port ignored, case-insensitive).
     pub host: String,
     /// Healthy, routed instances. Empty = 503.
@@ -200,6 +204,8 @@ pub struct ProxyReport {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ReleaseStats {
     pub app: String,
+    #[serde(default)]
+    pub env: String,
     pub release: String,
     pub requests: u64,
     /// Responses with status >= 500, plus upstream failures answered by the proxy.

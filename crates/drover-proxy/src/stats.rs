@@ -1,7 +1,7 @@
-//! Per-(app, release) traffic counters: requests, errors and a latency
+//! Per-(app, env, release) traffic counters: requests, errors and a latency
 //! histogram — the raw material of canary analysis on the control plane.
 //!
-//! Counters are created once per (app, release) when a routing table that
+//! Counters are created once per (app, env, release) when a routing table that
 //! mentions the release is built, and each upstream entry of the table keeps
 //! an `Arc` to its counters, so recording a request is a few relaxed atomic
 //! adds with no lock and no map lookup. The map itself is only locked when a
@@ -18,7 +18,7 @@ use drover_api::{ReleaseStats, LATENCY_BUCKETS_MS};
 /// Number of histogram buckets: one per bound plus +Inf.
 pub const BUCKETS: usize = LATENCY_BUCKETS_MS.len() + 1;
 
-/// Counters of one (app, release).
+/// Counters of one (app, env, release).
 #[derive(Debug, Default)]
 pub struct ReleaseCounters {
     requests: AtomicU64,
@@ -36,9 +36,10 @@ impl ReleaseCounters {
         self.buckets[bucket_index(latency)].fetch_add(1, Ordering::Relaxed);
     }
 
-    fn snapshot(&self, app: &str, release: &str) -> ReleaseStats {
+    fn snapshot(&self, app: &str, env: &str, release: &str) -> ReleaseStats {
         ReleaseStats {
             app: app.to_string(),
+            env: env.to_string(),
             release: release.to_string(),
             requests: self.requests.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
@@ -61,23 +62,25 @@ pub fn bucket_index(latency: Duration) -> usize {
         .unwrap_or(LATENCY_BUCKETS_MS.len())
 }
 
-/// All counters of this proxy, keyed by (app, release).
+type StatsKey = (String, String, String);
+
+/// All counters of this proxy, keyed by (app, env, release).
 #[derive(Debug, Default)]
 pub struct Stats {
-    by_release: Mutex<BTreeMap<(String, String), Arc<ReleaseCounters>>>,
+    by_release: Mutex<BTreeMap<StatsKey, Arc<ReleaseCounters>>>,
 }
 
 impl Stats {
-    /// The counters of (app, release), created on first use.
-    pub fn counters(&self, app: &str, release: &str) -> Arc<ReleaseCounters> {
+    /// The counters of (app, env, release), created on first use.
+    pub fn counters(&self, app: &str, env: &str, release: &str) -> Arc<ReleaseCounters> {
         let mut map = self.by_release.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry((app.to_string(), release.to_string()))
+        map.entry((app.to_string(), env.to_string(), release.to_string()))
             .or_default()
             .clone()
     }
 
-    /// Cumulative counters of every release seen so far, sorted by app then
-    /// release.
+    /// Cumulative counters of every release seen so far, sorted by app, env
+    /// then release.
     pub fn snapshot(&self) -> Vec<ReleaseStats> {
         let entries: Vec<_> = {
             let map = self.by_release.lock().unwrap_or_else(|p| p.into_inner());
@@ -85,7 +88,7 @@ impl Stats {
         };
         entries
             .iter()
-            .map(|((app, release), c)| c.snapshot(app, release))
+            .map(|((app, env, release), c)| c.snapshot(app, env, release))
             .collect()
     }
 }
@@ -117,14 +120,14 @@ mod tests {
     #[test]
     fn records_and_snapshots() {
         let stats = Stats::default();
-        let a = stats.counters("hello", "r2");
-        let same = stats.counters("hello", "r2");
+        let a = stats.counters("hello", "", "r2");
+        let same = stats.counters("hello", "", "r2");
         assert!(Arc::ptr_eq(&a, &same));
         a.record(Duration::from_millis(3), false);
         a.record(Duration::from_millis(3), true);
         a.record(Duration::from_secs(60), false);
         stats
-            .counters("hello", "r1")
+            .counters("hello", "", "r1")
             .record(Duration::from_micros(10), false);
 
         let snap = stats.snapshot();

@@ -37,7 +37,7 @@ pub struct UpstreamEntry {
     /// `address` resolved once when the table was built.
     pub socket_addr: SocketAddr,
     pub weight: u32,
-    /// Per-(app, release) counters this upstream's requests are recorded in.
+    /// Per-(app, env, release) counters this upstream's requests are recorded in.
     pub counters: Arc<ReleaseCounters>,
 }
 
@@ -123,7 +123,7 @@ impl Table {
             let upstreams = route
                 .upstreams
                 .iter()
-                .filter_map(|u| build_upstream(&route.app, u, stats))
+                .filter_map(|u| build_upstream(&route.app, &route.env, u, stats))
                 .collect();
             let host = normalize_host(&route.host);
             if routes_by_host.contains_key(&host) {
@@ -149,7 +149,7 @@ impl Table {
     }
 }
 
-fn build_upstream(app: &str, u: &Upstream, stats: &Stats) -> Option<UpstreamEntry> {
+fn build_upstream(app: &str, env: &str, u: &Upstream, stats: &Stats) -> Option<UpstreamEntry> {
     let socket_addr = match resolve(&u.address) {
         Some(a) => a,
         None => {
@@ -167,7 +167,7 @@ fn build_upstream(app: &str, u: &Upstream, stats: &Stats) -> Option<UpstreamEntr
         address: u.address.clone(),
         socket_addr,
         weight: u.weight,
-        counters: stats.counters(app, &u.release),
+        counters: stats.counters(app, env, &u.release),
     })
 }
 
@@ -272,6 +272,7 @@ mod tests {
             index,
             routes: vec![Route {
                 app: "hello".into(),
+                env: String::new(),
                 host: "Hello.Localhost".into(),
                 upstreams,
             }],

@@ -134,11 +134,13 @@ fn table(index: u64, hello: Vec<Upstream>) -> RoutesResponse {
         routes: vec![
             Route {
                 app: "hello".into(),
+                env: String::new(),
                 host: "hello.localhost".into(),
                 upstreams: hello,
             },
             Route {
                 app: "empty".into(),
+                env: String::new(),
                 host: "Empty.Localhost".into(),
                 upstreams: vec![],
             },

@@ -693,6 +693,7 @@ pub async fn routing_table(s: &Server) -> Result<api::RoutesResponse, ApiErr> {
             .collect();
         routes.push(api::Route {
             app: app.name.clone(),
+            env: String::new(),
             host: spec.route.host.clone(),
             upstreams,
         });
