@@ -242,8 +242,25 @@ pub struct AppInfo {
     pub name: String,
     pub repo: String,
     pub branch: String,
+    /// The host of the last environment (production).
+    pub host: String,
+    /// Live in the last environment (production).
+    pub live_release: Option<String>,
+    /// In promotion order; one unnamed ("") for an app without environments.
+    #[serde(default)]
+    pub environments: Vec<EnvSummary>,
+}
+
+/// One environment of an app at a glance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EnvSummary {
+    pub name: String,
     pub host: String,
     pub live_release: Option<String>,
+    /// How a release enters it: auto | manual.
+    pub promote: String,
+    /// The state of its newest rollout, e.g. "progressing → r7".
+    pub rollout: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -258,12 +275,18 @@ pub struct RollbackRequest {
     /// e.g. `r3`; default: the release that was live before the current one.
     #[serde(default)]
     pub to: Option<String>,
+    /// Default: the last environment (production).
+    #[serde(default)]
+    pub env: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DeployResponse {
     pub release: String,
     pub commit: String,
+    /// The environment the rollout moves ("" for an app without environments).
+    #[serde(default)]
+    pub env: String,
     pub rollout_id: i64,
     #[serde(default)]
     pub run_id: Option<i64>,
@@ -276,16 +299,27 @@ pub struct ReleaseInfo {
     pub artifact_sha256: String,
     pub artifact_size: u64,
     pub created_at_ms: u64,
+    /// Live in the last environment (production).
     pub live: bool,
-    /// ok | failed (its [release] command failed; never deployed)
+    /// ok | failed (its [release] command failed; never deployed) | pruned
     #[serde(default)]
     pub status: String,
+    /// The environments it is live in.
+    #[serde(default)]
+    pub live_in: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AppStatus {
     pub app: String,
+    /// The environment this status is of ("" for an app without environments).
     pub environment: String,
+    /// Every environment of the app, in promotion order.
+    #[serde(default)]
+    pub environments: Vec<EnvSummary>,
+    /// A release waiting for `drover promote`, described.
+    #[serde(default)]
+    pub waiting: Option<String>,
     pub live_release: Option<String>,
     pub rollout: Option<RolloutStatus>,
     /// Release → percent of traffic (integers summing to 100 when serving).
@@ -369,7 +403,8 @@ pub struct RunInfo {
     pub git_ref: String,
     /// manual | poll | webhook
     pub trigger: String,
-    /// queued | running | succeeded | failed | superseded
+    /// queued | running | waiting (for `drover promote`) | succeeded |
+    /// failed | superseded
     pub state: String,
     pub steps: Vec<RunStep>,
     pub release: Option<String>,
@@ -381,9 +416,10 @@ pub struct RunInfo {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunStep {
-    /// checkout | build | test | pack | release | deploy
+    /// checkout | build | test | pack | release | deploy [ENV] |
+    /// smoke ENV | promote ENV
     pub name: String,
-    /// running | succeeded | failed
+    /// running | waiting | succeeded | failed
     pub state: String,
     pub started_at_ms: u64,
     pub duration_ms: Option<u64>,

@@ -106,6 +106,10 @@ impl fmt::Display for RolloutState {
 pub struct Rollout {
     pub id: i64,
     pub app: String,
+    /// The app's environment it deploys to ("" for an app without
+    /// `[environments]`); each environment has its own rollouts.
+    #[serde(default)]
+    pub env: String,
     /// The release that was live when the rollout started (None on first deploy).
     pub from: Option<String>,
     pub to: String,

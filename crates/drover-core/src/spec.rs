@@ -23,7 +23,9 @@ pub struct AppSpec {
     pub route: RouteSpec,
     pub deploy: DeploySettings,
     pub release: Option<CommandSpec>,
-    pub environments: BTreeMap<String, EnvironmentSpec>,
+    /// In file order: a release goes through them one after the other
+    /// (e.g. staging, then production). Empty: one unnamed environment.
+    pub environments: Vec<EnvironmentSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,11 +65,64 @@ pub struct RouteSpec {
     pub host: String,
 }
 
+/// One `[environments.NAME]` table, with its defaults filled in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EnvironmentSpec {
+    pub name: String,
+    /// Node selector: a node runs this environment's instances only when it
+    /// has every one of these labels. Empty: any node.
     pub nodes: BTreeMap<String, String>,
-    pub smoke_test: Option<String>,
-    pub promote: Option<String>,
+    /// The host the proxy serves it on. Default: `[route] host` for the last
+    /// environment, `NAME.<route host>` for the others.
+    pub host: String,
+    /// Default: `[run] instances`.
+    pub instances: u32,
+    /// Added to (and overriding) `[run] env`.
+    pub env: BTreeMap<String, String>,
+    /// Run (sh -c, in the release's checkout) once this environment serves
+    /// the release, with DROVER_URL set; a failure stops the release here.
+    pub smoke_test: Option<CommandSpec>,
+    /// How a release that passed the previous environment enters this one.
+    pub promote: Promote,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Promote {
+    /// As soon as the previous environment passed (continuous deployment).
+    Auto,
+    /// When someone runs `drover promote APP` (continuous delivery).
+    Manual,
+}
+
+impl AppSpec {
+    /// Environment names in order; `[""]` for an app without `[environments]`.
+    pub fn env_names(&self) -> Vec<String> {
+        if self.environments.is_empty() {
+            vec![String::new()]
+        } else {
+            self.environments.iter().map(|e| e.name.clone()).collect()
+        }
+    }
+
+    pub fn environment(&self, env: &str) -> Option<&EnvironmentSpec> {
+        self.environments.iter().find(|e| e.name == env)
+    }
+
+    /// The spec as it applies in `env`, overrides applied (instances, host,
+    /// run env). `None` when the spec has no such environment.
+    pub fn for_env(&self, env: &str) -> Option<AppSpec> {
+        if env.is_empty() && self.environments.is_empty() {
+            return Some(self.clone());
+        }
+        let e = self.environment(env)?;
+        let mut s = self.clone();
+        s.run.instances = e.instances;
+        s.deploy.instances = e.instances;
+        s.route.host = e.host.clone();
+        s.run.env.extend(e.env.clone());
+        Some(s)
+    }
 }
 
 /// A spec error: where it is and what to do about it.
@@ -127,7 +182,7 @@ struct Raw {
     #[serde(default)]
     release: Option<RawCommand>,
     #[serde(default)]
-    environments: BTreeMap<String, RawEnvironment>,
+    environments: BTreeMap<String, Spanned<RawEnvironment>>,
 }
 
 #[derive(Deserialize)]
@@ -215,8 +270,13 @@ struct RawAnalysis {
 struct RawEnvironment {
     #[serde(default)]
     nodes: BTreeMap<String, String>,
-    smoke_test: Option<String>,
-    promote: Option<String>,
+    host: Option<Spanned<String>>,
+    instances: Option<Spanned<i64>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    smoke_test: Option<Spanned<String>>,
+    smoke_timeout: Option<Spanned<String>>,
+    promote: Option<Spanned<String>>,
 }
 
 // ------------------------------------------------------------- parsing ----
@@ -369,11 +429,7 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
         env: r.env.clone(),
     };
     for k in r.env.keys() {
-        if k.is_empty()
-            || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            || k == "PORT"
-            || k.starts_with("DROVER_")
-        {
+        if !valid_env_name(k) {
             return Err(ctx.err(raw.run.span(), "run.env", format!("environment variable name {k:?} is not allowed; use letters, digits and '_' (PORT and DROVER_* are set by drover)")));
         }
     }
@@ -523,25 +579,80 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
         }
     };
 
-    let mut environments = BTreeMap::new();
-    for (k, e) in raw.environments {
-        if let Some(p) = &e.promote {
-            if p != "auto" && p != "manual" {
-                return Err(ctx.err(
-                    0..0,
-                    &format!("environments.{k}.promote"),
-                    format!("{p:?} is not a promotion rule; use \"auto\" or \"manual\""),
-                ));
+    // File order is promotion order.
+    let mut raw_envs: Vec<_> = raw.environments.into_iter().collect();
+    raw_envs.sort_by_key(|(_, e)| e.span().start);
+    let last = raw_envs.len().saturating_sub(1);
+    let mut environments = Vec::new();
+    for (i, (k, e)) in raw_envs.into_iter().enumerate() {
+        let span = e.span();
+        let e = e.into_inner();
+        let field = |f: &str| format!("environments.{k}.{f}");
+        if !valid_name(&k) {
+            return Err(ctx.err(span, &format!("environments.{k}"), format!("{k:?} is not a valid environment name; use 1-40 lowercase letters, digits and '-', starting with a letter")));
+        }
+        let promote = match &e.promote {
+            None => Promote::Auto,
+            Some(p) => match p.get_ref().as_str() {
+                "auto" => Promote::Auto,
+                "manual" => Promote::Manual,
+                other => {
+                    return Err(ctx.err(
+                        p.span(),
+                        &field("promote"),
+                        format!("{other:?} is not a promotion rule; use \"auto\" or \"manual\""),
+                    ))
+                }
+            },
+        };
+        if i == 0 && promote == Promote::Manual {
+            let s = e.promote.as_ref().map(|p| p.span()).unwrap_or(span.clone());
+            return Err(ctx.err(s, &field("promote"), format!("{k:?} is the first environment: every new release enters it; put promote = \"manual\" on a later environment")));
+        }
+        let host = match &e.host {
+            Some(h) => {
+                let s = h.get_ref();
+                if !valid_host(s) {
+                    return Err(ctx.err(h.span(), &field("host"), format!("{s:?} is not a valid host name; use letters, digits, '-' and '.' such as \"staging.hello.localhost\"")));
+                }
+                s.to_ascii_lowercase()
+            }
+            None if i == last => route.host.clone(),
+            None => format!("{k}.{}", route.host),
+        };
+        for v in e.env.keys() {
+            if !valid_env_name(v) {
+                return Err(ctx.err(span, &field("env"), format!("environment variable name {v:?} is not allowed; use letters, digits and '_' (PORT and DROVER_* are set by drover)")));
             }
         }
-        environments.insert(
-            k,
-            EnvironmentSpec {
-                nodes: e.nodes,
-                smoke_test: e.smoke_test,
-                promote: e.promote,
-            },
-        );
+        let smoke_test = match &e.smoke_test {
+            None => None,
+            Some(c) => Some(CommandSpec {
+                command: nonempty(&ctx, c, &field("smoke_test"))?,
+                timeout_ms: ctx.duration(&e.smoke_timeout, &field("smoke_timeout"), 300_000)?,
+            }),
+        };
+        environments.push(EnvironmentSpec {
+            instances: ctx.count(&e.instances, &field("instances"), run.instances, 1, 1000)?,
+            name: k,
+            nodes: e.nodes,
+            host,
+            env: e.env,
+            smoke_test,
+            promote,
+        });
+    }
+    for (i, e) in environments.iter().enumerate() {
+        if let Some(o) = environments[..i].iter().find(|o| o.host == e.host) {
+            return Err(ctx.err(
+                0..0,
+                &format!("environments.{}.host", e.name),
+                format!(
+                    "{:?} serves the same host {:?} as {:?}; give each environment its own host",
+                    e.name, e.host, o.name
+                ),
+            ));
+        }
     }
 
     Ok(AppSpec {
@@ -592,6 +703,13 @@ fn field_at(src: &str, span: &Range<usize>) -> String {
 }
 
 /// App names become parts of file names, instance ids and URLs.
+fn valid_env_name(k: &str) -> bool {
+    !k.is_empty()
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && k != "PORT"
+        && !k.starts_with("DROVER_")
+}
+
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 40
@@ -727,5 +845,79 @@ max_unavailable = 0
         let shown = e.to_string();
         assert!(shown.contains("max_surge = 0"), "{shown}");
         assert!(shown.contains('^'), "{shown}");
+    }
+
+    const ENVS: &str = r#"
+[environments.staging]
+nodes = { stage = "staging" }
+instances = 1
+env = { LOG_LEVEL = "debug" }
+smoke_test = "python3 smoke.py"
+
+[environments.production]
+nodes = { stage = "production" }
+promote = "manual"
+"#;
+
+    #[test]
+    fn environments_keep_file_order_and_fill_defaults() {
+        let s = parse_spec("drover.toml", &format!("{GOOD}{ENVS}")).unwrap();
+        assert_eq!(s.env_names(), ["staging", "production"]);
+        let st = &s.environments[0];
+        assert_eq!(st.host, "staging.hello.localhost");
+        assert_eq!(st.instances, 1);
+        assert_eq!(st.promote, Promote::Auto);
+        assert_eq!(st.smoke_test.as_ref().unwrap().timeout_ms, 300_000);
+        let pr = &s.environments[1];
+        assert_eq!(
+            pr.host, "hello.localhost",
+            "the last environment gets [route] host"
+        );
+        assert_eq!(pr.instances, 3, "defaults to [run] instances");
+        assert_eq!(pr.promote, Promote::Manual);
+
+        let staged = s.for_env("staging").unwrap();
+        assert_eq!(staged.deploy.instances, 1);
+        assert_eq!(staged.route.host, "staging.hello.localhost");
+        assert_eq!(staged.run.env["LOG_LEVEL"], "debug");
+        assert!(s.for_env("nowhere").is_none());
+        assert!(
+            s.for_env("").is_none(),
+            "an app with environments has no unnamed one"
+        );
+
+        let plain = parse_spec("drover.toml", GOOD).unwrap();
+        assert_eq!(plain.env_names(), [""]);
+        assert_eq!(plain.for_env("").unwrap(), plain);
+    }
+
+    #[test]
+    fn bad_environments_are_rejected_with_their_field() {
+        let e = err(&format!(
+            "{GOOD}{}",
+            ENVS.replace("\"manual\"", "\"sometimes\"")
+        ));
+        assert_eq!(e.field, "environments.production.promote");
+        assert!(e.message.contains("\"auto\" or \"manual\""), "{e}");
+        let e = err(&format!(
+            "{GOOD}{}",
+            ENVS.replace("instances = 1\n", "instances = 1\npromote = \"manual\"\n")
+        ));
+        assert_eq!(e.field, "environments.staging.promote");
+        assert!(e.message.contains("first environment"), "{e}");
+        let e = err(&format!(
+            "{GOOD}{}",
+            ENVS.replace("instances = 1", "instances = 0")
+        ));
+        assert_eq!(e.field, "environments.staging.instances");
+        let e = err(&format!(
+            "{GOOD}{}",
+            ENVS.replace("instances = 1", "host = \"hello.localhost\"")
+        ));
+        assert_eq!(e.field, "environments.production.host");
+        let e = err(&format!("{GOOD}{}", ENVS.replace("LOG_LEVEL", "DROVER_X")));
+        assert_eq!(e.field, "environments.staging.env");
+        let e = err(&format!("{GOOD}{}", ENVS.replace("smoke_test", "smoke")));
+        assert!(e.message.contains("unknown field"), "{e}");
     }
 }

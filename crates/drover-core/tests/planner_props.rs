@@ -117,6 +117,7 @@ fn run_sim(s: &DeploySettings, events: &[u32], good: bool) -> (World, Rollout) {
     let mut r = Rollout {
         id: 1,
         app: "a".into(),
+        env: String::new(),
         from: Some("r1".into()),
         to: "r2".into(),
         state: RolloutState::Pending,

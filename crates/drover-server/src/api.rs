@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use drover_api as api;
+use drover_core::spec::Promote;
 use drover_store::{ProxyRecord, StoreError};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -20,7 +21,7 @@ use std::time::Duration;
 
 type S = State<Arc<Server>>;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiErr {
     /// The request or its input is wrong (CLI exit code 2).
     #[error("{0}")]
@@ -83,6 +84,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/apps", post(add_app).get(list_apps))
         .route("/v1/apps/{app}/deploy", post(deploy))
         .route("/v1/apps/{app}/rollback", post(rollback))
+        .route("/v1/apps/{app}/promote", post(promote))
         .route("/v1/apps/{app}/status", get(status))
         .route("/v1/apps/{app}/releases", get(releases))
         .route("/v1/apps/{app}/logs", get(app_logs))
@@ -108,32 +110,97 @@ pub fn router(server: Arc<Server>) -> Router {
 
 // ------------------------------------------------------------------ CLI ----
 
-fn app_info(a: &drover_store::AppRecord) -> api::AppInfo {
-    let host = serde_json::from_str::<drover_core::spec::AppSpec>(&a.spec)
-        .map(|s| s.route.host)
-        .unwrap_or_default();
-    api::AppInfo {
+/// The app's environments in promotion order (from its newest release's
+/// spec, plus any other that still has a deployment), summarized.
+pub async fn environments(s: &Server, app: &str) -> Result<Vec<api::EnvSummary>, ApiErr> {
+    let spec = view::current_spec(s, app).await?;
+    let mut names = spec.env_names();
+    let deployments: Vec<_> = s
+        .store
+        .list_deployments()
+        .await?
+        .into_iter()
+        .filter(|d| d.app == app)
+        .collect();
+    for d in &deployments {
+        if !names.contains(&d.env) {
+            names.push(d.env.clone());
+        }
+    }
+    let mut out = Vec::new();
+    for name in names {
+        let d = deployments.iter().find(|d| d.env == name);
+        let rollout = s.store.latest_rollout(app, &name).await?;
+        out.push(api::EnvSummary {
+            host: spec
+                .for_env(&name)
+                .map(|e| e.route.host)
+                .unwrap_or_default(),
+            promote: match spec.environment(&name).map(|e| e.promote) {
+                Some(Promote::Manual) => "manual".into(),
+                _ => "auto".into(),
+            },
+            live_release: d.and_then(|d| d.live_release.clone()),
+            rollout: rollout.map(|r| format!("{} → {}", r.state, r.to)),
+            name,
+        });
+    }
+    Ok(out)
+}
+
+/// The environment an operator means when they name none: the last one
+/// (production), or "" for an app without environments.
+fn default_env(envs: &[api::EnvSummary]) -> String {
+    envs.last().map(|e| e.name.clone()).unwrap_or_default()
+}
+
+/// Checks that `env` is one of the app's environments.
+fn pick_env(app: &str, envs: &[api::EnvSummary], env: Option<&str>) -> Result<String, ApiErr> {
+    match env {
+        None => Ok(default_env(envs)),
+        Some(e) if envs.iter().any(|x| x.name == e) => Ok(e.to_string()),
+        Some(e) => Err(ApiErr::BadInput(format!(
+            "{app} has no environment {e:?}; its environments are: {}",
+            envs.iter()
+                .map(|x| if x.name.is_empty() {
+                    "(none)"
+                } else {
+                    x.name.as_str()
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+async fn app_info(s: &Server, a: &drover_store::AppRecord) -> Result<api::AppInfo, ApiErr> {
+    let envs = environments(s, &a.name).await?;
+    let last = envs.last();
+    Ok(api::AppInfo {
         webhook_secret: None,
         name: a.name.clone(),
         repo: a.repo.clone(),
         branch: a.branch.clone(),
-        host,
-        live_release: a.live_release.clone(),
-    }
+        host: last.map(|e| e.host.clone()).unwrap_or_default(),
+        live_release: last.and_then(|e| e.live_release.clone()),
+        environments: envs,
+    })
 }
 
 async fn add_app(State(s): S, Json(req): Json<api::AddAppRequest>) -> R<api::AppInfo> {
     let rec = pipeline::add_app(&s, &req.repo, req.branch.as_deref()).await?;
-    let mut info = app_info(&rec);
+    let mut info = app_info(&s, &rec).await?;
     // Shown once, to whoever registered the app.
     info.webhook_secret = rec.webhook_secret.clone();
     Ok(Json(info))
 }
 
 async fn list_apps(State(s): S) -> R<Vec<api::AppInfo>> {
-    Ok(Json(
-        s.store.list_apps().await?.iter().map(app_info).collect(),
-    ))
+    let mut out = Vec::new();
+    for a in s.store.list_apps().await? {
+        out.push(app_info(&s, &a).await?);
+    }
+    Ok(Json(out))
 }
 
 /// Builds a commit (default: the branch tip) as a manual run and starts its
@@ -158,15 +225,20 @@ async fn deploy(
     let commit = git::resolve(&mirror, &git_ref)
         .await
         .map_err(|e| ApiErr::BadInput(e.to_string()))?;
-    let (_run, handle) =
+    let (_run, started) =
         pipeline::start_run(&s, &app_rec, &commit, &git_ref, "manual", None).await?;
-    let out = handle
+    let out = started
         .await
-        .map_err(|e| ApiErr::Internal(e.to_string()))??;
+        .map_err(|_| ApiErr::Internal("the run ended without an answer".into()))??;
     Ok(Json(api::DeployResponse {
         release: out.release.name(),
         commit: out.release.commit,
-        rollout_id: out.rollout.id,
+        env: out
+            .rollout
+            .as_ref()
+            .map(|r| r.env.clone())
+            .unwrap_or_default(),
+        rollout_id: out.rollout.map(|r| r.id).unwrap_or(0),
         run_id: Some(out.run.id),
     }))
 }
@@ -178,10 +250,17 @@ async fn rollback(
 ) -> R<api::DeployResponse> {
     let lock = s.deploy_lock(&app).await;
     let _held = lock.lock().await;
-    let app_rec = s.store.get_app(&app).await?;
-    let to = match req.to.or(app_rec.prev_release.clone()) {
+    s.store.get_app(&app).await?;
+    let envs = environments(&s, &app).await?;
+    let env = pick_env(&app, &envs, req.env.as_deref())?;
+    let prev = s
+        .store
+        .get_deployment(&app, &env)
+        .await?
+        .and_then(|d| d.prev_release);
+    let to = match req.to.or(prev) {
         Some(t) => t,
-        None => return Err(ApiErr::BadInput(format!("{app} has no earlier live release to roll back to; pass --to rN (see `drover releases {app}`)"))),
+        None => return Err(ApiErr::BadInput(format!("{app} has no earlier live release{} to roll back to; pass --to rN (see `drover releases {app}`)", view::in_env(&env)))),
     };
     let n = view::parse_release_name(&to)
         .ok_or_else(|| ApiErr::BadInput(format!("{to:?} is not a release name such as r3")))?;
@@ -192,26 +271,58 @@ async fn rollback(
     if release.status == "failed" {
         return Err(ApiErr::BadInput(format!("{to} failed its [release] command and was never deployed; pick another release (see `drover releases {app}`)")));
     }
-    let r = s.engine.start_rollout(&app, &to, "rollback").await?;
+    let r = s.engine.start_rollout(&app, &env, &to, "rollback").await?;
     Ok(Json(api::DeployResponse {
         release: to,
         commit: release.commit,
+        env,
         rollout_id: r.id,
         run_id: None,
     }))
 }
 
-pub async fn app_status(s: &Server, app: &str) -> Result<api::AppStatus, ApiErr> {
-    let app_rec = s.store.get_app(app).await?;
-    let rollout = s.store.latest_rollout(app).await?;
+async fn promote(State(s): S, Path(app): Path<String>) -> R<api::RunInfo> {
+    Ok(Json(pipeline::promote(&s, &app).await?))
+}
+
+pub async fn app_status(
+    s: &Server,
+    app: &str,
+    env: Option<&str>,
+) -> Result<api::AppStatus, ApiErr> {
+    s.store.get_app(app).await?;
+    let envs = environments(s, app).await?;
+    let env = pick_env(app, &envs, env)?;
+    let live_release = envs
+        .iter()
+        .find(|e| e.name == env)
+        .and_then(|e| e.live_release.clone());
+    let rollout = s.store.latest_rollout(app, &env).await?;
     let ready = view::nodes_ready(&s.store.list_nodes().await?, now_ms());
     let instances: Vec<api::InstanceStatus> = s
         .store
         .list_instances(app)
         .await?
         .iter()
+        .filter(|r| r.env == env)
         .map(|r| view::instance_status(r, ready.get(&r.node).copied().unwrap_or(false)))
         .collect();
+    let runs = s.store.list_runs(app, 20).await?;
+    let waiting = runs.iter().find(|r| r.state == "waiting").map(|r| {
+        let info = pipeline::run_info(r);
+        let at = info
+            .steps
+            .iter()
+            .rev()
+            .find(|st| st.state == "waiting")
+            .map(|st| st.name.trim_start_matches("promote ").to_string())
+            .unwrap_or_default();
+        format!(
+            "{} (run {}) waits to enter {at}: run `drover promote {app}`",
+            r.release.as_deref().unwrap_or("?"),
+            r.id
+        )
+    });
     let rollout = match rollout {
         None => None,
         Some(r) => {
@@ -232,7 +343,11 @@ pub async fn app_status(s: &Server, app: &str) -> Result<api::AppStatus, ApiErr>
                     .unwrap_or_default(),
                 state: r.state.to_string(),
                 step: r.step,
-                steps: spec.as_ref().map(|s| s.run.instances).unwrap_or(0),
+                steps: spec
+                    .as_ref()
+                    .and_then(|s| s.for_env(&env))
+                    .map(|s| s.run.instances)
+                    .unwrap_or(0),
                 reverting: r.reverting,
                 message: r.message.clone(),
                 failure: r.failure.clone(),
@@ -242,26 +357,34 @@ pub async fn app_status(s: &Server, app: &str) -> Result<api::AppStatus, ApiErr>
     };
     Ok(api::AppStatus {
         app: app.to_string(),
-        environment: "production".into(),
-        live_release: app_rec.live_release,
+        environment: env,
+        environments: envs,
+        waiting,
+        live_release,
         rollout,
         traffic: view::traffic(&instances),
         instances,
-        last_run: s
-            .store
-            .list_runs(app, 1)
-            .await?
-            .first()
-            .map(pipeline::run_info),
+        last_run: runs.first().map(pipeline::run_info),
     })
 }
 
-async fn status(State(s): S, Path(app): Path<String>) -> R<api::AppStatus> {
-    Ok(Json(app_status(&s, &app).await?))
+#[derive(Deserialize)]
+struct EnvQuery {
+    env: Option<String>,
+}
+
+async fn status(
+    State(s): S,
+    Path(app): Path<String>,
+    Query(q): Query<EnvQuery>,
+) -> R<api::AppStatus> {
+    Ok(Json(app_status(&s, &app, q.env.as_deref()).await?))
 }
 
 async fn releases(State(s): S, Path(app): Path<String>) -> R<Vec<api::ReleaseInfo>> {
-    let live = s.store.get_app(&app).await?.live_release;
+    s.store.get_app(&app).await?;
+    let envs = environments(&s, &app).await?;
+    let live = envs.last().and_then(|e| e.live_release.clone());
     let list = s.store.list_releases(&app).await?;
     Ok(Json(
         list.iter()
@@ -273,6 +396,11 @@ async fn releases(State(s): S, Path(app): Path<String>) -> R<Vec<api::ReleaseInf
                 created_at_ms: r.created_at,
                 live: live.as_deref() == Some(&r.name()),
                 status: r.status.clone(),
+                live_in: envs
+                    .iter()
+                    .filter(|e| e.live_release.as_deref() == Some(&r.name()))
+                    .map(|e| e.name.clone())
+                    .collect(),
             })
             .collect(),
     ))
@@ -559,16 +687,18 @@ async fn agent_assignments(State(s): S, Query(q): Query<WaitQuery>) -> R<api::As
         .await
         .map_err(|e| unregistered(&node, e))?;
     let mut out = Vec::new();
+    // (app, env, release) → the release and its spec as it applies there.
     let mut releases: BTreeMap<
-        (String, String),
+        (String, String, String),
         (drover_store::ReleaseRecord, drover_core::spec::AppSpec),
     > = BTreeMap::new();
     for rec in s.store.list_node_instances(&node).await? {
-        let key = (rec.app.clone(), rec.release.clone());
+        let key = (rec.app.clone(), rec.env.clone(), rec.release.clone());
         if !releases.contains_key(&key) {
             let n = view::parse_release_name(&rec.release).unwrap_or(0);
             let rel = s.store.get_release(&rec.app, n).await?;
             let spec = view::release_spec(&rel).map_err(ApiErr::Internal)?;
+            let spec = spec.for_env(&rec.env).unwrap_or(spec);
             releases.insert(key.clone(), (rel, spec));
         }
         let (rel, spec) = &releases[&key];
@@ -656,30 +786,34 @@ pub async fn routing_table(s: &Server) -> Result<api::RoutesResponse, ApiErr> {
     let index = *s.index.borrow();
     let ready = view::nodes_ready(&s.store.list_nodes().await?, now_ms());
     let mut routes = Vec::new();
-    for app in s.store.list_apps().await? {
-        let rollout = s.store.latest_rollout(&app.name).await.ok().flatten();
+    let mut instances: BTreeMap<String, Vec<drover_store::InstanceRecord>> = BTreeMap::new();
+    for d in s.store.list_deployments().await? {
+        let rollout = s.store.latest_rollout(&d.app, &d.env).await.ok().flatten();
         let release = rollout
             .filter(|r| !r.state.is_final())
             .map(|r| r.to)
-            .or(app.live_release.clone());
+            .or(d.live_release.clone());
+        // The host comes from the release being rolled out (or live).
         let spec = match release.as_deref().and_then(view::parse_release_name) {
             Some(n) => match s
                 .store
-                .get_release(&app.name, n)
+                .get_release(&d.app, n)
                 .await
                 .ok()
                 .and_then(|r| view::release_spec(&r).ok())
+                .and_then(|spec| spec.for_env(&d.env))
             {
                 Some(spec) => spec,
                 None => continue,
             },
             None => continue,
         };
-        let upstreams = s
-            .store
-            .list_instances(&app.name)
-            .await?
+        if !instances.contains_key(&d.app) {
+            instances.insert(d.app.clone(), s.store.list_instances(&d.app).await?);
+        }
+        let upstreams = instances[&d.app]
             .iter()
+            .filter(|r| r.env == d.env)
             .filter_map(|r| {
                 view::serves(r, ready.get(&r.node).copied().unwrap_or(false)).map(|addr| {
                     api::Upstream {
@@ -692,8 +826,8 @@ pub async fn routing_table(s: &Server) -> Result<api::RoutesResponse, ApiErr> {
             })
             .collect();
         routes.push(api::Route {
-            app: app.name.clone(),
-            env: String::new(),
+            app: d.app.clone(),
+            env: d.env.clone(),
             host: spec.route.host.clone(),
             upstreams,
         });

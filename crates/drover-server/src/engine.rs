@@ -5,11 +5,13 @@
 //! (start a rollout) and it answers between ticks, so a rollout record is
 //! never written by two parties at once.
 //!
-//! Every tick (100 ms, or sooner when poked) it runs, per app: load the
-//! latest rollout, the instances with their last observations, the nodes and
-//! the proxies' drain progress → `drover_core::planner::plan` → apply the
-//! actions in one store transaction (bumping the index that agents and
-//! proxies long-poll) → persist the rollout's progress.
+//! Every tick (100 ms, or sooner when poked) it runs, per deployment (an
+//! app's environment; "" for an app without `[environments]`): load the
+//! latest rollout, the instances with their last observations, the nodes
+//! the environment's selector allows and the proxies' drain progress →
+//! `drover_core::planner::plan` → apply the actions in one store transaction
+//! (bumping the index that agents and proxies long-poll) → persist the
+//! rollout's progress.
 
 use crate::api::ApiErr;
 use crate::view;
@@ -17,16 +19,18 @@ use crate::{now_ms, Server, PROXY_FRESH_MS};
 use drover_core::planner::{plan, Action, PlanInput};
 use drover_core::spec::AppSpec;
 use drover_core::{Desired, Node, Rollout, RolloutState};
-use drover_store::{AppRecord, InstanceChange, InstanceRecord, Store};
+use drover_store::{DeploymentRecord, InstanceChange, InstanceRecord, NodeRecord, Store};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 pub enum Command {
-    /// Start moving `app` to `to` (a release name), superseding an active rollout.
+    /// Start moving `app`'s environment `env` to `to` (a release name),
+    /// superseding an active rollout there.
     StartRollout {
         app: String,
+        env: String,
         to: String,
         reason: String,
         reply: oneshot::Sender<Result<Rollout, ApiErr>>,
@@ -60,6 +64,7 @@ impl EngineHandle {
     pub async fn start_rollout(
         &self,
         app: &str,
+        env: &str,
         to: &str,
         reason: &str,
     ) -> Result<Rollout, ApiErr> {
@@ -67,6 +72,7 @@ impl EngineHandle {
         self.tx
             .send(Command::StartRollout {
                 app: app.into(),
+                env: env.into(),
                 to: to.into(),
                 reason: reason.into(),
                 reply,
@@ -95,8 +101,8 @@ pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
         tokio::select! {
             _ = server.shutdown.cancelled() => break,
             cmd = rx.rx.recv() => match cmd {
-                Some(Command::StartRollout { app, to, reason, reply }) => {
-                    let res = engine.start_rollout(&app, &to, &reason).await;
+                Some(Command::StartRollout { app, env, to, reason, reply }) => {
+                    let res = engine.start_rollout(&app, &env, &to, &reason).await;
                     let _ = reply.send(res);
                     engine.tick_all().await;
                 }
@@ -111,7 +117,7 @@ pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
 /// What every app's plan of one tick shares.
 struct Cluster {
     now: u64,
-    nodes: Vec<Node>,
+    nodes: Vec<NodeRecord>,
     ready: std::collections::BTreeMap<String, bool>,
     /// The lowest routing-table index still in use on any live proxy
     /// (None: no live proxy, nothing to wait for).
@@ -120,10 +126,10 @@ struct Cluster {
 
 struct Engine {
     server: Arc<Server>,
-    /// Parsed release specs, by (app, release).
-    specs: HashMap<(String, String), Arc<AppSpec>>,
-    /// Last error per app, logged once until it changes.
-    errors: HashMap<String, String>,
+    /// Release specs as they apply in an environment, by (app, env, release).
+    specs: HashMap<(String, String, String), Arc<AppSpec>>,
+    /// Last error per deployment, logged once until it changes.
+    errors: HashMap<(String, String), String>,
 }
 
 impl Engine {
@@ -131,32 +137,46 @@ impl Engine {
         &*self.server.store
     }
 
-    async fn spec(&mut self, app: &str, release: &str) -> Result<Arc<AppSpec>, ApiErr> {
-        if let Some(s) = self.specs.get(&(app.to_string(), release.to_string())) {
+    /// The spec of `release` as it applies in `env` (overrides applied).
+    async fn spec(&mut self, app: &str, env: &str, release: &str) -> Result<Arc<AppSpec>, ApiErr> {
+        let key = (app.to_string(), env.to_string(), release.to_string());
+        if let Some(s) = self.specs.get(&key) {
             return Ok(s.clone());
         }
         let n = view::parse_release_name(release).ok_or_else(|| {
             ApiErr::BadInput(format!("{release:?} is not a release name such as r3"))
         })?;
         let rec = self.store().get_release(app, n).await?;
-        let spec = Arc::new(view::release_spec(&rec).map_err(ApiErr::Internal)?);
-        self.specs
-            .insert((app.to_string(), release.to_string()), spec.clone());
+        let spec = view::release_spec(&rec).map_err(ApiErr::Internal)?;
+        let spec = Arc::new(spec.for_env(env).ok_or_else(|| {
+            ApiErr::BadInput(format!(
+                "{release} of {app} has no environment {env:?}; its drover.toml defines {}",
+                view::env_list(&spec)
+            ))
+        })?);
+        self.specs.insert(key, spec.clone());
         Ok(spec)
     }
 
     async fn start_rollout(
         &mut self,
         app: &str,
+        env: &str,
         to: &str,
         reason: &str,
     ) -> Result<Rollout, ApiErr> {
         let now = now_ms();
-        let app_rec = self.store().get_app(app).await?;
-        let spec = self.spec(app, to).await?;
+        self.store().get_app(app).await?;
+        let spec = self.spec(app, env, to).await?;
+        self.store().ensure_deployment(app, env).await?;
+        let live = self
+            .store()
+            .get_deployment(app, env)
+            .await?
+            .and_then(|d| d.live_release);
         if let Some(mut active) = self
             .store()
-            .latest_rollout(app)
+            .latest_rollout(app, env)
             .await?
             .filter(|r| !r.state.is_final())
         {
@@ -164,13 +184,19 @@ impl Engine {
             active.message = format!("superseded by a rollout to {to} ({reason})");
             self.store().update_rollout(&active, now).await?;
             self.store()
-                .add_event(Some(app), "rollout.aborted", &active.message, now)
+                .add_event(
+                    Some(app),
+                    "rollout.aborted",
+                    &format!("{}{}", view::env_tag(env), active.message),
+                    now,
+                )
                 .await?;
         }
         let r = Rollout {
             id: 0,
             app: app.to_string(),
-            from: app_rec.live_release.clone(),
+            env: env.to_string(),
+            from: live,
             to: to.to_string(),
             state: RolloutState::Pending,
             reverting: false,
@@ -188,13 +214,15 @@ impl Engine {
                 Some(app),
                 "rollout.started",
                 &format!(
-                    "rollout {} {from} → {to} ({}, {reason})",
-                    r.id, spec.deploy.strategy
+                    "rollout {} {from} → {to}{} ({}, {reason})",
+                    r.id,
+                    view::in_env(env),
+                    spec.deploy.strategy
                 ),
                 now,
             )
             .await?;
-        tracing::info!(app, rollout.id = r.id, from = %from, to, "rollout started");
+        tracing::info!(app, env, rollout.id = r.id, from = %from, to, "rollout started");
         let index = self.store().bump_index().await?;
         self.server.index.send_replace(index);
         Ok(r)
@@ -204,28 +232,22 @@ impl Engine {
         let now = now_ms();
         // Cluster-wide observations, read once per tick for every app.
         let cluster = async {
-            let apps = self.store().list_apps().await?;
+            let deployments = self.store().list_deployments().await?;
             let nodes = self.store().list_nodes().await?;
             let proxies = self.store().list_proxies().await?;
-            Ok::<_, drover_store::StoreError>((apps, nodes, proxies))
+            Ok::<_, drover_store::StoreError>((deployments, nodes, proxies))
         };
-        let (apps, node_records, proxies) = match cluster.await {
+        let (deployments, node_records, proxies) = match cluster.await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read apps, nodes and proxies");
+                tracing::warn!(error = %e, "cannot read deployments, nodes and proxies");
                 return;
             }
         };
         let ready = view::nodes_ready(&node_records, now);
         let cluster = Cluster {
             now,
-            nodes: node_records
-                .iter()
-                .map(|n| Node {
-                    name: n.name.clone(),
-                    ready: ready[&n.name],
-                })
-                .collect(),
+            nodes: node_records,
             ready,
             drain_floor: proxies
                 .iter()
@@ -233,26 +255,32 @@ impl Engine {
                 .map(|p| p.oldest_live_index)
                 .min(),
         };
-        for app in apps {
-            match self.tick_app(&app, &cluster).await {
+        for d in deployments {
+            let key = (d.app.clone(), d.env.clone());
+            match self.tick_deployment(&d, &cluster).await {
                 Ok(()) => {
-                    self.errors.remove(&app.name);
+                    self.errors.remove(&key);
                 }
                 Err(e) => {
                     let msg = e.to_string();
-                    if self.errors.get(&app.name) != Some(&msg) {
-                        tracing::error!(app = %app.name, error = %msg, "cannot plan this app; other apps are unaffected");
-                        self.errors.insert(app.name.clone(), msg);
+                    if self.errors.get(&key) != Some(&msg) {
+                        tracing::error!(app = %d.app, env = %d.env, error = %msg, "cannot plan this deployment; others are unaffected");
+                        self.errors.insert(key, msg);
                     }
                 }
             }
         }
     }
 
-    async fn tick_app(&mut self, app_rec: &AppRecord, cluster: &Cluster) -> Result<(), ApiErr> {
+    async fn tick_deployment(
+        &mut self,
+        dep: &DeploymentRecord,
+        cluster: &Cluster,
+    ) -> Result<(), ApiErr> {
         let now = cluster.now;
-        let app = app_rec.name.as_str();
-        let rollout = self.store().latest_rollout(app).await?;
+        let app = dep.app.as_str();
+        let env = dep.env.as_str();
+        let rollout = self.store().latest_rollout(app, env).await?;
         let active = rollout.as_ref().filter(|r| !r.state.is_final());
         let settings_release = match active {
             Some(r) if r.reverting => r.from.clone().unwrap_or_else(|| r.to.clone()),
@@ -260,14 +288,15 @@ impl Engine {
             // No active rollout: the live release's settings; after a failed
             // first deploy, the failed release's (housekeeping must still
             // stop and forget its instances).
-            None => match (&app_rec.live_release, &rollout) {
+            None => match (&dep.live_release, &rollout) {
                 (Some(l), _) => l.clone(),
                 (None, Some(r)) => r.to.clone(),
                 (None, None) => return Ok(()),
             },
         };
-        let spec = self.spec(app, &settings_release).await?;
-        let records = self.store().list_instances(app).await?;
+        let spec = self.spec(app, env, &settings_release).await?;
+        let mut records = self.store().list_instances(app).await?;
+        records.retain(|r| r.env == env);
         // Out of routing on every live proxy with no request in flight that
         // could still reach it, or past the drain timeout.
         let drained = |rec: &InstanceRecord| -> bool {
@@ -289,13 +318,23 @@ impl Engine {
                 )
             })
             .collect();
-        let nodes = &cluster.nodes;
+        // The nodes this environment may run on: every label of its selector.
+        let selector = spec.environment(env).map(|e| &e.nodes);
+        let nodes: Vec<Node> = cluster
+            .nodes
+            .iter()
+            .filter(|n| selector.is_none_or(|sel| view::labels_match(sel, &n.labels)))
+            .map(|n| Node {
+                name: n.name.clone(),
+                ready: cluster.ready[&n.name],
+            })
+            .collect();
         let p = plan(&PlanInput {
             settings: &spec.deploy,
             rollout: rollout.as_ref(),
-            live: app_rec.live_release.as_deref(),
+            live: dep.live_release.as_deref(),
             instances: &instances,
-            nodes,
+            nodes: &nodes,
             now,
         });
 
@@ -303,8 +342,15 @@ impl Engine {
         for a in &p.actions {
             changes.push(match a {
                 Action::Place { release, node } => InstanceChange::Insert(InstanceRecord {
-                    id: format!("{app}-{release}-{:06x}", rand::random::<u32>() & 0xff_ffff),
+                    id: match env {
+                        "" => format!("{app}-{release}-{:06x}", rand::random::<u32>() & 0xff_ffff),
+                        _ => format!(
+                            "{app}-{env}-{release}-{:06x}",
+                            rand::random::<u32>() & 0xff_ffff
+                        ),
+                    },
                     app: app.to_string(),
+                    env: env.to_string(),
                     release: release.clone(),
                     node: node.clone(),
                     desired: Desired::Run,
@@ -333,7 +379,7 @@ impl Engine {
                     id: instance.clone(),
                 },
             });
-            tracing::debug!(app, action = %a, "apply");
+            tracing::debug!(app, env, action = %a, "apply");
         }
         if !changes.is_empty() {
             let index = self.store().apply_instance_changes(&changes).await?;
@@ -344,7 +390,7 @@ impl Engine {
             // Live first: a reader between the two writes sees the rollout
             // still active (routing by its target), never no release at all.
             if new.state == RolloutState::Succeeded && old.state != RolloutState::Succeeded {
-                self.store().set_live_release(app, &new.to).await?;
+                self.store().set_live_release(app, env, &new.to).await?;
             }
             self.store().update_rollout(&new, now).await?;
             if new.state != old.state {
@@ -366,9 +412,14 @@ impl Engine {
                     format!("rollout.{}", new.state)
                 };
                 self.store()
-                    .add_event(Some(app), &kind, &new.message, now)
+                    .add_event(
+                        Some(app),
+                        &kind,
+                        &format!("{}{}", view::env_tag(env), new.message),
+                        now,
+                    )
                     .await?;
-                tracing::info!(app, rollout.id = new.id, state = %new.state, message = %new.message, "rollout state changed");
+                tracing::info!(app, env, rollout.id = new.id, state = %new.state, message = %new.message, "rollout state changed");
             }
         }
         Ok(())

@@ -8,13 +8,20 @@
 //!   ─► pack:     [build] artifact paths → tar.zst, sha256 → release rN
 //!   ─► release:  [release] command (migrations), once, under the deploy lock;
 //!                a failure marks rN failed and nothing moves
-//!   ─► deploy:   start the rollout to rN
+//!   ─► deploy:   per environment in order (one unnamed one without
+//!                [environments]): roll rN out there and wait for it,
+//!                then its smoke_test (DROVER_URL = an instance of rN);
+//!                an environment with promote = "manual" ends the run as
+//!                `waiting` until `drover promote APP` resumes it
 //! ```
 //!
-//! Runs of one app are serialized by its deploy lock; at most
-//! [`MAX_CONCURRENT_RUNS`] run at once. An automatic run that a newer one of
-//! the same app has overtaken is *superseded* instead of deployed, and an
-//! automatic run never deploys a commit older than the live release's.
+//! Building (checkout to release command) is serialized per app by its
+//! deploy lock, with at most [`MAX_CONCURRENT_RUNS`] building at once;
+//! starting each rollout takes the lock again, waiting for one does not. An
+//! automatic run that a newer one of the same app has overtaken is
+//! *superseded* instead of deployed, and an automatic run never replaces a
+//! newer release in any environment. A new release entering the first
+//! environment supersedes runs waiting to promote an older one.
 //!
 //! The step commands come from the app's own repository (like any CI job);
 //! branch names, commit ids and messages never reach a shell.
@@ -22,14 +29,15 @@
 use crate::api::ApiErr;
 use crate::{artifact, git, now_ms, view, Server};
 use drover_api as api;
-use drover_core::spec::{parse_spec, AppSpec};
-use drover_core::Rollout;
+use drover_core::spec::{parse_spec, AppSpec, Promote};
+use drover_core::{Rollout, RolloutState};
 use drover_store::{AppRecord, ReleaseRecord, RunRecord};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::oneshot;
 
 pub const SPEC_FILE: &str = "drover.toml";
 pub const MAX_CONCURRENT_RUNS: usize = 2;
@@ -77,8 +85,6 @@ pub async fn add_app(
         repo: repo.to_string(),
         branch: branch.to_string(),
         spec: serde_json::to_string(&spec).map_err(|e| ApiErr::Internal(e.to_string()))?,
-        live_release: None,
-        prev_release: None,
         created_at: now_ms(),
         // Registering does not deploy; commits after this one do.
         polled_commit: Some(commit),
@@ -113,7 +119,8 @@ fn hex_secret() -> String {
 pub struct RunOutcome {
     pub run: RunRecord,
     pub release: ReleaseRecord,
-    pub rollout: Rollout,
+    /// The rollout started last (None: the run ended before one started).
+    pub rollout: Option<Rollout>,
 }
 
 /// Records a run of `commit` and starts it in the background. Conflict when
@@ -126,13 +133,7 @@ pub async fn start_run(
     git_ref: &str,
     trigger: &str,
     delivery: Option<String>,
-) -> Result<
-    (
-        RunRecord,
-        tokio::task::JoinHandle<Result<RunOutcome, ApiErr>>,
-    ),
-    ApiErr,
-> {
+) -> Result<(RunRecord, oneshot::Receiver<Result<RunOutcome, ApiErr>>), ApiErr> {
     let now = now_ms();
     let run = server
         .store
@@ -165,8 +166,9 @@ pub async fn start_run(
             now,
         )
         .await?;
-    let handle = tokio::spawn(execute(server.clone(), app.clone(), run.clone()));
-    Ok((run, handle))
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(execute(server.clone(), app.clone(), run.clone(), tx));
+    Ok((run, rx))
 }
 
 pub fn run_log_path(data_dir: &Path, run_id: i64) -> PathBuf {
@@ -179,9 +181,71 @@ struct Running {
     run: RunRecord,
     steps: Vec<api::RunStep>,
     log: PathBuf,
+    /// Answered once: when the first rollout started, or when the run ended
+    /// before one did.
+    started: Option<oneshot::Sender<Result<RunOutcome, ApiErr>>>,
 }
 
 impl Running {
+    fn new(
+        server: Arc<Server>,
+        run: RunRecord,
+        steps: Vec<api::RunStep>,
+        started: Option<oneshot::Sender<Result<RunOutcome, ApiErr>>>,
+    ) -> Self {
+        let log = run_log_path(&server.data_dir, run.id);
+        Running {
+            server,
+            run,
+            steps,
+            log,
+            started,
+        }
+    }
+
+    fn answer(&mut self, res: Result<RunOutcome, ApiErr>) {
+        if let Some(tx) = self.started.take() {
+            let _ = tx.send(res);
+        }
+    }
+
+    fn outcome(&self, release: &ReleaseRecord, rollout: Option<Rollout>) -> RunOutcome {
+        RunOutcome {
+            run: self.run.clone(),
+            release: release.clone(),
+            rollout,
+        }
+    }
+
+    /// Marks the run superseded; returns the error to end it with.
+    async fn supersede(&mut self, reason: String) -> ApiErr {
+        self.finish("superseded", Some(reason.clone())).await;
+        ApiErr::Conflict(reason)
+    }
+
+    /// Records the end of the run (a failure unless it was already settled)
+    /// and answers whoever waits for its start.
+    async fn conclude(&mut self, result: Result<RunOutcome, ApiErr>) {
+        if let Err(e) = &result {
+            if !matches!(self.run.state.as_str(), "superseded" | "failed") {
+                self.finish("failed", Some(e.to_string())).await;
+            }
+        }
+        self.answer(result);
+    }
+
+    /// A step that waits for someone (promotion).
+    async fn wait_step(&mut self, name: &str) {
+        self.steps.push(api::RunStep {
+            name: name.into(),
+            state: "waiting".into(),
+            started_at_ms: now_ms(),
+            duration_ms: None,
+            log_tail: None,
+        });
+        self.save().await;
+    }
+
     async fn save(&mut self) {
         self.run.steps = serde_json::to_string(&self.steps).unwrap_or_else(|_| "[]".into());
         self.run.updated_at = now_ms();
@@ -238,47 +302,43 @@ impl Running {
     }
 }
 
+/// A fresh working directory for a run (removed when the run ends).
+fn work_dir(server: &Server, run_id: i64) -> PathBuf {
+    server.data_dir.join("work").join(format!("run-{run_id}"))
+}
+
 async fn execute(
     server: Arc<Server>,
     app: AppRecord,
     run: RunRecord,
-) -> Result<RunOutcome, ApiErr> {
-    let log = run_log_path(&server.data_dir, run.id);
-    let mut r = Running {
-        server: server.clone(),
-        run,
-        steps: Vec::new(),
-        log,
-    };
-    let _slot = server
-        .run_slots
-        .acquire()
-        .await
-        .map_err(|_| ApiErr::Unavailable("shutting down".into()))?;
-    let lock = server.deploy_lock(&app.name).await;
-    let _held = lock.lock().await;
-    if let Some(reason) = superseded(&server, &app, &r.run).await {
-        r.finish("superseded", Some(reason.clone())).await;
-        return Err(ApiErr::Conflict(reason));
+    started: oneshot::Sender<Result<RunOutcome, ApiErr>>,
+) {
+    let mut r = Running::new(server.clone(), run, Vec::new(), Some(started));
+    let work = work_dir(&server, r.run.id);
+    let result = async {
+        let (spec, release) = {
+            let _slot = server
+                .run_slots
+                .acquire()
+                .await
+                .map_err(|_| ApiErr::Unavailable("shutting down".into()))?;
+            let lock = server.deploy_lock(&app.name).await;
+            let _held = lock.lock().await;
+            if let Some(reason) = superseded(&server, &app, &r.run).await {
+                return Err(r.supersede(reason).await);
+            }
+            r.run.state = "running".into();
+            r.save().await;
+            build_release(&mut r, &app, &work).await?
+        };
+        // Waiting for rollouts and smoke tests holds neither a run slot nor
+        // the deploy lock: a newer commit may build meanwhile.
+        deliver(&mut r, &app, &spec, &release, &work, 0).await
     }
-    r.run.state = "running".into();
-    r.save().await;
-    let work = server
-        .data_dir
-        .join("work")
-        .join(format!("run-{}", r.run.id));
-    let result = steps(&mut r, &app, &work).await;
+    .await;
     let w = work.clone();
     let _ = tokio::task::spawn_blocking(move || remove_tree(&w)).await;
-    match result {
-        Ok(out) => Ok(out),
-        Err(e) => {
-            if !matches!(r.run.state.as_str(), "superseded") {
-                r.finish("failed", Some(e.to_string())).await;
-            }
-            Err(e)
-        }
-    }
+    r.conclude(result).await;
 }
 
 /// Removes a checkout (made writable first: artifacts may be read-only).
@@ -299,17 +359,16 @@ async fn superseded(server: &Server, app: &AppRecord, run: &RunRecord) -> Option
         return None;
     }
     let runs = server.store.list_runs(&app.name, 50).await.ok()?;
-    if let Some(newer) = runs
-        .iter()
-        .find(|o| o.id > run.id && o.trigger != "manual" && o.state != "superseded")
-    {
+    if let Some(newer) = runs.iter().find(|o| {
+        o.id > run.id && o.trigger != "manual" && !matches!(o.state.as_str(), "superseded")
+    }) {
         return Some(format!(
             "superseded by run {} (commit {})",
             newer.id,
             &newer.commit[..12.min(newer.commit.len())]
         ));
     }
-    let live = app_live_commit(server, &app.name).await?;
+    let live = first_env_live_commit(server, app).await?;
     let mirror = git::mirror_path(&server.data_dir, &app.name);
     if live != run.commit
         && git::is_ancestor(&mirror, &run.commit, &live)
@@ -325,13 +384,22 @@ async fn superseded(server: &Server, app: &AppRecord, run: &RunRecord) -> Option
     None
 }
 
-async fn app_live_commit(server: &Server, app: &str) -> Option<String> {
-    let a = server.store.get_app(app).await.ok()?;
-    let n = view::parse_release_name(a.live_release.as_deref()?)?;
-    Some(server.store.get_release(app, n).await.ok()?.commit)
+/// The commit live in the app's first environment (where new releases enter).
+async fn first_env_live_commit(server: &Server, app: &AppRecord) -> Option<String> {
+    let spec = view::current_spec(server, &app.name).await.ok()?;
+    let env = spec.env_names().into_iter().next()?;
+    let d = server.store.get_deployment(&app.name, &env).await.ok()??;
+    let n = view::parse_release_name(d.live_release.as_deref()?)?;
+    Some(server.store.get_release(&app.name, n).await.ok()?.commit)
 }
 
-async fn steps(r: &mut Running, app: &AppRecord, work: &Path) -> Result<RunOutcome, ApiErr> {
+/// checkout → build → test → pack → release command: the commit becomes a
+/// release, or the run fails with no release (or a release marked failed).
+async fn build_release(
+    r: &mut Running,
+    app: &AppRecord,
+    work: &Path,
+) -> Result<(AppSpec, ReleaseRecord), ApiErr> {
     let server = r.server.clone();
     let commit = r.run.commit.clone();
     let short = commit[..12.min(commit.len())].to_string();
@@ -368,8 +436,7 @@ async fn steps(r: &mut Running, app: &AppRecord, work: &Path) -> Result<RunOutco
         res.map_err(|e| ApiErr::Failed(format!("tests failed, no release: {e}")))?;
     }
     if let Some(reason) = superseded(&server, app, &r.run).await {
-        r.finish("superseded", Some(reason.clone())).await;
-        return Err(ApiErr::Conflict(reason));
+        return Err(r.supersede(reason).await);
     }
 
     r.begin("pack").await;
@@ -449,31 +516,365 @@ async fn steps(r: &mut Running, app: &AppRecord, work: &Path) -> Result<RunOutco
             )));
         }
     }
+    Ok((spec, release))
+}
 
-    r.begin("deploy").await;
-    let rollout = match server
-        .engine
-        .start_rollout(
-            &app.name,
-            &release.name(),
-            &format!("run {} of {short}", r.run.id),
-        )
-        .await
-    {
-        Ok(ro) => ro,
-        Err(e) => {
-            r.end(false).await;
-            return Err(e);
+/// Moves `release` through the app's environments, from the one at index
+/// `from` on: per environment one rollout, awaited, then its smoke test. An
+/// environment with `promote = "manual"` (other than `from`, which is being
+/// promoted into) ends the run as `waiting` until `drover promote`.
+async fn deliver(
+    r: &mut Running,
+    app: &AppRecord,
+    spec: &AppSpec,
+    release: &ReleaseRecord,
+    work: &Path,
+    from: usize,
+) -> Result<RunOutcome, ApiErr> {
+    let server = r.server.clone();
+    let envs = spec.env_names();
+    let short = release.commit[..12.min(release.commit.len())].to_string();
+    let mut last: Option<Rollout> = None;
+    for (i, env) in envs.iter().enumerate().skip(from) {
+        let env_spec = spec.environment(env);
+        if i > from && env_spec.is_some_and(|e| e.promote == Promote::Manual) {
+            r.wait_step(&format!("promote {env}")).await;
+            r.log_line(&format!(
+                "==> {} passed {}; {env} takes it after `drover promote {}`",
+                release.name(),
+                envs[i - 1],
+                app.name
+            ))
+            .await;
+            r.finish("waiting", None).await;
+            return Ok(r.outcome(release, last));
         }
-    };
-    r.run.rollout_id = Some(rollout.id);
-    r.end(true).await;
+        r.begin(&if env.is_empty() {
+            "deploy".to_string()
+        } else {
+            format!("deploy {env}")
+        })
+        .await;
+        let rollout = {
+            let lock = server.deploy_lock(&app.name).await;
+            let _held = lock.lock().await;
+            if let Some(reason) = outdated(&server, &app.name, env, release, &r.run).await {
+                r.end(false).await;
+                return Err(r.supersede(reason).await);
+            }
+            let reason = format!("run {} of {short}", r.run.id);
+            match server
+                .engine
+                .start_rollout(&app.name, env, &release.name(), &reason)
+                .await
+            {
+                Ok(ro) => ro,
+                Err(e) => {
+                    r.end(false).await;
+                    return Err(e);
+                }
+            }
+        };
+        if i == 0 {
+            supersede_waiting(&server, &app.name, r.run.id, env, release).await;
+        }
+        r.run.rollout_id = Some(rollout.id);
+        r.log_line(&format!(
+            "==> rollout {} of {}{} started",
+            rollout.id,
+            release.name(),
+            view::in_env(env)
+        ))
+        .await;
+        let started = r.outcome(release, Some(rollout.clone()));
+        r.answer(Ok(started));
+        let done = match wait_rollout(&server, &app.name, env, rollout.id).await {
+            Ok(done) => done,
+            Err(ApiErr::Conflict(reason)) => {
+                r.end(false).await;
+                return Err(r.supersede(reason).await);
+            }
+            Err(e) => {
+                r.end(false).await;
+                return Err(e);
+            }
+        };
+        if done.state != RolloutState::Succeeded {
+            r.log_line(&format!("==> rollout {}: {}", done.id, done.message))
+                .await;
+            r.end(false).await;
+            return Err(ApiErr::Failed(format!(
+                "the rollout of {}{} ended {}: {}",
+                release.name(),
+                view::in_env(env),
+                done.state,
+                done.message
+            )));
+        }
+        r.end(true).await;
+        if let Some(smoke) = env_spec.and_then(|e| e.smoke_test.as_ref()) {
+            r.begin(&format!("smoke {env}")).await;
+            let host = spec.for_env(env).map(|s| s.route.host).unwrap_or_default();
+            let url = instance_url(&server, &app.name, env, &release.name()).await;
+            let vars: Vec<(String, String)> = vec![
+                ("DROVER_APP".into(), app.name.clone()),
+                ("DROVER_COMMIT".into(), release.commit.clone()),
+                ("DROVER_RELEASE".into(), release.name()),
+                ("DROVER_ENV".into(), env.clone()),
+                ("DROVER_HOST".into(), host),
+                ("DROVER_URL".into(), url.unwrap_or_default()),
+            ];
+            let step = format!("smoke test in {env}");
+            let res = run_step(&step, &smoke.command, work, smoke.timeout_ms, &vars, &r.log).await;
+            r.end(res.is_ok()).await;
+            if let Err(e) = res {
+                let rest = match envs.get(i + 1) {
+                    Some(next) => format!("; it goes no further and {next} is unchanged"),
+                    None => String::new(),
+                };
+                return Err(ApiErr::Failed(format!(
+                    "{} failed the smoke test in {env}{rest}: {e}",
+                    release.name()
+                )));
+            }
+        }
+        last = Some(done);
+    }
     r.finish("succeeded", None).await;
-    Ok(RunOutcome {
-        run: r.run.clone(),
-        release,
-        rollout,
+    Ok(r.outcome(release, last))
+}
+
+/// Why a run should not start its rollout in `env` now: for an automatic
+/// run, a newer release already runs (or is rolling out) there.
+async fn outdated(
+    server: &Server,
+    app: &str,
+    env: &str,
+    release: &ReleaseRecord,
+    run: &RunRecord,
+) -> Option<String> {
+    if run.trigger == "manual" {
+        return None;
+    }
+    let rolling = server
+        .store
+        .latest_rollout(app, env)
+        .await
+        .ok()
+        .flatten()
+        .filter(|r| !r.state.is_final())
+        .map(|r| r.to);
+    let live = server
+        .store
+        .get_deployment(app, env)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|d| d.live_release);
+    let newest = [rolling, live]
+        .into_iter()
+        .flatten()
+        .filter_map(|n| view::parse_release_name(&n))
+        .max()?;
+    (newest > release.number).then(|| {
+        format!(
+            "{} already has the newer r{newest}; {} does not replace it",
+            if env.is_empty() { app } else { env },
+            release.name()
+        )
     })
+}
+
+/// Waits until rollout `id` of (app, env) is final. Conflict when a newer
+/// rollout superseded it.
+async fn wait_rollout(server: &Server, app: &str, env: &str, id: i64) -> Result<Rollout, ApiErr> {
+    loop {
+        match server.store.latest_rollout(app, env).await? {
+            Some(ro) if ro.id == id && ro.state.is_final() => return Ok(ro),
+            Some(ro) if ro.id != id => {
+                return Err(ApiErr::Conflict(format!(
+                    "superseded by rollout {} to {}{}",
+                    ro.id,
+                    ro.to,
+                    view::in_env(env)
+                )))
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = server.shutdown.cancelled() => {
+                return Err(ApiErr::Unavailable("the server is shutting down".into()));
+            }
+        }
+    }
+}
+
+/// A new release entered the first environment: runs waiting to promote an
+/// older one are superseded by it.
+async fn supersede_waiting(
+    server: &Server,
+    app: &str,
+    run_id: i64,
+    env: &str,
+    release: &ReleaseRecord,
+) {
+    let Ok(runs) = server.store.list_runs(app, 50).await else {
+        return;
+    };
+    for mut w in runs
+        .into_iter()
+        .filter(|o| o.state == "waiting" && o.id != run_id)
+    {
+        w.state = "superseded".into();
+        w.error = Some(format!(
+            "superseded by run {run_id}: {env} now gets {}",
+            release.name()
+        ));
+        w.updated_at = now_ms();
+        if server.store.update_run(&w).await.is_ok() {
+            let msg = format!(
+                "run {} superseded: {}",
+                w.id,
+                w.error.as_deref().unwrap_or("")
+            );
+            let _ = server
+                .store
+                .add_event(Some(app), "run.superseded", &msg, now_ms())
+                .await;
+        }
+    }
+}
+
+/// `http://addr` of an instance of `release` serving in (app, env).
+async fn instance_url(server: &Server, app: &str, env: &str, release: &str) -> Option<String> {
+    let ready = view::nodes_ready(&server.store.list_nodes().await.ok()?, now_ms());
+    server
+        .store
+        .list_instances(app)
+        .await
+        .ok()?
+        .iter()
+        .filter(|i| i.env == env && i.release == release)
+        .find_map(|i| view::serves(i, ready.get(&i.node).copied().unwrap_or(false)))
+        .map(|addr| format!("http://{addr}"))
+}
+
+/// `drover promote APP`: the run waiting at a `promote = "manual"`
+/// environment goes on into it. Answers once it is under way.
+pub async fn promote(server: &Arc<Server>, app: &str) -> Result<api::RunInfo, ApiErr> {
+    let app_rec = server.store.get_app(app).await?;
+    let lock = server.deploy_lock(app).await;
+    let held = lock.lock().await;
+    let Some(mut run) = server
+        .store
+        .list_runs(app, 50)
+        .await?
+        .into_iter()
+        .find(|r| r.state == "waiting")
+    else {
+        return Err(ApiErr::Conflict(format!(
+            "nothing of {app} waits for promotion: a release waits once it passed the environment before one with promote = \"manual\" (see `drover runs {app}`)"
+        )));
+    };
+    let mut steps: Vec<api::RunStep> = serde_json::from_str(&run.steps).unwrap_or_default();
+    let waiting = steps.iter().rposition(|s| s.state == "waiting");
+    let env = waiting
+        .and_then(|i| steps[i].name.strip_prefix("promote "))
+        .map(str::to_string)
+        .ok_or_else(|| ApiErr::Internal(format!("run {} waits at no promote step", run.id)))?;
+    let rel_name = run.release.clone().unwrap_or_default();
+    let n = view::parse_release_name(&rel_name)
+        .ok_or_else(|| ApiErr::Internal(format!("run {} has no release", run.id)))?;
+    let release = server.store.get_release(app, n).await?;
+    let spec = view::release_spec(&release).map_err(ApiErr::Internal)?;
+    let names = spec.env_names();
+    let from = names
+        .iter()
+        .position(|e| *e == env)
+        .filter(|i| *i > 0)
+        .ok_or_else(|| {
+            ApiErr::Internal(format!(
+                "{rel_name} has no environment {env:?} to promote to"
+            ))
+        })?;
+    let before = &names[from - 1];
+    let live = server
+        .store
+        .get_deployment(app, before)
+        .await?
+        .and_then(|d| d.live_release);
+    if live.as_deref() != Some(rel_name.as_str()) {
+        return Err(ApiErr::Conflict(format!(
+            "{rel_name} is no longer live in {before} (it runs {}); nothing to promote",
+            live.as_deref().unwrap_or("nothing")
+        )));
+    }
+    if let Some(i) = waiting {
+        let s = &mut steps[i];
+        s.state = "succeeded".into();
+        s.duration_ms = Some(now_ms().saturating_sub(s.started_at_ms));
+    }
+    run.state = "running".into();
+    run.steps = serde_json::to_string(&steps).unwrap_or_else(|_| "[]".into());
+    run.updated_at = now_ms();
+    server.store.update_run(&run).await?;
+    server
+        .store
+        .add_event(
+            Some(app),
+            "run.promoted",
+            &format!(
+                "{rel_name} promoted from {before} to {env} (run {})",
+                run.id
+            ),
+            now_ms(),
+        )
+        .await?;
+    drop(held);
+    let info = run_info(&run);
+    tokio::spawn(resume(
+        server.clone(),
+        app_rec,
+        run,
+        steps,
+        spec,
+        release,
+        from,
+    ));
+    Ok(info)
+}
+
+/// Goes on with a promoted run from environment index `from`.
+async fn resume(
+    server: Arc<Server>,
+    app: AppRecord,
+    run: RunRecord,
+    steps: Vec<api::RunStep>,
+    spec: AppSpec,
+    release: ReleaseRecord,
+    from: usize,
+) {
+    let mut r = Running::new(server.clone(), run, steps, None);
+    let work = work_dir(&server, r.run.id);
+    let result = async {
+        // Smoke tests run in the release's checkout.
+        if spec.environments[from..]
+            .iter()
+            .any(|e| e.smoke_test.is_some())
+        {
+            r.begin("checkout").await;
+            let mirror = git::mirror_path(&server.data_dir, &app.name);
+            let res = checkout(&app, &mirror, &release.commit, &work).await;
+            r.end(res.is_ok()).await;
+            res?;
+        }
+        deliver(&mut r, &app, &spec, &release, &work, from).await
+    }
+    .await;
+    let w = work.clone();
+    let _ = tokio::task::spawn_blocking(move || remove_tree(&w)).await;
+    r.conclude(result).await;
 }
 
 async fn checkout(

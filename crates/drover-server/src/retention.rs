@@ -1,6 +1,6 @@
 //! Artifact retention: keep the artifacts of the newest `keep` releases of
-//! each app, and always those of the live release, the rollback target
-//! (previous live), any release in an active rollout and any release with
+//! each app, and always those of the live release and the rollback target
+//! (previous live) of each environment, any release in an active rollout and any release with
 //! instances. Older ones lose their artifact and are marked `pruned`; the
 //! release record itself stays (history is never deleted).
 
@@ -15,18 +15,23 @@ pub async fn prune(
     keep: usize,
 ) -> Result<Vec<String>, drover_store::StoreError> {
     let store: &dyn Store = &*server.store;
-    let app_rec = store.get_app(app).await?;
     let releases = store.list_releases(app).await?; // newest first
     let mut protected: BTreeSet<String> = releases.iter().take(keep).map(|r| r.name()).collect();
-    protected.extend(app_rec.live_release.clone());
-    protected.extend(app_rec.prev_release.clone());
-    if let Some(r) = store
-        .latest_rollout(app)
-        .await?
-        .filter(|r| !r.state.is_final())
-    {
-        protected.insert(r.to.clone());
-        protected.extend(r.from.clone());
+    // In every environment of the app.
+    for d in store.list_deployments().await? {
+        if d.app != app {
+            continue;
+        }
+        protected.extend(d.live_release.clone());
+        protected.extend(d.prev_release.clone());
+        if let Some(r) = store
+            .latest_rollout(app, &d.env)
+            .await?
+            .filter(|r| !r.state.is_final())
+        {
+            protected.insert(r.to.clone());
+            protected.extend(r.from.clone());
+        }
     }
     for i in store.list_instances(app).await? {
         protected.insert(i.release);

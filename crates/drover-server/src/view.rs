@@ -50,8 +50,59 @@ pub fn to_core(rec: &InstanceRecord, node_ready: bool, drained: bool) -> Instanc
     }
 }
 
+/// " in staging", or "" for an app without environments.
+pub fn in_env(env: &str) -> String {
+    if env.is_empty() {
+        String::new()
+    } else {
+        format!(" in {env}")
+    }
+}
+
+/// "[staging] ", or "" for an app without environments (event prefixes).
+pub fn env_tag(env: &str) -> String {
+    if env.is_empty() {
+        String::new()
+    } else {
+        format!("[{env}] ")
+    }
+}
+
+/// The environments a spec defines, for messages.
+pub fn env_list(spec: &AppSpec) -> String {
+    if spec.environments.is_empty() {
+        "none (deploy without an environment)".into()
+    } else {
+        spec.env_names().join(", ")
+    }
+}
+
+/// A node selector matches when the node has every one of its labels.
+pub fn labels_match(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 pub fn parse_release_name(name: &str) -> Option<i64> {
     name.strip_prefix('r')?.parse().ok().filter(|n| *n > 0)
+}
+
+/// The app's spec as of its newest release (the registration spec before
+/// the first): which environments it has, in order.
+pub async fn current_spec(
+    server: &crate::Server,
+    app: &str,
+) -> Result<AppSpec, crate::api::ApiErr> {
+    let releases = server.store.list_releases(app).await?;
+    if let Some(spec) = releases.iter().find_map(|r| release_spec(r).ok()) {
+        return Ok(spec);
+    }
+    let a = server.store.get_app(app).await?;
+    serde_json::from_str(&a.spec).map_err(|e| {
+        crate::api::ApiErr::Internal(format!("stored spec of {app} does not parse: {e}"))
+    })
 }
 
 pub fn release_spec(r: &ReleaseRecord) -> Result<AppSpec, String> {
@@ -75,7 +126,13 @@ pub fn assignment(
         },
         run: api::RunSpec {
             command: spec.run.command.clone(),
-            env: spec.run.env.clone(),
+            env: {
+                let mut env = spec.run.env.clone();
+                if !rec.env.is_empty() {
+                    env.insert("DROVER_ENV".into(), rec.env.clone());
+                }
+                env
+            },
             stop_timeout_ms: spec.run.stop_timeout_ms,
         },
         health: api::HealthSpec {

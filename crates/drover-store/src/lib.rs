@@ -53,8 +53,6 @@ pub struct AppRecord {
     pub branch: String,
     /// JSON of the spec at registration.
     pub spec: String,
-    pub live_release: Option<String>,
-    pub prev_release: Option<String>,
     pub created_at: Millis,
     /// The branch tip the poller saw last (runs start only for new tips).
     #[serde(default)]
@@ -62,6 +60,16 @@ pub struct AppRecord {
     /// HMAC-SHA256 key for push webhooks.
     #[serde(default, skip_serializing)]
     pub webhook_secret: Option<String>,
+}
+
+/// One environment of an app ("" for an app without `[environments]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    pub app: String,
+    pub env: String,
+    pub live_release: Option<String>,
+    /// The release live before `live_release`: the default rollback target.
+    pub prev_release: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -88,6 +96,7 @@ impl ReleaseRecord {
 pub struct InstanceRecord {
     pub id: String,
     pub app: String,
+    pub env: String,
     pub release: String,
     pub node: String,
     pub desired: Desired,
@@ -175,7 +184,14 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_app(&self, app: &AppRecord) -> Result<()>;
     async fn get_app(&self, name: &str) -> Result<AppRecord>;
     async fn list_apps(&self) -> Result<Vec<AppRecord>>;
-    async fn set_live_release(&self, app: &str, live: &str) -> Result<()>;
+    /// Creates the (app, env) deployment if it does not exist.
+    async fn ensure_deployment(&self, app: &str, env: &str) -> Result<()>;
+    async fn get_deployment(&self, app: &str, env: &str) -> Result<Option<DeploymentRecord>>;
+    /// Every environment of every app that ever had a rollout.
+    async fn list_deployments(&self) -> Result<Vec<DeploymentRecord>>;
+    /// Makes `live` the live release of (app, env); the one before becomes
+    /// the rollback target.
+    async fn set_live_release(&self, app: &str, env: &str, live: &str) -> Result<()>;
     async fn set_polled_commit(&self, app: &str, commit: &str) -> Result<()>;
 
     /// Inserts a run (its `id` is assigned). Conflict when the webhook
@@ -208,8 +224,9 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts a rollout (its `id` is assigned) and returns it.
     async fn create_rollout(&self, rollout: &Rollout, now: Millis) -> Result<Rollout>;
     async fn update_rollout(&self, rollout: &Rollout, now: Millis) -> Result<()>;
-    async fn latest_rollout(&self, app: &str) -> Result<Option<Rollout>>;
+    async fn latest_rollout(&self, app: &str, env: &str) -> Result<Option<Rollout>>;
 
+    /// Every instance of the app, in all its environments.
     async fn list_instances(&self, app: &str) -> Result<Vec<InstanceRecord>>;
     async fn list_node_instances(&self, node: &str) -> Result<Vec<InstanceRecord>>;
     /// Applies changes in one transaction; bumps and returns the index if

@@ -41,11 +41,18 @@ fn app_from_row(r: &sqlx::sqlite::SqliteRow) -> AppRecord {
         repo: r.get("repo"),
         branch: r.get("branch"),
         spec: r.get("spec"),
-        live_release: r.get("live_release"),
-        prev_release: r.get("prev_release"),
         created_at: r.get::<i64, _>("created_at") as u64,
         polled_commit: r.get("polled_commit"),
         webhook_secret: r.get("webhook_secret"),
+    }
+}
+
+fn deployment_from_row(r: &sqlx::sqlite::SqliteRow) -> DeploymentRecord {
+    DeploymentRecord {
+        app: r.get("app"),
+        env: r.get("env"),
+        live_release: r.get("live_release"),
+        prev_release: r.get("prev_release"),
     }
 }
 
@@ -86,6 +93,7 @@ fn instance_from_row(r: &sqlx::sqlite::SqliteRow) -> InstanceRecord {
     InstanceRecord {
         id: r.get("id"),
         app: r.get("app"),
+        env: r.get("env"),
         release: r.get("release"),
         node: r.get("node"),
         desired: match desired.as_str() {
@@ -114,7 +122,7 @@ fn rollout_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Rollout> {
 
 macro_rules! instance_select {
     ($where:literal) => {
-        concat!("SELECT id, app, release, node, desired, drain_since, drain_index, routed, created_at, observed, observed_at FROM instances WHERE ", $where, " ORDER BY created_at, id")
+        concat!("SELECT id, app, env, release, node, desired, drain_since, drain_index, routed, created_at, observed, observed_at FROM instances WHERE ", $where, " ORDER BY created_at, id")
     };
 }
 
@@ -129,13 +137,11 @@ impl Store for SqliteStore {
     }
 
     async fn insert_app(&self, app: &AppRecord) -> Result<()> {
-        let res = sqlx::query("INSERT INTO apps (name, repo, branch, spec, live_release, prev_release, created_at, polled_commit, webhook_secret) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        let res = sqlx::query("INSERT INTO apps (name, repo, branch, spec, created_at, polled_commit, webhook_secret) VALUES (?, ?, ?, ?, ?, ?, ?)")
             .bind(&app.name)
             .bind(&app.repo)
             .bind(&app.branch)
             .bind(&app.spec)
-            .bind(&app.live_release)
-            .bind(&app.prev_release)
             .bind(app.created_at as i64)
             .bind(&app.polled_commit)
             .bind(&app.webhook_secret)
@@ -166,13 +172,39 @@ impl Store for SqliteStore {
         Ok(rows.iter().map(app_from_row).collect())
     }
 
-    async fn set_live_release(&self, app: &str, live: &str) -> Result<()> {
+    async fn ensure_deployment(&self, app: &str, env: &str) -> Result<()> {
+        sqlx::query("INSERT INTO deployments (app, env) VALUES (?, ?) ON CONFLICT DO NOTHING")
+            .bind(app)
+            .bind(env)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn get_deployment(&self, app: &str, env: &str) -> Result<Option<DeploymentRecord>> {
+        let row = sqlx::query("SELECT * FROM deployments WHERE app = ? AND env = ?")
+            .bind(app)
+            .bind(env)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| deployment_from_row(&r)))
+    }
+
+    async fn list_deployments(&self) -> Result<Vec<DeploymentRecord>> {
+        let rows = sqlx::query("SELECT * FROM deployments ORDER BY app, env")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(deployment_from_row).collect())
+    }
+
+    async fn set_live_release(&self, app: &str, env: &str, live: &str) -> Result<()> {
         // The previous live release becomes the default rollback target.
         sqlx::query(
-            "UPDATE apps SET prev_release = CASE WHEN live_release IS NOT NULL AND live_release != ?1 THEN live_release ELSE prev_release END, live_release = ?1 WHERE name = ?2",
+            "INSERT INTO deployments (app, env, live_release) VALUES (?2, ?3, ?1) ON CONFLICT (app, env) DO UPDATE SET prev_release = CASE WHEN live_release IS NOT NULL AND live_release != ?1 THEN live_release ELSE prev_release END, live_release = ?1",
         )
         .bind(live)
         .bind(app)
+        .bind(env)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -335,8 +367,9 @@ impl Store for SqliteStore {
 
     async fn create_rollout(&self, rollout: &Rollout, now: Millis) -> Result<Rollout> {
         let data = serde_json::to_string(rollout).map_err(|e| StoreError::Db(e.to_string()))?;
-        let id: i64 = sqlx::query_scalar("INSERT INTO rollouts (app, state, data, created_at, updated_at) VALUES (?, ?, ?, ?, ?) RETURNING id")
+        let id: i64 = sqlx::query_scalar("INSERT INTO rollouts (app, env, state, data, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING id")
             .bind(&rollout.app)
+            .bind(&rollout.env)
             .bind(rollout.state.as_str())
             .bind(data)
             .bind(now as i64)
@@ -364,12 +397,14 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn latest_rollout(&self, app: &str) -> Result<Option<Rollout>> {
-        let row =
-            sqlx::query("SELECT id, data FROM rollouts WHERE app = ? ORDER BY id DESC LIMIT 1")
-                .bind(app)
-                .fetch_optional(&self.pool)
-                .await?;
+    async fn latest_rollout(&self, app: &str, env: &str) -> Result<Option<Rollout>> {
+        let row = sqlx::query(
+            "SELECT id, data FROM rollouts WHERE app = ? AND env = ? ORDER BY id DESC LIMIT 1",
+        )
+        .bind(app)
+        .bind(env)
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|r| rollout_from_row(&r)).transpose()
     }
 
@@ -404,9 +439,10 @@ impl Store for SqliteStore {
         for c in changes {
             match c {
                 InstanceChange::Insert(i) => {
-                    sqlx::query("INSERT INTO instances (id, app, release, node, desired, drain_since, drain_index, routed, created_at) VALUES (?, ?, ?, ?, ?, NULL, NULL, ?, ?)")
+                    sqlx::query("INSERT INTO instances (id, app, env, release, node, desired, drain_since, drain_index, routed, created_at) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)")
                         .bind(&i.id)
                         .bind(&i.app)
+                        .bind(&i.env)
                         .bind(&i.release)
                         .bind(&i.node)
                         .bind(desired_str(i.desired))

@@ -17,8 +17,6 @@ fn app(name: &str) -> AppRecord {
         repo: "/r".into(),
         branch: "main".into(),
         spec: "{}".into(),
-        live_release: None,
-        prev_release: None,
         created_at: 1,
         polled_commit: None,
         webhook_secret: None,
@@ -29,6 +27,7 @@ fn rollout() -> Rollout {
     Rollout {
         id: 0,
         app: "a".into(),
+        env: String::new(),
         from: None,
         to: "r1".into(),
         state: RolloutState::Pending,
@@ -72,14 +71,50 @@ async fn releases_are_numbered_per_app_and_live_release_remembers_the_previous()
         .await
         .unwrap();
     assert_eq!((r1.name(), r2.name()), ("r1".to_string(), "r2".to_string()));
-    s.set_live_release("a", "r1").await.unwrap();
-    s.set_live_release("a", "r2").await.unwrap();
-    let a = s.get_app("a").await.unwrap();
+    s.set_live_release("a", "", "r1").await.unwrap();
+    s.set_live_release("a", "", "r2").await.unwrap();
+    let d = s.get_deployment("a", "").await.unwrap().unwrap();
     assert_eq!(
-        (a.live_release.as_deref(), a.prev_release.as_deref()),
+        (d.live_release.as_deref(), d.prev_release.as_deref()),
         (Some("r2"), Some("r1"))
     );
     assert_eq!(s.list_releases("a").await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn each_environment_has_its_own_live_release_and_rollouts() {
+    let (_d, s) = open().await;
+    s.insert_app(&app("a")).await.unwrap();
+    s.ensure_deployment("a", "staging").await.unwrap();
+    s.ensure_deployment("a", "staging").await.unwrap();
+    assert_eq!(
+        s.get_deployment("a", "staging")
+            .await
+            .unwrap()
+            .unwrap()
+            .live_release,
+        None
+    );
+    s.set_live_release("a", "staging", "r2").await.unwrap();
+    s.set_live_release("a", "production", "r1").await.unwrap();
+    let all = s.list_deployments().await.unwrap();
+    let live: Vec<_> = all
+        .iter()
+        .map(|d| (d.env.as_str(), d.live_release.as_deref()))
+        .collect();
+    assert_eq!(live, [("production", Some("r1")), ("staging", Some("r2"))]);
+    assert!(s.get_deployment("a", "qa").await.unwrap().is_none());
+
+    let mut staging = rollout();
+    staging.env = "staging".into();
+    let staging = s.create_rollout(&staging, 1).await.unwrap();
+    let prod = s.create_rollout(&rollout(), 2).await.unwrap();
+    assert_eq!(
+        s.latest_rollout("a", "staging").await.unwrap(),
+        Some(staging)
+    );
+    assert_eq!(s.latest_rollout("a", "").await.unwrap(), Some(prod));
+    assert_eq!(s.latest_rollout("a", "qa").await.unwrap(), None);
 }
 
 #[tokio::test]
@@ -90,7 +125,7 @@ async fn rollout_progress_is_persisted_at_every_update() {
     r.step = 2;
     r.state = RolloutState::Progressing;
     s.update_rollout(&r, 2).await.unwrap();
-    assert_eq!(s.latest_rollout("a").await.unwrap(), Some(r));
+    assert_eq!(s.latest_rollout("a", "").await.unwrap(), Some(r));
 }
 
 #[tokio::test]
@@ -101,6 +136,7 @@ async fn instance_changes_bump_the_index_once_per_transaction() {
     let rec = InstanceRecord {
         id: "i1".into(),
         app: "a".into(),
+        env: "staging".into(),
         release: "r1".into(),
         node: "n1".into(),
         desired: Desired::Run,

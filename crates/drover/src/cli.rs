@@ -116,11 +116,21 @@ enum Cmd {
         #[command(flatten)]
         s: ServerArg,
     },
+    /// Promote the release waiting at an environment with
+    /// promote = "manual" (e.g. staging → production).
+    Promote {
+        app: String,
+        #[command(flatten)]
+        s: ServerArg,
+    },
     /// Roll back to the previous live release (or --to rN).
     Rollback {
         app: String,
         #[arg(long)]
         to: Option<String>,
+        /// Environment (default: the last one, e.g. production).
+        #[arg(long)]
+        env: Option<String>,
         #[arg(long)]
         wait: bool,
         #[command(flatten)]
@@ -129,6 +139,9 @@ enum Cmd {
     /// Show an app's live release, rollout, traffic and instances.
     Status {
         app: String,
+        /// Environment (default: the last one, e.g. production).
+        #[arg(long)]
+        env: Option<String>,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -137,6 +150,9 @@ enum Cmd {
     /// Follow an app's rollout with a progress bar until it ends.
     Watch {
         app: String,
+        /// Environment (default: the last one, e.g. production).
+        #[arg(long)]
+        env: Option<String>,
         #[command(flatten)]
         s: ServerArg,
     },
@@ -423,40 +439,69 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &drover_api::DeployRequest { git_ref },
             )?;
             eprintln!(
-                "run {} built {} from commit {}; rollout {} started",
+                "run {} built {} from commit {}; rollout {} started{}",
                 d.run_id.map(|i| i.to_string()).unwrap_or_default(),
                 d.release,
                 &d.commit[..12.min(d.commit.len())],
-                d.rollout_id
+                d.rollout_id,
+                in_env(&d.env)
             );
             if wait {
-                output::follow(&c, &app, Some(d.rollout_id))
+                output::follow(&c, &app, Some(&d.env), Some(d.rollout_id))
             } else {
                 Ok(())
             }
         }
-        Cmd::Rollback { app, to, wait, s } => {
+        Cmd::Promote { app, s } => {
+            let c = Client::new(&s.server);
+            let r: drover_api::RunInfo =
+                c.post(&format!("/v1/apps/{app}/promote"), &serde_json::json!({}))?;
+            let to = r
+                .steps
+                .iter()
+                .rev()
+                .find(|st| st.name.starts_with("promote "))
+                .map(|st| st.name.trim_start_matches("promote ").to_string())
+                .unwrap_or_default();
+            eprintln!(
+                "promoting {} to {to} (run {}); follow it with `drover watch {app} --env {to}`",
+                r.release.as_deref().unwrap_or("?"),
+                r.id
+            );
+            Ok(())
+        }
+        Cmd::Rollback {
+            app,
+            to,
+            env,
+            wait,
+            s,
+        } => {
             let c = Client::new(&s.server);
             let d: drover_api::DeployResponse = c.post(
                 &format!("/v1/apps/{app}/rollback"),
-                &drover_api::RollbackRequest { to },
+                &drover_api::RollbackRequest { to, env },
             )?;
             eprintln!(
-                "rolling {app} back to {}; rollout {} started",
-                d.release, d.rollout_id
+                "rolling {app} back to {}{}; rollout {} started",
+                d.release,
+                in_env(&d.env),
+                d.rollout_id
             );
             if wait {
-                output::follow(&c, &app, Some(d.rollout_id))
+                output::follow(&c, &app, Some(&d.env), Some(d.rollout_id))
             } else {
                 Ok(())
             }
         }
-        Cmd::Status { app, json, s } => {
+        Cmd::Status { app, env, json, s } => {
             let st: drover_api::AppStatus =
-                Client::new(&s.server).get(&format!("/v1/apps/{app}/status"))?;
+                Client::new(&s.server).get(&output::status_path(&app, env.as_deref()))?;
             output::status(&st, json)
         }
-        Cmd::Watch { app, s } => output::follow(&Client::new(&s.server), &app, None),
+        Cmd::Watch { app, env, s } => {
+            output::follow(&Client::new(&s.server), &app, env.as_deref(), None)
+        }
         Cmd::Releases { app, json, s } => {
             let r: Vec<drover_api::ReleaseInfo> =
                 Client::new(&s.server).get(&format!("/v1/apps/{app}/releases"))?;
@@ -523,4 +568,13 @@ fn absolutize(repo: &str) -> String {
         }
     }
     repo.to_string()
+}
+
+/// " in staging", or "" for an app without environments.
+fn in_env(env: &str) -> String {
+    if env.is_empty() {
+        String::new()
+    } else {
+        format!(" in {env}")
+    }
 }

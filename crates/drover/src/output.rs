@@ -54,7 +54,25 @@ pub fn status(st: &api::AppStatus, as_json: bool) -> anyhow::Result<()> {
     if as_json {
         return json(st);
     }
-    println!("app:      {} ({})", st.app, st.environment);
+    if st.environment.is_empty() {
+        println!("app:      {}", st.app);
+    } else {
+        println!("app:      {} (environment {})", st.app, st.environment);
+        let mut t = table(&["ENVIRONMENT", "HOST", "LIVE", "PROMOTE", "LAST ROLLOUT"]);
+        for e in &st.environments {
+            t.add_row(vec![
+                e.name.clone(),
+                e.host.clone(),
+                e.live_release.clone().unwrap_or("-".into()),
+                e.promote.clone(),
+                e.rollout.clone().unwrap_or("-".into()),
+            ]);
+        }
+        println!("{t}");
+    }
+    if let Some(w) = &st.waiting {
+        println!("waiting:  {}", escape_terminal(w));
+    }
     println!("live:     {}", st.live_release.as_deref().unwrap_or("-"));
     if let Some(r) = &st.rollout {
         println!(
@@ -265,7 +283,26 @@ pub fn events(ev: &[api::EventInfo], as_json: bool) -> anyhow::Result<()> {
 
 /// Follows the app's rollout (a given id, or the latest) until it ends.
 /// Exit 0 only if it succeeded.
-pub fn follow(c: &Client, app: &str, rollout_id: Option<i64>) -> anyhow::Result<()> {
+/// The status URL path of an app, in `env` (default: the server's choice,
+/// the last environment).
+pub fn status_path(app: &str, env: Option<&str>) -> String {
+    match env.filter(|e| !e.is_empty()) {
+        // Environment names are [a-z0-9-]; anything else is refused by the
+        // server, but must not bend the URL.
+        Some(e) => format!(
+            "/v1/apps/{app}/status?env={}",
+            e.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")
+        ),
+        None => format!("/v1/apps/{app}/status"),
+    }
+}
+
+pub fn follow(
+    c: &Client,
+    app: &str,
+    env: Option<&str>,
+    rollout_id: Option<i64>,
+) -> anyhow::Result<()> {
     let tty = std::io::stderr().is_terminal();
     let bar = if tty {
         let b = indicatif::ProgressBar::new(1);
@@ -282,7 +319,7 @@ pub fn follow(c: &Client, app: &str, rollout_id: Option<i64>) -> anyhow::Result<
     let mut last_msg = String::new();
     let started = Instant::now();
     loop {
-        let st: api::AppStatus = c.get(&format!("/v1/apps/{app}/status"))?;
+        let st: api::AppStatus = c.get(&status_path(app, env))?;
         let Some(r) = st
             .rollout
             .as_ref()

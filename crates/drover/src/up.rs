@@ -181,7 +181,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 d.release,
                 &d.commit[..12]
             );
-            output::follow(&client, "hello", Some(d.rollout_id))?;
+            output::follow(&client, "hello", None, Some(d.rollout_id))?;
             println!(
                 "try:  curl -H 'Host: hello.localhost' http://{}/",
                 args.proxy_addr

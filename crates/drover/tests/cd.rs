@@ -29,14 +29,6 @@ fn add(c: &Cluster, repo: &Repo) -> String {
     secret.to_string()
 }
 
-fn runs(c: &Cluster) -> Vec<serde_json::Value> {
-    c.api_get("/v1/apps/web/runs")
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
 fn sign(secret: &str, body: &[u8]) -> String {
     let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     m.update(body);
@@ -110,7 +102,7 @@ fn a_commit_to_the_tracked_branch_goes_live_with_no_command_typed() {
                 && all_answer(c, "v2")
         },
     );
-    let r = runs(&c);
+    let r = c.runs("web");
     assert_eq!(r.len(), 2, "{r:#?}");
     assert_eq!(r[0]["trigger"], "poll");
     assert_eq!(r[0]["state"], "succeeded");
@@ -216,7 +208,7 @@ fn webhooks_need_a_valid_sha256_signature_and_a_delivery_runs_once() {
         401,
         "truncated"
     );
-    assert!(runs(&c).is_empty(), "no side effect");
+    assert!(c.runs("web").is_empty(), "no side effect");
 
     // The same delivery twice at the same moment: one run.
     let threads: Vec<_> = (0..2)
@@ -235,7 +227,7 @@ fn webhooks_need_a_valid_sha256_signature_and_a_delivery_runs_once() {
         Duration::from_secs(60),
         |c| c.status("web")["live_release"] == "r1" && all_answer(c, "v2"),
     );
-    let r = runs(&c);
+    let r = c.runs("web");
     assert_eq!(r.len(), 1, "exactly one run: {r:#?}");
     assert_eq!(r[0]["trigger"], "webhook");
 }
@@ -275,7 +267,7 @@ fn of_two_commits_100ms_apart_only_the_newer_ends_up_live_and_an_older_push_neve
         all_answer(c, "v3") && c.status("web")["rollout"]["state"] == "succeeded"
     });
     c.wait_until("runs settled", Duration::from_secs(30), |c| {
-        runs(c)
+        c.runs("web")
             .iter()
             .all(|r| r["state"] != "queued" && r["state"] != "running")
     });
@@ -302,7 +294,7 @@ fn of_two_commits_100ms_apart_only_the_newer_ends_up_live_and_an_older_push_neve
         .unwrap()
         .to_string();
     assert_eq!(live_commit, newer);
-    let r = runs(&c);
+    let r = c.runs("web");
     let older_run = r.iter().find(|r| r["commit"] == older.as_str()).unwrap();
     assert!(
         older_run["state"] == "superseded" || older_run["state"] == "succeeded",

@@ -24,6 +24,7 @@ pub(crate) fn rollout(from: Option<&str>, to: &str) -> Rollout {
     Rollout {
         id: 1,
         app: "hello".into(),
+        env: String::new(),
         from: from.map(Into::into),
         to: to.into(),
         state: RolloutState::Progressing,

@@ -55,6 +55,8 @@ pub struct Cluster {
     pub nodes: u32,
     port_base: u16,
     poll: String,
+    /// Labels of node-i at index i-1 ("key=value").
+    labels: Vec<Vec<String>>,
 }
 
 impl Cluster {
@@ -69,6 +71,16 @@ impl Cluster {
 
     /// A cluster whose server gets extra flags.
     pub fn start_with(nodes: u32, poll: &str, server_flags: &[&str]) -> Cluster {
+        Cluster::start_full(nodes, poll, server_flags, &[])
+    }
+
+    /// A cluster of one node per entry of `labels`, node-i with labels[i-1]
+    /// ("key=value" each).
+    pub fn start_labeled(poll: &str, labels: &[&[&str]]) -> Cluster {
+        Cluster::start_full(labels.len() as u32, poll, &[], labels)
+    }
+
+    fn start_full(nodes: u32, poll: &str, server_flags: &[&str], labels: &[&[&str]]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let api_addr = format!("127.0.0.1:{}", free_port());
         let proxy_addr = format!("127.0.0.1:{}", free_port());
@@ -118,6 +130,10 @@ impl Cluster {
             nodes,
             port_base,
             poll: poll.to_string(),
+            labels: labels
+                .iter()
+                .map(|l| l.iter().map(|s| s.to_string()).collect())
+                .collect(),
             dir,
         };
         for i in 1..=nodes {
@@ -141,21 +157,22 @@ impl Cluster {
 
     pub fn spawn_agent(&self, i: u32) -> Proc {
         let base = self.port_base + (i as u16 - 1) * 100;
-        spawn_role(
-            self.dir.path(),
-            &format!("agent-{i}"),
-            &[
-                "agent",
-                "--server",
-                &self.api,
-                "--name",
-                &format!("node-{i}"),
-                "--data-dir",
-                &self.agent_dir(i).to_string_lossy(),
-                "--ports",
-                &format!("{base}-{}", base + 99),
-            ],
-        )
+        let mut args: Vec<String> = vec![
+            "agent".into(),
+            "--server".into(),
+            self.api.clone(),
+            "--name".into(),
+            format!("node-{i}"),
+            "--data-dir".into(),
+            self.agent_dir(i).to_string_lossy().into_owned(),
+            "--ports".into(),
+            format!("{base}-{}", base + 99),
+        ];
+        for l in self.labels.get(i as usize - 1).into_iter().flatten() {
+            args.extend(["--label".to_string(), l.clone()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        spawn_role(self.dir.path(), &format!("agent-{i}"), &args)
     }
 
     pub fn agent_dir(&self, i: u32) -> PathBuf {
@@ -186,6 +203,15 @@ impl Cluster {
     pub fn api_get(&self, path: &str) -> Result<Value, String> {
         let body = http_get(&self.api, path)?;
         serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))
+    }
+
+    /// The app's pipeline runs, newest first.
+    pub fn runs(&self, app: &str) -> Vec<Value> {
+        self.api_get(&format!("/v1/apps/{app}/runs"))
+            .unwrap_or_else(|e| panic!("runs: {e}"))
+            .as_array()
+            .unwrap()
+            .clone()
     }
 
     pub fn status(&self, app: &str) -> Value {
