@@ -90,6 +90,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/apps/{app}/logs", get(app_logs))
         .route("/v1/apps/{app}/runs", get(runs))
         .route("/v1/runs/{id}", get(run))
+        .route("/v1/runs/{id}/cancel", post(cancel_run))
         .route("/v1/runs/{id}/log", get(run_log))
         .route("/v1/nodes", get(nodes))
         .route("/v1/events", get(events))
@@ -279,6 +280,10 @@ async fn rollback(
         rollout_id: r.id,
         run_id: None,
     }))
+}
+
+async fn cancel_run(State(s): S, Path(id): Path<i64>) -> R<api::RunInfo> {
+    Ok(Json(pipeline::cancel(&s, id).await?))
 }
 
 async fn promote(State(s): S, Path(app): Path<String>) -> R<api::RunInfo> {

@@ -63,6 +63,8 @@ pub struct Server {
     pub run_slots: tokio::sync::Semaphore,
     pub keep_releases: usize,
     pub shutdown: CancellationToken,
+    /// Cancellation of each run in progress (queued or running), by run id.
+    pub run_cancels: std::sync::Mutex<HashMap<i64, CancellationToken>>,
 }
 
 impl Server {
@@ -113,6 +115,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         run_slots: tokio::sync::Semaphore::new(pipeline::MAX_CONCURRENT_RUNS),
         keep_releases: config.keep_releases.max(1),
         shutdown: shutdown.clone(),
+        run_cancels: std::sync::Mutex::new(HashMap::new()),
     });
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await

@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 pub const SPEC_FILE: &str = "drover.toml";
 pub const MAX_CONCURRENT_RUNS: usize = 2;
@@ -184,6 +185,16 @@ struct Running {
     /// Answered once: when the first rollout started, or when the run ended
     /// before one did.
     started: Option<oneshot::Sender<Result<RunOutcome, ApiErr>>>,
+    /// `drover cancel`: kills the running step, stops the run.
+    cancel: CancellationToken,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.server.run_cancels.lock() {
+            m.remove(&self.run.id);
+        }
+    }
 }
 
 impl Running {
@@ -194,12 +205,40 @@ impl Running {
         started: Option<oneshot::Sender<Result<RunOutcome, ApiErr>>>,
     ) -> Self {
         let log = run_log_path(&server.data_dir, run.id);
+        let cancel = server.shutdown.child_token();
+        if let Ok(mut m) = server.run_cancels.lock() {
+            m.insert(run.id, cancel.clone());
+        }
         Running {
             server,
             run,
             steps,
             log,
             started,
+            cancel,
+        }
+    }
+
+    /// Runs a pipeline command as a step of this run (killed on cancel).
+    async fn command(
+        &self,
+        step: &str,
+        command: &str,
+        dir: &Path,
+        timeout_ms: u64,
+        env: &[(String, String)],
+    ) -> Result<(), ApiErr> {
+        run_step(step, command, dir, timeout_ms, env, &self.log, &self.cancel).await
+    }
+
+    /// Waits for `fut` unless the run is cancelled first.
+    async fn unless_cancelled<T>(
+        &self,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Result<T, ApiErr> {
+        tokio::select! {
+            v = fut => Ok(v),
+            _ = self.cancel.cancelled() => Err(cancelled()),
         }
     }
 
@@ -227,7 +266,13 @@ impl Running {
     /// and answers whoever waits for its start.
     async fn conclude(&mut self, result: Result<RunOutcome, ApiErr>) {
         if let Err(e) = &result {
-            if !matches!(self.run.state.as_str(), "superseded" | "failed") {
+            if self.cancel.is_cancelled() && !self.server.shutdown.is_cancelled() {
+                for s in self.steps.iter_mut().filter(|s| s.state == "running") {
+                    s.state = "cancelled".into();
+                    s.duration_ms = Some(now_ms().saturating_sub(s.started_at_ms));
+                }
+                self.finish("cancelled", Some(e.to_string())).await;
+            } else if !matches!(self.run.state.as_str(), "superseded" | "failed") {
                 self.finish("failed", Some(e.to_string())).await;
             }
         }
@@ -268,7 +313,14 @@ impl Running {
     async fn end(&mut self, ok: bool) {
         let tail = (!ok).then(|| tail(&self.log));
         if let Some(s) = self.steps.last_mut() {
-            s.state = if ok { "succeeded" } else { "failed" }.into();
+            s.state = if ok {
+                "succeeded"
+            } else if self.cancel.is_cancelled() {
+                "cancelled"
+            } else {
+                "failed"
+            }
+            .into();
             s.duration_ms = Some(now_ms().saturating_sub(s.started_at_ms));
             s.log_tail = tail;
         }
@@ -317,13 +369,12 @@ async fn execute(
     let work = work_dir(&server, r.run.id);
     let result = async {
         let (spec, release) = {
-            let _slot = server
-                .run_slots
-                .acquire()
-                .await
+            let _slot = r
+                .unless_cancelled(server.run_slots.acquire())
+                .await?
                 .map_err(|_| ApiErr::Unavailable("shutting down".into()))?;
             let lock = server.deploy_lock(&app.name).await;
-            let _held = lock.lock().await;
+            let _held = r.unless_cancelled(lock.lock()).await?;
             if let Some(reason) = superseded(&server, &app, &r.run).await {
                 return Err(r.supersede(reason).await);
             }
@@ -425,13 +476,17 @@ async fn build_release(
     };
     if let Some(cmd) = &spec.build.command {
         r.begin("build").await;
-        let res = run_step("build", cmd, work, spec.build.timeout_ms, &env, &r.log).await;
+        let res = r
+            .command("build", cmd, work, spec.build.timeout_ms, &env)
+            .await;
         r.end(res.is_ok()).await;
         res?;
     }
     if let Some(t) = &spec.test {
         r.begin("test").await;
-        let res = run_step("test", &t.command, work, t.timeout_ms, &env, &r.log).await;
+        let res = r
+            .command("test", &t.command, work, t.timeout_ms, &env)
+            .await;
         r.end(res.is_ok()).await;
         res.map_err(|e| ApiErr::Failed(format!("tests failed, no release: {e}")))?;
     }
@@ -494,15 +549,9 @@ async fn build_release(
         r.begin("release").await;
         let mut env = env.clone();
         env.push(("DROVER_RELEASE".into(), release.name()));
-        let res = run_step(
-            "release",
-            &rel_cmd.command,
-            work,
-            rel_cmd.timeout_ms,
-            &env,
-            &r.log,
-        )
-        .await;
+        let res = r
+            .command("release", &rel_cmd.command, work, rel_cmd.timeout_ms, &env)
+            .await;
         r.end(res.is_ok()).await;
         if let Err(e) = res {
             server
@@ -557,7 +606,7 @@ async fn deliver(
         .await;
         let rollout = {
             let lock = server.deploy_lock(&app.name).await;
-            let _held = lock.lock().await;
+            let _held = r.unless_cancelled(lock.lock()).await?;
             if let Some(reason) = outdated(&server, &app.name, env, release, &r.run).await {
                 r.end(false).await;
                 return Err(r.supersede(reason).await);
@@ -588,8 +637,15 @@ async fn deliver(
         .await;
         let started = r.outcome(release, Some(rollout.clone()));
         r.answer(Ok(started));
-        let done = match wait_rollout(&server, &app.name, env, rollout.id).await {
+        let waited = r
+            .unless_cancelled(wait_rollout(&server, &app.name, env, rollout.id))
+            .await;
+        let done = match waited.and_then(|w| w) {
             Ok(done) => done,
+            Err(e) if r.cancel.is_cancelled() => {
+                r.end(false).await;
+                return Err(e);
+            }
             Err(ApiErr::Conflict(reason)) => {
                 r.end(false).await;
                 return Err(r.supersede(reason).await);
@@ -625,7 +681,9 @@ async fn deliver(
                 ("DROVER_URL".into(), url.unwrap_or_default()),
             ];
             let step = format!("smoke test in {env}");
-            let res = run_step(&step, &smoke.command, work, smoke.timeout_ms, &vars, &r.log).await;
+            let res = r
+                .command(&step, &smoke.command, work, smoke.timeout_ms, &vars)
+                .await;
             r.end(res.is_ok()).await;
             if let Err(e) = res {
                 let rest = match envs.get(i + 1) {
@@ -922,6 +980,7 @@ async fn run_step(
     timeout_ms: u64,
     env: &[(String, String)],
     log: &Path,
+    cancel: &CancellationToken,
 ) -> Result<(), ApiErr> {
     let mut logf = tokio::fs::OpenOptions::new()
         .create(true)
@@ -952,19 +1011,30 @@ async fn run_step(
         .spawn()
         .map_err(|e| ApiErr::Internal(format!("cannot start sh: {e}")))?;
     let pid = child.id();
-    let status = match tokio::time::timeout(Duration::from_millis(timeout_ms), child.wait()).await {
-        Ok(s) => s.map_err(|e| ApiErr::Internal(e.to_string()))?,
-        Err(_) => {
-            if let Some(pid) = pid {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+    // The whole process group: the command's children go too.
+    let kill_group = || {
+        if let Some(pid) = pid {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    };
+    let status = tokio::select! {
+        s = tokio::time::timeout(Duration::from_millis(timeout_ms), child.wait()) => match s {
+            Ok(s) => s.map_err(|e| ApiErr::Internal(e.to_string()))?,
+            Err(_) => {
+                kill_group();
+                return Err(ApiErr::Failed(format!(
+                    "{step} timed out after {}",
+                    drover_core::duration::format_ms(timeout_ms)
+                )));
             }
-            return Err(ApiErr::Failed(format!(
-                "{step} timed out after {}",
-                drover_core::duration::format_ms(timeout_ms)
-            )));
+        },
+        _ = cancel.cancelled() => {
+            kill_group();
+            let _ = child.wait().await;
+            return Err(cancelled());
         }
     };
     if !status.success() {
@@ -974,6 +1044,65 @@ async fn run_step(
         )));
     }
     Ok(())
+}
+
+fn cancelled() -> ApiErr {
+    ApiErr::Conflict("cancelled by `drover cancel`".into())
+}
+
+/// `drover cancel RUN`: a queued or running run stops (its running command is
+/// killed; a rollout it already started goes on — roll it back if need be);
+/// a waiting run will not be promoted.
+pub async fn cancel(server: &Server, id: i64) -> Result<api::RunInfo, ApiErr> {
+    let mut run = server.store.get_run(id).await?;
+    let token = server
+        .run_cancels
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&id).cloned());
+    match (run.state.as_str(), token) {
+        ("queued" | "running", Some(t)) => {
+            t.cancel();
+            // The run task records the end; wait briefly for it.
+            for _ in 0..100 {
+                run = server.store.get_run(id).await?;
+                if !matches!(run.state.as_str(), "queued" | "running") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        ("waiting", _) => {
+            let lock = server.deploy_lock(&run.app).await;
+            let _held = lock.lock().await;
+            run = server.store.get_run(id).await?;
+            if run.state != "waiting" {
+                return Err(ApiErr::Conflict(format!(
+                    "run {id} is {} now; nothing to cancel",
+                    run.state
+                )));
+            }
+            run.state = "cancelled".into();
+            run.error = Some("cancelled while waiting for promotion".into());
+            run.updated_at = now_ms();
+            server.store.update_run(&run).await?;
+        }
+        (state, _) => {
+            return Err(ApiErr::Conflict(format!(
+                "run {id} is {state}; only a queued, running or waiting run can be cancelled"
+            )))
+        }
+    }
+    server
+        .store
+        .add_event(
+            Some(&run.app),
+            "run.cancelled",
+            &format!("run {id} cancelled"),
+            now_ms(),
+        )
+        .await?;
+    Ok(run_info(&run))
 }
 
 fn tail(path: &Path) -> String {

@@ -172,6 +172,13 @@ enum Cmd {
         #[command(flatten)]
         s: ServerArg,
     },
+    /// Cancel a queued, running or waiting pipeline run (its running
+    /// command is killed; a rollout it started goes on).
+    Cancel {
+        run: i64,
+        #[command(flatten)]
+        s: ServerArg,
+    },
     /// List nodes.
     Nodes {
         #[arg(long)]
@@ -511,6 +518,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let r: Vec<drover_api::RunInfo> =
                 Client::new(&s.server).get(&format!("/v1/apps/{app}/runs"))?;
             output::runs(&r, json)
+        }
+        Cmd::Cancel { run, s } => {
+            let r: drover_api::RunInfo = Client::new(&s.server)
+                .post(&format!("/v1/runs/{run}/cancel"), &serde_json::json!({}))?;
+            eprintln!("run {} of {}: {}", r.id, r.app, r.state);
+            Ok(())
         }
         Cmd::Nodes { json, s } => {
             let n: Vec<drover_api::NodeInfo> = Client::new(&s.server).get("/v1/nodes")?;

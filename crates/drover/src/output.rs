@@ -235,10 +235,11 @@ pub fn releases(rs: &[api::ReleaseInfo], as_json: bool) -> anyhow::Result<()> {
             r.commit[..12.min(r.commit.len())].to_string(),
             r.artifact_sha256[..12].to_string(),
             r.artifact_size.to_string(),
-            if r.live {
-                "live".to_string()
-            } else {
-                r.status.clone()
+            match (r.live_in.as_slice(), r.live) {
+                ([], false) => r.status.clone(),
+                // An app without environments: its one is named "".
+                ([e], _) if e.is_empty() => "live".to_string(),
+                (envs, _) => format!("live in {}", envs.join(", ")),
             },
         ]);
     }

@@ -385,3 +385,62 @@ fn old_artifacts_are_pruned_but_never_the_live_release_or_the_rollback_target() 
     c.cli_ok(&["rollback", "web", "--wait"]);
     assert!(all_answer(&c, "v3"));
 }
+
+#[test]
+fn a_running_build_is_cancelled_with_its_processes_and_nothing_is_released() {
+    let _g = serial();
+    let c = Cluster::start_polling(1, "300ms");
+    let repo = Repo::create(c.dir.path(), &spec("web", 1, "30s"), &Behavior::ok("v1"));
+    add(&c, &repo);
+    c.cli_ok(&["deploy", "web", "--wait"]);
+
+    // A build that would take a minute, leaving the pid of its child.
+    let pidfile = c.dir.path().join("build-child.pid");
+    let slow = spec("web", 1, "30s").replace(
+        "command = \"python3 -c 'import json; json.load(open(\\\"behavior.json\\\"))'\"",
+        &format!(
+            "command = \"sleep 60 & echo $! > {}; wait\"",
+            pidfile.display()
+        ),
+    );
+    assert_ne!(slow, spec("web", 1, "30s"), "the build command was replaced");
+    repo.commit(&slow, &Behavior::ok("v2"));
+    c.wait_until("the slow build runs", Duration::from_secs(30), |_| {
+        std::fs::read_to_string(&pidfile).is_ok_and(|p| !p.trim().is_empty())
+    });
+    let child: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let run = c.runs("web")[0].clone();
+    assert_eq!(run["state"], "running");
+    let id = run["id"].to_string();
+
+    let out = c.cli(&["cancel", &id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled"));
+    let run = c.runs("web")[0].clone();
+    assert_eq!(run["state"], "cancelled", "{run:#}");
+    let build = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "build")
+        .unwrap();
+    assert_eq!(build["state"], "cancelled");
+    // The build's child process is gone (or a zombie awaiting its reaper).
+    c.wait_until("the build's child is killed", Duration::from_secs(5), |_| {
+        std::fs::read_to_string(format!("/proc/{child}/stat"))
+            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .unwrap_or(true)
+    });
+    let releases = c.api_get("/v1/apps/web/releases").unwrap();
+    assert_eq!(releases.as_array().unwrap().len(), 1, "no release made");
+    assert_eq!(c.status("web")["live_release"], "r1");
+    assert!(all_answer(&c, "v1"));
+
+    let again = c.cli(&["cancel", &id]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("is cancelled"));
+}
