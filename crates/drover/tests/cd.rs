@@ -403,7 +403,11 @@ fn a_running_build_is_cancelled_with_its_processes_and_nothing_is_released() {
             pidfile.display()
         ),
     );
-    assert_ne!(slow, spec("web", 1, "30s"), "the build command was replaced");
+    assert_ne!(
+        slow,
+        spec("web", 1, "30s"),
+        "the build command was replaced"
+    );
     repo.commit(&slow, &Behavior::ok("v2"));
     c.wait_until("the slow build runs", Duration::from_secs(30), |_| {
         std::fs::read_to_string(&pidfile).is_ok_and(|p| !p.trim().is_empty())
@@ -418,7 +422,11 @@ fn a_running_build_is_cancelled_with_its_processes_and_nothing_is_released() {
     let id = run["id"].to_string();
 
     let out = c.cli(&["cancel", &id]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled"));
     let run = c.runs("web")[0].clone();
     assert_eq!(run["state"], "cancelled", "{run:#}");
@@ -430,11 +438,21 @@ fn a_running_build_is_cancelled_with_its_processes_and_nothing_is_released() {
         .unwrap();
     assert_eq!(build["state"], "cancelled");
     // The build's child process is gone (or a zombie awaiting its reaper).
-    c.wait_until("the build's child is killed", Duration::from_secs(5), |_| {
-        std::fs::read_to_string(format!("/proc/{child}/stat"))
-            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
-            .unwrap_or(true)
-    });
+    c.wait_until(
+        "the build's child is killed",
+        Duration::from_secs(5),
+        |_| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+                .unwrap_or(true)
+        },
+    );
     let releases = c.api_get("/v1/apps/web/releases").unwrap();
     assert_eq!(releases.as_array().unwrap().len(), 1, "no release made");
     assert_eq!(c.status("web")["live_release"], "r1");
