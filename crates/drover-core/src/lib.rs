@@ -10,6 +10,7 @@
 //! - [`planner`]: `(settings, rollout, instances, nodes, now) → actions`.
 #![forbid(unsafe_code)]
 
+pub mod analysis;
 pub mod duration;
 pub mod model;
 pub mod planner;

@@ -11,6 +11,9 @@ pub type Millis = u64;
 pub enum Strategy {
     Rolling,
     Recreate,
+    /// Steps of traffic weight to a few new instances, each judged by
+    /// analysis, then a rolling replacement of the rest.
+    Canary,
 }
 
 impl fmt::Display for Strategy {
@@ -18,6 +21,7 @@ impl fmt::Display for Strategy {
         f.write_str(match self {
             Strategy::Rolling => "rolling",
             Strategy::Recreate => "recreate",
+            Strategy::Canary => "canary",
         })
     }
 }
@@ -36,6 +40,35 @@ pub struct DeploySettings {
     pub drain_timeout_ms: u64,
     pub stop_timeout_ms: u64,
     pub auto_rollback: bool,
+    /// Canary: traffic steps, in order (weights never decrease).
+    #[serde(default)]
+    pub steps: Vec<CanaryStep>,
+    /// Canary: how each step is judged from live traffic. None: by its pause only.
+    #[serde(default)]
+    pub analysis: Option<AnalysisSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CanaryStep {
+    /// Percent of users (by their key) sent to the new release.
+    pub weight: u32,
+    /// The step lasts at least this long.
+    pub pause_ms: u64,
+}
+
+/// Thresholds a canary step must meet, from the proxies' figures for the
+/// new release during the step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnalysisSettings {
+    /// Errors (5xx and failed upstream attempts) / requests.
+    pub max_error_rate: Option<f64>,
+    pub max_p99_ms: Option<u64>,
+    /// Fewer requests than this is "inconclusive", never a pass.
+    pub min_requests: u64,
+    /// How often the figures are judged (and the shortest window that may pass).
+    pub interval_ms: u64,
+    /// A step still inconclusive this long after it started fails.
+    pub deadline_ms: u64,
 }
 
 impl DeploySettings {
@@ -126,6 +159,23 @@ pub struct Rollout {
     pub reverted_at: Option<Millis>,
     /// Last time `step` advanced (or the rollout started/reverted).
     pub progress_at: Millis,
+    /// Canary progress (None for other strategies).
+    #[serde(default)]
+    pub canary: Option<CanaryProgress>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CanaryProgress {
+    /// Index into the settings' steps; `steps.len()` = past the last step
+    /// (the rest of the instances are being replaced, no split).
+    pub step: u32,
+    /// Percent of users sent to the new release now.
+    pub weight: u32,
+    /// When the current step's instances were all serving and its weight
+    /// applied: the start of its pause and analysis window.
+    pub step_started_at: Option<Millis>,
+    /// The last analysis verdict, for status.
+    pub analysis: Option<String>,
 }
 
 impl Rollout {

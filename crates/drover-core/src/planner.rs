@@ -19,7 +19,17 @@
 //! - only healthy instances are routed;
 //! - an instance is stopped only after it drained (out of routing, nothing in flight);
 //! - a rollout in a final state places nothing and retires nothing.
+//!
+//! Canary: during its steps no old instance is retired and at most
+//! `ceil(instances × weight%)` new ones run beside them (so up to
+//! `2 × instances` are alive); the split of traffic by weight is the
+//! proxies' job (the server derives it from `Rollout::canary`). A step ends
+//! when its pause is over and the analysis verdict for its window passes; a
+//! failing verdict fails the rollout, an inconclusive one holds until the
+//! analysis deadline. After the last step the rest is replaced by the
+//! rolling algorithm; rolling back is the rolling algorithm towards `from`.
 
+use crate::analysis::Verdict;
 use crate::duration::format_ms;
 use crate::model::*;
 use std::collections::BTreeMap;
@@ -63,6 +73,8 @@ pub struct PlanInput<'a> {
     pub instances: &'a [Instance],
     pub nodes: &'a [Node],
     pub now: Millis,
+    /// Canary: the analysis of the current step's window (None: none yet).
+    pub verdict: Option<&'a Verdict>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -294,8 +306,12 @@ impl<'a> Planner<'a> {
         }
 
         let is_target = |i: &Instance| i.release == target;
+        let in_steps = r.canary.as_ref().map_or(0, |c| c.step as usize) < s.steps.len();
+        if s.strategy == Strategy::Canary && !r.reverting && in_steps {
+            return self.canary_step(r, &target);
+        }
         match s.strategy {
-            Strategy::Rolling => {
+            Strategy::Rolling | Strategy::Canary => {
                 // Old instances that serve nothing can go at once.
                 let idle_old: Vec<String> = self
                     .inst
@@ -410,6 +426,127 @@ impl<'a> Planner<'a> {
         Step::Continue
     }
 
+    /// One pass of a canary step: its share of new instances beside all the
+    /// old ones, then its pause and analysis.
+    fn canary_step(&mut self, r: &mut Rollout, target: &str) -> Step {
+        let s = self.input.settings;
+        let now = self.now();
+        let mut cp = r.canary.clone().unwrap_or(CanaryProgress {
+            step: 0,
+            weight: 0,
+            step_started_at: None,
+            analysis: None,
+        });
+        let k = cp.step as usize;
+        let total = s.steps.len();
+        let st = &s.steps[k];
+        let want = canary_instances(s.instances, st.weight);
+        // Old instances that crashed or never served go; serving ones stay.
+        let idle_old: Vec<String> = self
+            .inst
+            .values()
+            .filter(|i| i.release != target && i.desired == Desired::Run && !i.serving())
+            .filter(|i| i.health != Health::Starting && i.health != Health::Pending)
+            .map(|i| i.id.clone())
+            .collect();
+        for id in idle_old {
+            self.retire(&id);
+        }
+        let mut new_run: Vec<&Instance> = self
+            .inst
+            .values()
+            .filter(|i| i.release == target && i.desired == Desired::Run)
+            .collect();
+        new_run.sort_by_key(|i| (i.serving(), std::cmp::Reverse(i.created_at)));
+        let extra: Vec<String> = new_run
+            .iter()
+            .take(new_run.len().saturating_sub(want as usize))
+            .map(|i| i.id.clone())
+            .collect();
+        let running = new_run.len() as u32 - extra.len() as u32;
+        for id in extra {
+            self.retire(&id);
+        }
+        self.place(target, want.saturating_sub(running));
+        let ready = self
+            .inst
+            .values()
+            .filter(|i| i.release == target && i.serving())
+            .count() as u32;
+        if ready > r.step
+            || !self
+                .actions
+                .iter()
+                .all(|a| matches!(a, Action::Route { .. }))
+        {
+            r.progress_at = now;
+        }
+        r.step = ready;
+        let head = format!(
+            "canary {} → {target}: step {}/{total} ({}% of users)",
+            r.from.as_deref().unwrap_or("nothing"),
+            k + 1,
+            st.weight
+        );
+        if ready < want {
+            r.message = format!(
+                "{head}: waiting for {}/{want} instance(s) of {target} to become healthy",
+                want - ready
+            );
+            r.canary = Some(cp);
+            return Step::Continue;
+        }
+        let started = *cp.step_started_at.get_or_insert(now);
+        cp.weight = st.weight;
+        // Holding on purpose is progress: the progress deadline is for
+        // instances that do not come up.
+        r.progress_at = now;
+        let elapsed = now.saturating_sub(started);
+        let (analysis_ok, note) = match (&s.analysis, self.input.verdict) {
+            (None, _) => (true, String::new()),
+            (Some(_), Some(Verdict::Fail(why))) => {
+                return Step::Failed(format!(
+                    "canary analysis failed at step {}/{total} ({}% of users): {why}",
+                    k + 1,
+                    st.weight
+                ));
+            }
+            (Some(a), Some(Verdict::Pass(text))) => (elapsed >= a.interval_ms, text.clone()),
+            (Some(a), v) => {
+                let text = v
+                    .map(|v| v.text().to_string())
+                    .unwrap_or_else(|| "waiting for the first figures".into());
+                if elapsed > a.deadline_ms {
+                    return Step::Failed(format!(
+                        "canary analysis at step {}/{total} was still {text} after {}",
+                        k + 1,
+                        format_ms(a.deadline_ms)
+                    ));
+                }
+                (false, text)
+            }
+        };
+        cp.analysis = (!note.is_empty()).then(|| note.clone());
+        let pause_left = st.pause_ms.saturating_sub(elapsed);
+        if pause_left == 0 && analysis_ok {
+            r.message = format!("{head}: passed");
+            cp.step += 1;
+            cp.step_started_at = None;
+            cp.analysis = None;
+        } else {
+            let mut waits = Vec::new();
+            if pause_left > 0 {
+                waits.push(format!("pause, {} left", format_ms(pause_left)));
+            }
+            if !note.is_empty() {
+                waits.push(format!("analysis {note}"));
+            }
+            r.message = format!("{head}: {}", waits.join("; "));
+        }
+        r.canary = Some(cp);
+        Step::Continue
+    }
+
     fn place(&mut self, release: &str, count: u32) {
         if count == 0 {
             return;
@@ -512,6 +649,15 @@ impl<'a> Planner<'a> {
             rollout: rollout.and_then(|(old, new)| (*old != new).then_some(new)),
         }
     }
+}
+
+/// New instances for a canary step of `weight`%: at least one (for a
+/// weight above 0), at most all.
+pub fn canary_instances(instances: u32, weight: u32) -> u32 {
+    if weight == 0 {
+        return 0;
+    }
+    (instances * weight).div_ceil(100).clamp(1, instances)
 }
 
 fn health_word(h: Health) -> &'static str {

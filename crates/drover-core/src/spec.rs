@@ -5,7 +5,7 @@
 //! never silently falls back to a default.
 
 use crate::duration::parse_duration_ms;
-use crate::model::{DeploySettings, Strategy};
+use crate::model::{AnalysisSettings, CanaryStep, DeploySettings, Strategy};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -63,6 +63,14 @@ pub struct HealthSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RouteSpec {
     pub host: String,
+    /// Where a request's user key comes from, for sticky traffic splits:
+    /// `header:NAME` or `cookie:NAME` (default `cookie:drover_user`).
+    #[serde(default = "default_user_key")]
+    pub user_key: String,
+}
+
+fn default_user_key() -> String {
+    "cookie:drover_user".into()
 }
 
 /// One `[environments.NAME]` table, with its defaults filled in.
@@ -232,6 +240,7 @@ struct RawHealth {
 #[serde(deny_unknown_fields)]
 struct RawRoute {
     host: Spanned<String>,
+    user_key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -257,12 +266,12 @@ struct RawStep {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)] // analysis is validated now and used by the canary planner
 struct RawAnalysis {
     max_error_rate: Option<Spanned<f64>>,
     max_p99_latency: Option<Spanned<String>>,
     min_requests: Option<Spanned<i64>>,
     interval: Option<Spanned<String>>,
+    deadline: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -480,7 +489,25 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
             if !valid_host(s) {
                 return Err(ctx.err(h.span(), "route.host", format!("{s:?} is not a valid host name; use letters, digits, '-' and '.' such as \"hello.localhost\"")));
             }
-            RouteSpec { host: s.to_ascii_lowercase() }
+            let user_key = match &rt.get_ref().user_key {
+                None => default_user_key(),
+                Some(k) => {
+                    let v = k.get_ref();
+                    let ok = v
+                        .split_once(':')
+                        .filter(|(kind, name)| {
+                            matches!(*kind, "header" | "cookie")
+                                && !name.is_empty()
+                                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                        })
+                        .is_some();
+                    if !ok {
+                        return Err(ctx.err(k.span(), "route.user_key", format!("{v:?} is not a user key source; use \"header:NAME\" or \"cookie:NAME\" (letters, digits, '-', '_')")));
+                    }
+                    v.to_ascii_lowercase()
+                }
+            };
+            RouteSpec { host: s.to_ascii_lowercase(), user_key }
         }
     };
 
@@ -499,8 +526,9 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
             Some(s) => match s.get_ref().as_str() {
                 "rolling" => Strategy::Rolling,
                 "recreate" => Strategy::Recreate,
-                "canary" | "blue_green" | "partial" => {
-                    return Err(ctx.err(s.span(), "deploy.strategy", format!("strategy {:?} is not available in this version of drover yet; use \"rolling\" or \"recreate\"", s.get_ref())))
+                "canary" => Strategy::Canary,
+                "blue_green" | "partial" => {
+                    return Err(ctx.err(s.span(), "deploy.strategy", format!("strategy {:?} is not available in this version of drover yet; use \"rolling\", \"canary\" or \"recreate\"", s.get_ref())))
                 }
                 other => return Err(ctx.err(s.span(), "deploy.strategy", format!("unknown strategy {other:?}; use one of rolling, canary, blue_green, partial, recreate"))),
             },
@@ -528,9 +556,10 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
                 ),
             ));
         }
-        if let Some(steps) = &d.steps {
+        let mut steps = Vec::new();
+        if let Some(raw_steps) = &d.steps {
             let mut last = 0;
-            for st in steps.get_ref() {
+            for st in raw_steps.get_ref() {
                 let w = *st.get_ref().weight.get_ref();
                 if !(0..=100).contains(&w) {
                     return Err(ctx.err(
@@ -543,9 +572,17 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
                     return Err(ctx.err(st.get_ref().weight.span(), "deploy.steps.weight", format!("weight {w} is lower than the step before ({last}); step weights must not decrease")));
                 }
                 last = w;
-                ctx.duration(&st.get_ref().pause, "deploy.steps.pause", 0)?;
+                steps.push(CanaryStep {
+                    weight: w as u32,
+                    pause_ms: ctx.duration(&st.get_ref().pause, "deploy.steps.pause", 0)?,
+                });
             }
         }
+        if strategy == Strategy::Canary && steps.is_empty() {
+            let span = d.strategy.as_ref().map(|s| s.span()).unwrap_or(0..0);
+            return Err(ctx.err(span, "deploy.steps", "a canary needs steps, e.g. steps = [{ weight = 10, pause = \"1m\" }, { weight = 50, pause = \"1m\" }]"));
+        }
+        let mut analysis = None;
         if let Some(a) = &d.analysis {
             if let Some(r) = &a.max_error_rate {
                 let v = *r.get_ref();
@@ -557,15 +594,27 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
                     ));
                 }
             }
-            ctx.duration(&a.max_p99_latency, "deploy.analysis.max_p99_latency", 0)?;
-            ctx.duration(&a.interval, "deploy.analysis.interval", 0)?;
-            ctx.count(
-                &a.min_requests,
-                "deploy.analysis.min_requests",
-                0,
-                0,
-                1_000_000_000,
-            )?;
+            let interval_ms = ctx.duration(&a.interval, "deploy.analysis.interval", 10_000)?;
+            analysis = Some(AnalysisSettings {
+                max_error_rate: a.max_error_rate.as_ref().map(|r| *r.get_ref()),
+                max_p99_ms: match &a.max_p99_latency {
+                    None => None,
+                    Some(_) => Some(ctx.duration(
+                        &a.max_p99_latency,
+                        "deploy.analysis.max_p99_latency",
+                        0,
+                    )?),
+                },
+                min_requests: u64::from(ctx.count(
+                    &a.min_requests,
+                    "deploy.analysis.min_requests",
+                    20,
+                    1,
+                    1_000_000_000,
+                )?),
+                interval_ms,
+                deadline_ms: ctx.duration(&a.deadline, "deploy.analysis.deadline", 600_000)?,
+            });
         }
         DeploySettings {
             strategy,
@@ -576,6 +625,8 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
             drain_timeout_ms: ctx.duration(&d.drain_timeout, "deploy.drain_timeout", 30_000)?,
             stop_timeout_ms: run.stop_timeout_ms,
             auto_rollback: d.auto_rollback.unwrap_or(true),
+            steps,
+            analysis,
         }
     };
 
@@ -835,8 +886,47 @@ max_unavailable = 0
 
     #[test]
     fn strategies_not_yet_available_are_refused_not_ignored() {
-        let e = err(&GOOD.replace("\"rolling\"", "\"canary\""));
+        let e = err(&GOOD.replace("\"rolling\"", "\"blue_green\""));
         assert_eq!(e.field, "deploy.strategy");
+        let e = err(&GOOD.replace("\"rolling\"", "\"canary\""));
+        assert_eq!(e.field, "deploy.steps", "a canary without steps");
+    }
+
+    #[test]
+    fn a_canary_parses_its_steps_analysis_and_user_key() {
+        let src = GOOD.replace("\"rolling\"", "\"canary\"").replace(
+            "host = \"hello.localhost\"",
+            "host = \"hello.localhost\"\nuser_key = \"header:X-User\"",
+        ) + "steps = [{ weight = 10, pause = \"30s\" }, { weight = 50 }]\n\n[deploy.analysis]\nmax_error_rate = 0.01\nmax_p99_latency = \"250ms\"\nmin_requests = 100\n";
+        let s = parse_spec("drover.toml", &src).unwrap();
+        assert_eq!(s.deploy.strategy, Strategy::Canary);
+        assert_eq!(
+            s.deploy.steps,
+            [
+                CanaryStep {
+                    weight: 10,
+                    pause_ms: 30_000
+                },
+                CanaryStep {
+                    weight: 50,
+                    pause_ms: 0
+                }
+            ]
+        );
+        let a = s.deploy.analysis.unwrap();
+        assert_eq!(
+            (
+                a.max_error_rate,
+                a.max_p99_ms,
+                a.min_requests,
+                a.interval_ms,
+                a.deadline_ms
+            ),
+            (Some(0.01), Some(250), 100, 10_000, 600_000)
+        );
+        assert_eq!(s.route.user_key, "header:x-user");
+        let e = err(&src.replace("header:X-User", "query:u"));
+        assert_eq!(e.field, "route.user_key");
     }
 
     #[test]

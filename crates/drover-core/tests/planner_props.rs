@@ -24,6 +24,8 @@ fn settings(strategy: DeployStrategy, n: u32, surge: u32, unavail: u32) -> Deplo
         drain_timeout_ms: 2_000,
         stop_timeout_ms: 1_000,
         auto_rollback: true,
+        steps: Vec::new(),
+        analysis: None,
     }
 }
 
@@ -128,6 +130,7 @@ fn run_sim(s: &DeploySettings, events: &[u32], good: bool) -> (World, Rollout) {
         started_at: 0,
         reverted_at: None,
         progress_at: 0,
+        canary: None,
     };
     let good_release = if good { "r2" } else { "r1" };
     let min_available = if s.strategy == DeployStrategy::Recreate {
@@ -149,6 +152,7 @@ fn run_sim(s: &DeploySettings, events: &[u32], good: bool) -> (World, Rollout) {
             instances: &w.instances,
             nodes: &nodes,
             now: w.now,
+            verdict: None,
         });
         for a in &p.actions {
             match a {
@@ -196,6 +200,7 @@ fn run_sim(s: &DeploySettings, events: &[u32], good: bool) -> (World, Rollout) {
                 instances: &w.instances,
                 nodes: &nodes,
                 now: w.now,
+                verdict: None,
             });
             assert!(
                 p.actions

@@ -206,6 +206,7 @@ impl Engine {
             started_at: now,
             reverted_at: None,
             progress_at: now,
+            canary: None,
         };
         let r = self.store().create_rollout(&r, now).await?;
         let from = r.from.clone().unwrap_or_else(|| "nothing".into());
@@ -336,6 +337,7 @@ impl Engine {
             instances: &instances,
             nodes: &nodes,
             now,
+            verdict: None,
         });
 
         let mut changes = Vec::new();

@@ -38,6 +38,7 @@ fn rollout() -> Rollout {
         started_at: 1,
         reverted_at: None,
         progress_at: 1,
+        canary: None,
     }
 }
 

@@ -17,6 +17,8 @@ pub(crate) fn settings(strategy: Strategy, n: u32, surge: u32, unavail: u32) -> 
         drain_timeout_ms: 30_000,
         stop_timeout_ms: 10_000,
         auto_rollback: true,
+        steps: Vec::new(),
+        analysis: None,
     }
 }
 
@@ -35,6 +37,7 @@ pub(crate) fn rollout(from: Option<&str>, to: &str) -> Rollout {
         started_at: 0,
         reverted_at: None,
         progress_at: 0,
+        canary: None,
     }
 }
 
@@ -108,6 +111,7 @@ fn check(
         instances: &inst,
         nodes: &ns,
         now,
+        verdict: None,
     });
     let got: Vec<String> = plan.actions.iter().map(|a| a.to_string()).collect();
     assert_eq!(
@@ -436,7 +440,187 @@ fn a_rollout_without_progress_fails_at_its_progress_deadline() {
         instances: &inst,
         nodes: &nodes,
         now,
+        verdict: None,
     });
     let r = plan.rollout.unwrap();
     assert!(r.failure.unwrap().starts_with("no progress for"));
+}
+
+// ---------------------------------------------------------------- canary ----
+
+fn canary_settings() -> DeploySettings {
+    let mut s = settings(Strategy::Canary, 3, 1, 0);
+    s.steps = vec![
+        CanaryStep {
+            weight: 10,
+            pause_ms: 1_000,
+        },
+        CanaryStep {
+            weight: 50,
+            pause_ms: 0,
+        },
+    ];
+    s.analysis = Some(AnalysisSettings {
+        max_error_rate: Some(0.01),
+        max_p99_ms: None,
+        min_requests: 20,
+        interval_ms: 500,
+        deadline_ms: 10_000,
+    });
+    s
+}
+
+fn canary_plan(
+    s: &DeploySettings,
+    r: &Rollout,
+    instances: &str,
+    now: Millis,
+    verdict: Option<&Verdict>,
+) -> Plan {
+    let inst = parse_instances(instances);
+    let ns = nodes(&["n1", "n2", "n3"]);
+    plan(&PlanInput {
+        settings: s,
+        rollout: Some(r),
+        live: Some("r1"),
+        instances: &inst,
+        nodes: &ns,
+        now,
+        verdict,
+    })
+}
+
+fn actions(p: &Plan) -> Vec<String> {
+    p.actions.iter().map(|a| a.to_string()).collect()
+}
+
+#[test]
+fn a_canary_step_adds_its_share_of_new_instances_and_retires_no_old_one() {
+    let s = canary_settings();
+    let r = rollout(Some("r1"), "r2");
+    let p = canary_plan(&s, &r, THREE_R1, 0, None);
+    assert_eq!(actions(&p), ["place r2 on n1"], "ceil(3 × 10%) = 1");
+    let r = p.rollout.unwrap();
+    let cp = r.canary.clone().unwrap();
+    assert_eq!((cp.step, cp.weight, cp.step_started_at), (0, 0, None));
+    assert!(
+        r.message.contains("step 1/2 (10% of users)"),
+        "{}",
+        r.message
+    );
+
+    // Healthy: routed, the weight applies and the step's window starts.
+    let with_new = format!("{THREE_R1}\n d r2 n1 run healthy");
+    let p = canary_plan(&s, &r, &with_new, 100, None);
+    assert_eq!(actions(&p), ["route d"]);
+    let cp = p.rollout.as_ref().unwrap().canary.clone().unwrap();
+    assert_eq!((cp.weight, cp.step_started_at), (10, Some(100)));
+}
+
+#[test]
+fn a_canary_step_passes_only_after_its_pause_and_a_passing_verdict() {
+    let s = canary_settings();
+    let mut r = rollout(Some("r1"), "r2");
+    r.canary = Some(CanaryProgress {
+        step: 0,
+        weight: 10,
+        step_started_at: Some(1_000),
+        analysis: None,
+    });
+    let inst = format!("{THREE_R1}\n d r2 n1 run healthy routed");
+    let pass = Verdict::Pass("passed: error rate 0.00% (0/40)".into());
+    let low = Verdict::Inconclusive("inconclusive: 3 request(s)".into());
+    // Pause not over: holds even with a pass.
+    let p = canary_plan(&s, &r, &inst, 1_500, Some(&pass));
+    let held = p.rollout.unwrap();
+    assert_eq!(held.canary.as_ref().unwrap().step, 0);
+    assert!(
+        held.message.contains("pause, 500ms left"),
+        "{}",
+        held.message
+    );
+    // Pause over, too few requests: holds, never passes.
+    let p = canary_plan(&s, &r, &inst, 2_500, Some(&low));
+    assert_eq!(p.rollout.unwrap().canary.unwrap().step, 0);
+    // Pause over and a pass: next step, whose instances come first.
+    let p = canary_plan(&s, &r, &inst, 2_500, Some(&pass));
+    let next = p.rollout.unwrap();
+    let cp = next.canary.clone().unwrap();
+    assert_eq!((cp.step, cp.weight, cp.step_started_at), (1, 10, None));
+    let p = canary_plan(&s, &next, &inst, 2_600, None);
+    assert_eq!(actions(&p), ["place r2 on n2"], "ceil(3 × 50%) = 2");
+}
+
+#[test]
+fn a_failing_verdict_rolls_back_and_an_inconclusive_one_fails_at_the_deadline() {
+    let s = canary_settings();
+    let mut r = rollout(Some("r1"), "r2");
+    r.canary = Some(CanaryProgress {
+        step: 0,
+        weight: 10,
+        step_started_at: Some(1_000),
+        analysis: None,
+    });
+    let inst = format!("{THREE_R1}\n d r2 n1 run healthy routed");
+    let bad =
+        Verdict::Fail("error rate 5.00% (5 of 100 requests) is above the threshold 1.00%".into());
+    let p = canary_plan(&s, &r, &inst, 1_200, Some(&bad));
+    assert_eq!(
+        actions(&p),
+        ["retire d"],
+        "the canary goes, the old ones stay"
+    );
+    let back = p.rollout.unwrap();
+    assert!(back.reverting);
+    assert!(back
+        .failure
+        .as_deref()
+        .unwrap()
+        .contains("above the threshold 1.00%"));
+
+    let low =
+        Verdict::Inconclusive("inconclusive: 3 request(s) to the new release, 20 needed".into());
+    let p = canary_plan(&s, &r, &inst, 1_000 + 10_001, Some(&low));
+    let back = p.rollout.unwrap();
+    assert!(back.reverting);
+    assert!(
+        back.failure
+            .as_deref()
+            .unwrap()
+            .contains("was still inconclusive"),
+        "{:?}",
+        back.failure
+    );
+}
+
+#[test]
+fn after_the_last_step_the_rest_rolls_and_the_rollout_succeeds() {
+    let s = canary_settings();
+    let mut r = rollout(Some("r1"), "r2");
+    r.canary = Some(CanaryProgress {
+        step: 2,
+        weight: 50,
+        step_started_at: None,
+        analysis: None,
+    });
+    let inst = format!("{THREE_R1}\n d r2 n1 run healthy routed\n e r2 n2 run healthy routed");
+    let p = canary_plan(&s, &r, &inst, 5_000, None);
+    // Rolling from here: old ones leave while `instances` stay serving; the
+    // last new one comes once the drained ones free surge room.
+    assert_eq!(actions(&p), ["retire a", "retire b"]);
+    let done = "
+        d r2 n1 run healthy routed
+        e r2 n2 run healthy routed
+        f r2 n3 run healthy routed";
+    let p = canary_plan(&s, &r, done, 6_000, None);
+    assert_eq!(p.rollout.unwrap().state, RolloutState::Succeeded);
+}
+
+#[test]
+fn canary_instances_round_up_and_stay_within_the_instance_count() {
+    assert_eq!(canary_instances(3, 0), 0);
+    assert_eq!(canary_instances(3, 1), 1);
+    assert_eq!(canary_instances(3, 34), 2);
+    assert_eq!(canary_instances(10, 25), 3);
+    assert_eq!(canary_instances(4, 100), 4);
 }
