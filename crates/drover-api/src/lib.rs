@@ -344,6 +344,15 @@ pub struct RolloutStatus {
     pub steps: u32,
     /// True while an automatic rollback is moving back to `from`.
     pub reverting: bool,
+    /// Canary: "2/3" while in a step, None otherwise.
+    #[serde(default)]
+    pub canary_step: Option<String>,
+    /// Canary: percent of users sent to `to` now.
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// Canary: the last analysis verdict.
+    #[serde(default)]
+    pub analysis: Option<String>,
     pub message: String,
     pub failure: Option<String>,
     pub started_at_ms: u64,

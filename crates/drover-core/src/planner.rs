@@ -306,7 +306,9 @@ impl<'a> Planner<'a> {
         }
 
         let is_target = |i: &Instance| i.release == target;
-        let in_steps = r.canary.as_ref().map_or(0, |c| c.step as usize) < s.steps.len();
+        // A first deploy has no stable release to compare with: no steps.
+        let in_steps =
+            r.from.is_some() && r.canary.as_ref().map_or(0, |c| c.step as usize) < s.steps.len();
         if s.strategy == Strategy::Canary && !r.reverting && in_steps {
             return self.canary_step(r, &target);
         }

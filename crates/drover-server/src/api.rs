@@ -328,6 +328,7 @@ pub async fn app_status(
             r.id
         )
     });
+    let mut canary_split = None;
     let rollout = match rollout {
         None => None,
         Some(r) => {
@@ -338,7 +339,19 @@ pub async fn app_status(
                 .await
                 .ok()
                 .and_then(|rel| view::release_spec(&rel).ok());
+            let split = spec.as_ref().and_then(|sp| view::canary_split(&r, sp));
+            let steps_total = spec.as_ref().map_or(0, |s| s.deploy.steps.len());
+            canary_split = split.clone();
             Some(api::RolloutStatus {
+                canary_step: r
+                    .canary
+                    .as_ref()
+                    .filter(|c| {
+                        (c.step as usize) < steps_total && !r.reverting && !r.state.is_final()
+                    })
+                    .map(|c| format!("{}/{steps_total}", c.step + 1)),
+                weight: split.map(|(_, w)| w),
+                analysis: r.canary.as_ref().and_then(|c| c.analysis.clone()),
                 id: r.id,
                 from: r.from.clone(),
                 to: r.to.clone(),
@@ -367,7 +380,7 @@ pub async fn app_status(
         waiting,
         live_release,
         rollout,
-        traffic: view::traffic(&instances),
+        traffic: view::traffic(&instances, canary_split.as_ref()),
         instances,
         last_run: runs.first().map(pipeline::run_info),
     })
@@ -857,6 +870,9 @@ async fn proxy_report(
             last_seen: now_ms(),
         })
         .await?;
+    if let Ok(mut t) = s.traffic.lock() {
+        t.record(&rep.proxy, &rep.stats);
+    }
     s.engine.poke();
     Ok(StatusCode::NO_CONTENT)
 }

@@ -14,8 +14,10 @@
 //! rollout's progress.
 
 use crate::api::ApiErr;
-use crate::view;
 use crate::{now_ms, Server, PROXY_FRESH_MS};
+use crate::{traffic, view};
+use drover_api::LATENCY_BUCKETS_MS;
+use drover_core::analysis::{self, Verdict, Window};
 use drover_core::planner::{plan, Action, PlanInput};
 use drover_core::spec::AppSpec;
 use drover_core::{Desired, Node, Rollout, RolloutState};
@@ -94,6 +96,7 @@ pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
         server: server.clone(),
         specs: HashMap::new(),
         errors: HashMap::new(),
+        windows: HashMap::new(),
     };
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -130,7 +133,14 @@ struct Engine {
     specs: HashMap<(String, String, String), Arc<AppSpec>>,
     /// Last error per deployment, logged once until it changes.
     errors: HashMap<(String, String), String>,
+    /// Canary analysis: per deployment, the step being judged (rollout id,
+    /// step index, its start) and the traffic total of the new release when
+    /// the engine first saw it — the window's baseline.
+    windows: HashMap<(String, String), (StepId, Window)>,
 }
+
+/// A canary step: (rollout id, step index, when it started).
+type StepId = (i64, u32, u64);
 
 impl Engine {
     fn store(&self) -> &dyn Store {
@@ -273,6 +283,43 @@ impl Engine {
         }
     }
 
+    /// The analysis of the active canary step of (app, env) so far, judged
+    /// on the proxies' figures for the new release since the step began.
+    fn canary_verdict(
+        &mut self,
+        app: &str,
+        env: &str,
+        active: Option<&Rollout>,
+        spec: &AppSpec,
+    ) -> Option<Verdict> {
+        let key = (app.to_string(), env.to_string());
+        let (r, analysis) = match (active, &spec.deploy.analysis) {
+            (Some(r), Some(a)) if !r.reverting => (r, a),
+            _ => {
+                self.windows.remove(&key);
+                return None;
+            }
+        };
+        let cp = r.canary.as_ref()?;
+        let started = cp.step_started_at?;
+        let step = (r.id, cp.step, started);
+        let total = self
+            .server
+            .traffic
+            .lock()
+            .map(|t| t.total(app, env, &r.to))
+            .unwrap_or_default();
+        let base = match self.windows.get(&key) {
+            Some((s, base)) if *s == step => base.clone(),
+            _ => {
+                self.windows.insert(key, (step, total.clone()));
+                total.clone()
+            }
+        };
+        let window = traffic::since(&total, &base);
+        Some(analysis::judge(&window, analysis, &LATENCY_BUCKETS_MS))
+    }
+
     async fn tick_deployment(
         &mut self,
         dep: &DeploymentRecord,
@@ -330,6 +377,7 @@ impl Engine {
                 ready: cluster.ready[&n.name],
             })
             .collect();
+        let verdict = self.canary_verdict(app, env, active, &spec);
         let p = plan(&PlanInput {
             settings: &spec.deploy,
             rollout: rollout.as_ref(),
@@ -337,7 +385,7 @@ impl Engine {
             instances: &instances,
             nodes: &nodes,
             now,
-            verdict: None,
+            verdict: verdict.as_ref(),
         });
 
         let mut changes = Vec::new();

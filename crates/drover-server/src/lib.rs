@@ -21,6 +21,7 @@ pub mod git;
 pub mod pipeline;
 pub mod retention;
 pub mod source;
+pub mod traffic;
 pub mod view;
 
 use anyhow::Context;
@@ -65,6 +66,8 @@ pub struct Server {
     pub shutdown: CancellationToken,
     /// Cancellation of each run in progress (queued or running), by run id.
     pub run_cancels: std::sync::Mutex<HashMap<i64, CancellationToken>>,
+    /// Live per-release traffic figures from the proxies' reports.
+    pub traffic: std::sync::Mutex<traffic::Traffic>,
 }
 
 impl Server {
@@ -116,6 +119,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         keep_releases: config.keep_releases.max(1),
         shutdown: shutdown.clone(),
         run_cancels: std::sync::Mutex::new(HashMap::new()),
+        traffic: std::sync::Mutex::new(traffic::Traffic::default()),
     });
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await

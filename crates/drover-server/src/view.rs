@@ -4,7 +4,7 @@
 use crate::NODE_LEASE_MS;
 use drover_api as api;
 use drover_core::spec::AppSpec;
-use drover_core::{Desired, Health, Instance};
+use drover_core::{Desired, Health, Instance, Rollout, Strategy};
 use drover_store::{InstanceRecord, NodeRecord, ReleaseRecord};
 use std::collections::BTreeMap;
 
@@ -205,10 +205,41 @@ pub fn instance_status(rec: &InstanceRecord, node_ready: bool) -> api::InstanceS
 }
 
 /// Traffic share per release from the serving instances (equal weights).
-pub fn traffic(instances: &[api::InstanceStatus]) -> BTreeMap<String, u32> {
+/// The traffic split an active canary asks of the proxies: the new release
+/// and its share of users in percent (0 while rolling back: all to stable).
+/// None: no split, every routed instance by weight.
+pub fn canary_split(r: &Rollout, spec: &AppSpec) -> Option<(String, u32)> {
+    if r.state.is_final() || spec.deploy.strategy != Strategy::Canary || r.from.is_none() {
+        return None;
+    }
+    if r.reverting {
+        return Some((r.to.clone(), 0));
+    }
+    let cp = r.canary.as_ref();
+    if cp.map_or(0, |c| c.step as usize) >= spec.deploy.steps.len() {
+        return None;
+    }
+    Some((r.to.clone(), cp.map_or(0, |c| c.weight)))
+}
+
+/// Percent of traffic per release: by the canary split when there is one
+/// (and both sides are routed), else by routed instances.
+pub fn traffic(
+    instances: &[api::InstanceStatus],
+    split: Option<&(String, u32)>,
+) -> BTreeMap<String, u32> {
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();
     for i in instances.iter().filter(|i| i.routed) {
         *counts.entry(i.release.clone()).or_default() += 1;
+    }
+    if let Some((new, w)) = split {
+        let stable: Vec<&String> = counts.keys().filter(|r| *r != new).collect();
+        if counts.contains_key(new) && stable.len() == 1 {
+            return BTreeMap::from([(new.clone(), *w), (stable[0].clone(), 100 - w)]);
+        }
+        if *w == 0 && !stable.is_empty() {
+            counts.remove(new);
+        }
     }
     let total: u32 = counts.values().sum();
     if total == 0 {
@@ -259,13 +290,28 @@ mod tests {
 
     #[test]
     fn traffic_shares_sum_to_100() {
-        let t = traffic(&[
+        let routed = [
             st("r1", true),
             st("r1", true),
             st("r2", true),
             st("r2", false),
-        ]);
+        ];
+        let t = traffic(&routed, None);
         assert_eq!(t, BTreeMap::from([("r1".into(), 67), ("r2".into(), 33)]));
-        assert!(traffic(&[st("r1", false)]).is_empty());
+        assert!(traffic(&[st("r1", false)], None).is_empty());
+    }
+
+    #[test]
+    fn a_canary_split_shows_its_weight_and_goes_to_stable_when_it_reverts() {
+        let routed = [st("r1", true), st("r1", true), st("r2", true)];
+        let split = ("r2".to_string(), 10);
+        let t = traffic(&routed, Some(&split));
+        assert_eq!(t, BTreeMap::from([("r1".into(), 90), ("r2".into(), 10)]));
+        let back = ("r2".to_string(), 0);
+        let t = traffic(&routed, Some(&back));
+        assert_eq!(t, BTreeMap::from([("r1".into(), 100), ("r2".into(), 0)]));
+        // Nothing of r2 routed yet: all of it on r1.
+        let t = traffic(&[st("r1", true)], Some(&split));
+        assert_eq!(t, BTreeMap::from([("r1".into(), 100)]));
     }
 }

@@ -87,6 +87,19 @@ pub fn status(st: &api::AppStatus, as_json: bool) -> anyhow::Result<()> {
             r.steps
         );
         println!("          {}", escape_terminal(&r.message));
+        if let Some(w) = r.weight {
+            println!(
+                "canary:   {}{w}% of users → {}",
+                r.canary_step
+                    .as_ref()
+                    .map(|s| format!("step {s}, "))
+                    .unwrap_or_default(),
+                r.to
+            );
+        }
+        if let Some(a) = &r.analysis {
+            println!("analysis: {}", escape_terminal(a));
+        }
     }
     if let Some(r) = &st.last_run {
         println!(

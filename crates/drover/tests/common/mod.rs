@@ -341,12 +341,22 @@ fn spawn_role(dir: &Path, name: &str, args: &[&str]) -> Proc {
 /// A minimal blocking HTTP/1.1 GET with `Connection: close`; returns the
 /// status line's head and the raw body.
 pub fn raw_get(addr: &str, host: &str, path: &str) -> Result<(String, String), String> {
+    raw_get_with(addr, host, path, "")
+}
+
+/// [`raw_get`] with extra header lines (each ending in `\r\n`).
+pub fn raw_get_with(
+    addr: &str,
+    host: &str,
+    path: &str,
+    headers: &str,
+) -> Result<(String, String), String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n"
     )
     .map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
@@ -394,6 +404,8 @@ pub struct Behavior {
     pub start_delay_ms: u64,
     /// Extra latency for requests to /slow.
     pub slow_ms: u64,
+    /// Every n-th request (not health checks) answers 500; 0: never.
+    pub fail_every: u64,
 }
 
 impl Behavior {
@@ -403,13 +415,15 @@ impl Behavior {
             health_status: 200,
             start_delay_ms: 0,
             slow_ms: 300,
+            fail_every: 0,
         }
     }
 }
 
 pub const TEST_APP_PY: &str = r#"
-import http.server, json, os, time
+import http.server, itertools, json, os, time
 cfg = json.load(open("behavior.json"))
+counter = itertools.count(1)
 time.sleep(cfg["start_delay_ms"] / 1000.0)
 PORT = int(os.environ["PORT"])
 print("started %s on port %d" % (cfg["version"], PORT), flush=True)
@@ -424,6 +438,8 @@ class H(http.server.BaseHTTPRequestHandler):
         else:
             if self.path == "/slow":
                 time.sleep(cfg["slow_ms"] / 1000.0)
+            if cfg["fail_every"] and next(counter) % cfg["fail_every"] == 0:
+                status = 500
             body = ("%s pid=%d color=%s\n" % (cfg["version"], os.getpid(), os.environ.get("COLOR", "-"))).encode()
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
@@ -490,8 +506,8 @@ impl Repo {
         std::fs::write(self.path.join("app.py"), TEST_APP_PY).unwrap();
         std::fs::write(self.path.join("drover.toml"), spec).unwrap();
         let json = format!(
-            r#"{{"version": "{}", "health_status": {}, "start_delay_ms": {}, "slow_ms": {}}}"#,
-            b.version, b.health_status, b.start_delay_ms, b.slow_ms
+            r#"{{"version": "{}", "health_status": {}, "start_delay_ms": {}, "slow_ms": {}, "fail_every": {}}}"#,
+            b.version, b.health_status, b.start_delay_ms, b.slow_ms, b.fail_every
         );
         std::fs::write(self.path.join("behavior.json"), json).unwrap();
         git(&self.path, &["add", "-A"]);
@@ -530,6 +546,8 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
 pub struct LoadStats {
     pub sent: u64,
     pub failed: u64,
+    /// Failures that were an HTTP 500 answer (the app's own errors).
+    pub status_500: u64,
     pub by_version: std::collections::BTreeMap<String, u64>,
     pub failures: Vec<String>,
 }
@@ -615,6 +633,9 @@ impl Load {
                                     }
                                     Err(e) => {
                                         s.failed += 1;
+                                        if e.starts_with("500 ") {
+                                            s.status_500 += 1;
+                                        }
                                         if s.failures.len() < 20 {
                                             s.failures.push(e);
                                         }
