@@ -280,6 +280,30 @@ pub struct RollbackRequest {
     pub env: Option<String>,
 }
 
+/// `pause`, `resume`, `abort`, `promote` of an app's environment.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ControlRequest {
+    /// Default: the last environment (production).
+    #[serde(default)]
+    pub env: Option<String>,
+    /// promote: past the last canary step at once.
+    #[serde(default)]
+    pub full: bool,
+}
+
+/// What `promote` did: a canary step, or a release into the next environment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ControlResponse {
+    pub env: String,
+    pub message: String,
+    /// The rollout acted on (pause/resume/abort/canary promote).
+    #[serde(default)]
+    pub rollout_id: Option<i64>,
+    /// The run resumed (promotion into the next environment).
+    #[serde(default)]
+    pub run_id: Option<i64>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DeployResponse {
     pub release: String,

@@ -4,6 +4,7 @@
 //! *API Boundary*: errors become HTTP statuses only here, in
 //! [`ApiErr::into_response`]; bodies are `{"error": "..."}` and say what to do.
 
+use crate::engine::Control;
 use crate::{git, now_ms, pipeline, view, Server, NODE_LEASE_MS, REPORT_INTERVAL_MS};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -85,6 +86,9 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/apps/{app}/deploy", post(deploy))
         .route("/v1/apps/{app}/rollback", post(rollback))
         .route("/v1/apps/{app}/promote", post(promote))
+        .route("/v1/apps/{app}/pause", post(pause))
+        .route("/v1/apps/{app}/resume", post(resume))
+        .route("/v1/apps/{app}/abort", post(abort))
         .route("/v1/apps/{app}/status", get(status))
         .route("/v1/apps/{app}/releases", get(releases))
         .route("/v1/apps/{app}/logs", get(app_logs))
@@ -286,8 +290,104 @@ async fn cancel_run(State(s): S, Path(id): Path<i64>) -> R<api::RunInfo> {
     Ok(Json(pipeline::cancel(&s, id).await?))
 }
 
-async fn promote(State(s): S, Path(app): Path<String>) -> R<api::RunInfo> {
-    Ok(Json(pipeline::promote(&s, &app).await?))
+/// Promote: the active canary of the environment to its next step (or past
+/// the last with `full`); otherwise the release waiting before an
+/// environment with promote = "manual" goes on into it.
+async fn promote(
+    State(s): S,
+    Path(app): Path<String>,
+    body: Option<Json<api::ControlRequest>>,
+) -> R<api::ControlResponse> {
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    s.store.get_app(&app).await?;
+    let envs = environments(&s, &app).await?;
+    let env = pick_env(&app, &envs, req.env.as_deref())?;
+    let canary = s
+        .store
+        .latest_rollout(&app, &env)
+        .await?
+        .filter(|r| !r.state.is_final() && !r.reverting && r.canary.is_some());
+    if canary.is_some() {
+        let r = s
+            .engine
+            .control(&app, &env, Control::Promote { full: req.full })
+            .await?;
+        return Ok(Json(api::ControlResponse {
+            env,
+            message: format!(
+                "rollout {} promoted{}",
+                r.id,
+                if req.full {
+                    " past its last step"
+                } else {
+                    " to its next step"
+                }
+            ),
+            rollout_id: Some(r.id),
+            run_id: None,
+        }));
+    }
+    let run = pipeline::promote(&s, &app).await?;
+    let to = run
+        .steps
+        .iter()
+        .rev()
+        .find(|st| st.name.starts_with("promote "))
+        .map(|st| st.name.trim_start_matches("promote ").to_string())
+        .unwrap_or_default();
+    Ok(Json(api::ControlResponse {
+        message: format!(
+            "{} promoted to {to} (run {})",
+            run.release.as_deref().unwrap_or("?"),
+            run.id
+        ),
+        env: to,
+        rollout_id: None,
+        run_id: Some(run.id),
+    }))
+}
+
+async fn control(
+    s: &Server,
+    app: &str,
+    req: Option<Json<api::ControlRequest>>,
+    c: Control,
+) -> R<api::ControlResponse> {
+    let req = req.map(|Json(b)| b).unwrap_or_default();
+    s.store.get_app(app).await?;
+    let envs = environments(s, app).await?;
+    let env = pick_env(app, &envs, req.env.as_deref())?;
+    let r = s.engine.control(app, &env, c).await?;
+    Ok(Json(api::ControlResponse {
+        env,
+        message: format!("rollout {}: {}", r.id, r.message),
+        rollout_id: Some(r.id),
+        run_id: None,
+    }))
+}
+
+async fn pause(
+    State(s): S,
+    Path(app): Path<String>,
+    b: Option<Json<api::ControlRequest>>,
+) -> R<api::ControlResponse> {
+    control(&s, &app, b, Control::Pause).await
+}
+
+async fn resume(
+    State(s): S,
+    Path(app): Path<String>,
+    b: Option<Json<api::ControlRequest>>,
+) -> R<api::ControlResponse> {
+    control(&s, &app, b, Control::Resume).await
+}
+
+async fn abort(
+    State(s): S,
+    Path(app): Path<String>,
+    b: Option<Json<api::ControlRequest>>,
+) -> R<api::ControlResponse> {
+    control(&s, &app, b, Control::Abort).await
 }
 
 pub async fn app_status(

@@ -37,6 +37,26 @@ pub enum Command {
         reason: String,
         reply: oneshot::Sender<Result<Rollout, ApiErr>>,
     },
+    Control {
+        app: String,
+        env: String,
+        control: Control,
+        reply: oneshot::Sender<Result<Rollout, ApiErr>>,
+    },
+}
+
+/// An operator's say over an active rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Hold where it is (no step advances, nothing new starts).
+    Pause,
+    Resume,
+    /// Back to the release it started from, as after a failure.
+    Abort,
+    /// Canary: the next step now (or, `full`, past the last step).
+    Promote {
+        full: bool,
+    },
 }
 
 #[derive(Clone)]
@@ -85,6 +105,22 @@ impl EngineHandle {
             .map_err(|_| ApiErr::Unavailable("the rollout engine stopped".into()))?
     }
 
+    /// Pauses, resumes, aborts or promotes the active rollout of (app, env).
+    pub async fn control(&self, app: &str, env: &str, control: Control) -> Result<Rollout, ApiErr> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Control {
+                app: app.into(),
+                env: env.into(),
+                control,
+                reply,
+            })
+            .await
+            .map_err(|_| ApiErr::Unavailable("the rollout engine is shutting down".into()))?;
+        rx.await
+            .map_err(|_| ApiErr::Unavailable("the rollout engine stopped".into()))?
+    }
+
     /// Asks for a tick soon (an observation changed).
     pub fn poke(&self) {
         self.poke.notify_one();
@@ -106,6 +142,11 @@ pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
             cmd = rx.rx.recv() => match cmd {
                 Some(Command::StartRollout { app, env, to, reason, reply }) => {
                     let res = engine.start_rollout(&app, &env, &to, &reason).await;
+                    let _ = reply.send(res);
+                    engine.tick_all().await;
+                }
+                Some(Command::Control { app, env, control, reply }) => {
+                    let res = engine.control(&app, &env, control).await;
                     let _ = reply.send(res);
                     engine.tick_all().await;
                 }
@@ -234,6 +275,101 @@ impl Engine {
             )
             .await?;
         tracing::info!(app, env, rollout.id = r.id, from = %from, to, "rollout started");
+        let index = self.store().bump_index().await?;
+        self.server.index.send_replace(index);
+        Ok(r)
+    }
+
+    async fn control(&mut self, app: &str, env: &str, control: Control) -> Result<Rollout, ApiErr> {
+        let now = now_ms();
+        let Some(mut r) = self
+            .store()
+            .latest_rollout(app, env)
+            .await?
+            .filter(|r| !r.state.is_final())
+        else {
+            return Err(ApiErr::Conflict(format!(
+                "{app} has no rollout in progress{}",
+                view::in_env(env)
+            )));
+        };
+        let spec = self.spec(app, env, &r.to).await?;
+        let what = match control {
+            Control::Pause => {
+                if r.state == RolloutState::Paused {
+                    return Err(ApiErr::Conflict(format!(
+                        "rollout {} is paused already",
+                        r.id
+                    )));
+                }
+                r.state = RolloutState::Paused;
+                r.message = format!("paused by the operator: {}", r.message);
+                "pause"
+            }
+            Control::Resume => {
+                if r.state != RolloutState::Paused {
+                    return Err(ApiErr::Conflict(format!("rollout {} is not paused", r.id)));
+                }
+                r.state = RolloutState::Progressing;
+                r.progress_at = now;
+                "resume"
+            }
+            Control::Abort => {
+                if r.reverting {
+                    return Err(ApiErr::Conflict(format!(
+                        "rollout {} is rolling back already",
+                        r.id
+                    )));
+                }
+                let reason = "aborted by the operator".to_string();
+                r.state = RolloutState::Progressing;
+                r.reverting = true;
+                r.reverted_at = Some(now);
+                r.progress_at = now;
+                r.step = 0;
+                r.message = match &r.from {
+                    Some(f) => format!("rolling back to {f}: {reason}"),
+                    None => format!("removing {}: {reason}", r.to),
+                };
+                r.failure = Some(reason);
+                "abort"
+            }
+            Control::Promote { full } => {
+                let total = spec.deploy.steps.len() as u32;
+                let cp = r.canary.as_mut().filter(|c| c.step < total && !r.reverting);
+                let Some(cp) = cp else {
+                    return Err(ApiErr::Conflict(format!(
+                        "rollout {} has no canary step to promote (it is {})",
+                        r.id, r.state
+                    )));
+                };
+                cp.step = if full { total } else { cp.step + 1 };
+                cp.step_started_at = None;
+                cp.analysis = None;
+                r.progress_at = now;
+                if full {
+                    "promote --full"
+                } else {
+                    "promote"
+                }
+            }
+        };
+        self.store().update_rollout(&r, now).await?;
+        let msg = format!(
+            "{}`drover {what}` on rollout {}: {}",
+            view::env_tag(env),
+            r.id,
+            r.message
+        );
+        let kind = match control {
+            Control::Pause => "rollout.paused",
+            Control::Resume => "rollout.resumed",
+            Control::Abort => "rollout.aborted",
+            Control::Promote { .. } => "rollout.promoted",
+        };
+        self.store().add_event(Some(app), kind, &msg, now).await?;
+        tracing::info!(app, env, rollout.id = r.id, what, "operator control");
+        // Routing follows the rollout's state and split.
         let index = self.store().bump_index().await?;
         self.server.index.send_replace(index);
         Ok(r)

@@ -116,10 +116,39 @@ enum Cmd {
         #[command(flatten)]
         s: ServerArg,
     },
-    /// Promote the release waiting at an environment with
+    /// Promote: an active canary to its next step (--full: past the last),
+    /// else the release waiting before an environment with
     /// promote = "manual" (e.g. staging → production).
     Promote {
         app: String,
+        #[arg(long)]
+        env: Option<String>,
+        #[arg(long)]
+        full: bool,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+    /// Hold the active rollout where it is.
+    Pause {
+        app: String,
+        #[arg(long)]
+        env: Option<String>,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+    /// Let a paused rollout go on.
+    Resume {
+        app: String,
+        #[arg(long)]
+        env: Option<String>,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+    /// Stop the active rollout and go back to the release it started from.
+    Abort {
+        app: String,
+        #[arg(long)]
+        env: Option<String>,
         #[command(flatten)]
         s: ServerArg,
     },
@@ -459,24 +488,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         }
-        Cmd::Promote { app, s } => {
-            let c = Client::new(&s.server);
-            let r: drover_api::RunInfo =
-                c.post(&format!("/v1/apps/{app}/promote"), &serde_json::json!({}))?;
-            let to = r
-                .steps
-                .iter()
-                .rev()
-                .find(|st| st.name.starts_with("promote "))
-                .map(|st| st.name.trim_start_matches("promote ").to_string())
-                .unwrap_or_default();
-            eprintln!(
-                "promoting {} to {to} (run {}); follow it with `drover watch {app} --env {to}`",
-                r.release.as_deref().unwrap_or("?"),
-                r.id
-            );
-            Ok(())
-        }
+        Cmd::Promote { app, env, full, s } => control(
+            &s,
+            &app,
+            "promote",
+            drover_api::ControlRequest { env, full },
+        ),
+        Cmd::Pause { app, env, s } => control(
+            &s,
+            &app,
+            "pause",
+            drover_api::ControlRequest { env, full: false },
+        ),
+        Cmd::Resume { app, env, s } => control(
+            &s,
+            &app,
+            "resume",
+            drover_api::ControlRequest { env, full: false },
+        ),
+        Cmd::Abort { app, env, s } => control(
+            &s,
+            &app,
+            "abort",
+            drover_api::ControlRequest { env, full: false },
+        ),
         Cmd::Rollback {
             app,
             to,
@@ -590,4 +625,16 @@ fn in_env(env: &str) -> String {
     } else {
         format!(" in {env}")
     }
+}
+
+fn control(
+    s: &ServerArg,
+    app: &str,
+    verb: &str,
+    req: drover_api::ControlRequest,
+) -> anyhow::Result<()> {
+    let r: drover_api::ControlResponse =
+        Client::new(&s.server).post(&format!("/v1/apps/{app}/{verb}"), &req)?;
+    eprintln!("{}{}", r.message, in_env(&r.env));
+    Ok(())
 }
