@@ -948,6 +948,7 @@ pub async fn routing_table(s: &Server) -> Result<api::RoutesResponse, ApiErr> {
             env: d.env.clone(),
             host: spec.route.host.clone(),
             upstreams,
+            split: None,
         });
     }
     Ok(api::RoutesResponse { index, routes })
