@@ -906,10 +906,16 @@ pub async fn routing_table(s: &Server) -> Result<api::RoutesResponse, ApiErr> {
     let mut routes = Vec::new();
     let mut instances: BTreeMap<String, Vec<drover_store::InstanceRecord>> = BTreeMap::new();
     for d in s.store.list_deployments().await? {
-        let rollout = s.store.latest_rollout(&d.app, &d.env).await.ok().flatten();
+        let rollout = s
+            .store
+            .latest_rollout(&d.app, &d.env)
+            .await
+            .ok()
+            .flatten()
+            .filter(|r| !r.state.is_final());
         let release = rollout
-            .filter(|r| !r.state.is_final())
-            .map(|r| r.to)
+            .as_ref()
+            .map(|r| r.to.clone())
             .or(d.live_release.clone());
         // The host comes from the release being rolled out (or live).
         let spec = match release.as_deref().and_then(view::parse_release_name) {
@@ -943,12 +949,24 @@ pub async fn routing_table(s: &Server) -> Result<api::RoutesResponse, ApiErr> {
                 })
             })
             .collect();
+        // A canary splits users by key between its release and the rest.
+        let split = rollout
+            .as_ref()
+            .and_then(|r| view::canary_split(r, &spec))
+            .map(|(release, weight)| api::Split {
+                release,
+                weight_permille: weight * 10,
+                key: view::split_key(&spec.route.user_key),
+                values: Vec::new(),
+                preview_host: None,
+                preview_header: None,
+            });
         routes.push(api::Route {
             app: d.app.clone(),
             env: d.env.clone(),
             host: spec.route.host.clone(),
             upstreams,
-            split: None,
+            split,
         });
     }
     Ok(api::RoutesResponse { index, routes })

@@ -579,8 +579,9 @@ impl Engine {
                 self.store().set_live_release(app, env, &new.to).await?;
             }
             self.store().update_rollout(&new, now).await?;
-            if new.state != old.state {
-                // Routing follows the rollout's target and the live release.
+            let split = |r: &Rollout| (r.reverting, r.canary.as_ref().map(|c| (c.step, c.weight)));
+            if new.state != old.state || split(&new) != split(old) {
+                // Routing follows the rollout's target, the live release and the canary split.
                 let index = self.store().bump_index().await?;
                 self.server.index.send_replace(index);
             }

@@ -222,6 +222,15 @@ pub fn canary_split(r: &Rollout, spec: &AppSpec) -> Option<(String, u32)> {
     Some((r.to.clone(), cp.map_or(0, |c| c.weight)))
 }
 
+/// `header:NAME` / `cookie:NAME` (validated by the spec) as the wire type.
+pub fn split_key(user_key: &str) -> api::SplitKey {
+    match user_key.split_once(':') {
+        Some(("header", name)) => api::SplitKey::Header(name.to_string()),
+        Some((_, name)) => api::SplitKey::Cookie(name.to_string()),
+        None => api::SplitKey::Cookie("drover_user".into()),
+    }
+}
+
 /// Percent of traffic per release: by the canary split when there is one
 /// (and both sides are routed), else by routed instances.
 pub fn traffic(
