@@ -176,6 +176,77 @@ pub struct Route {
     pub host: String,
     /// Healthy, routed instances. Empty = 503.
     pub upstreams: Vec<Upstream>,
+    /// Splits traffic between `split.release` ("new") and the other upstreams'
+    /// releases ("stable"). None: every upstream by weight (rolling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<Split>,
+}
+
+/// How a route's traffic is divided between a "new" release and the
+/// "stable" rest — canary (a per-mille share of user keys), partial (listed
+/// keys only) and blue/green (preview host or header, then a flip).
+///
+/// Upstreams of [`Split::release`] form the new group; all other upstreams
+/// form the stable group. Within a group the proxy balances by
+/// [`Upstream::weight`] as usual. A request decided for a group with no
+/// instance goes to the other group instead — except a preview request,
+/// which only ever reaches the new release (503 when it has no instance).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Split {
+    /// The new release, e.g. `r7`.
+    pub release: String,
+    /// Share of user keys sent to `release`, in per mille (0..=1000; larger
+    /// values count as 1000). A key goes to `release` iff
+    /// `split_bucket(key) < weight_permille`, so raising the weight only ever
+    /// moves users from stable to new. Ignored when `values` is non-empty.
+    pub weight_permille: u32,
+    /// Where a request's user key comes from.
+    pub key: SplitKey,
+    /// Partial deployments: keys listed here always go to `release`. When
+    /// non-empty, keys not listed (and requests without a key) go to stable
+    /// whatever the weight.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    /// Blue/green preview: requests for this Host (case-insensitive, port
+    /// ignored) go only to `release`. Must not be another route's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_host: Option<String>,
+    /// Requests carrying this header with a non-empty value go only to
+    /// `release`, on the route's normal host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_header: Option<String>,
+}
+
+/// Where the proxy reads a request's user key for [`Split`]. JSON:
+/// `{"header": "x-user"}` or `{"cookie": "drover_key"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitKey {
+    /// The value of this request header (case-insensitive name). A request
+    /// without it is decided at random, with probability
+    /// `weight_permille / 1000` of going to the new release.
+    Header(String),
+    /// The value of this cookie (case-sensitive name). A request without it
+    /// gets a fresh random key, decided like any other and handed back in a
+    /// `Set-Cookie` so that the client stays on the same side.
+    Cookie(String),
+}
+
+/// The split bucket of a user key: `0..1000`, compared with
+/// [`Split::weight_permille`]. FNV-1a (64-bit) of the key's bytes, modulo
+/// 1000 — deterministic across processes, restarts and machines, so the
+/// server, the proxies and tests all agree on where a user goes.
+/// *Never change this function*: it would move users between releases.
+pub fn split_bucket(key: &str) -> u32 {
+    const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = FNV_OFFSET_BASIS;
+    for &byte in key.as_bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(FNV_PRIME);
+    }
+    // The remainder is < 1000, so the cast is lossless.
+    (hash % 1000) as u32
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -398,4 +469,80 @@ pub struct HookResponse {
     pub outcome: String,
     pub run_id: Option<i64>,
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_bucket_is_fnv1a_64_modulo_1000_and_never_changes() {
+        // Known FNV-1a 64 values: "" = 0xcbf29ce484222325, "a" = 0xaf63dc4c8601ec8c,
+        // "foobar" = 0x85944171f73967e8.
+        assert_eq!(split_bucket(""), (0xcbf2_9ce4_8422_2325_u64 % 1000) as u32);
+        assert_eq!(split_bucket("a"), (0xaf63_dc4c_8601_ec8c_u64 % 1000) as u32);
+        assert_eq!(
+            split_bucket("foobar"),
+            (0x8594_4171_f739_67e8_u64 % 1000) as u32
+        );
+        // Pinned literals: a change here moves real users between releases.
+        assert_eq!(split_bucket(""), 37);
+        assert_eq!(split_bucket("a"), 996);
+        assert_eq!(split_bucket("alice"), 183);
+        assert_eq!(split_bucket("user-1"), 708);
+    }
+
+    #[test]
+    fn split_bucket_spreads_keys_over_all_buckets() {
+        let mut counts = [0u32; 10];
+        for i in 0..10_000 {
+            let b = split_bucket(&format!("user-{i}"));
+            assert!(b < 1000);
+            counts[(b / 100) as usize] += 1;
+        }
+        // 1,000 expected per tenth; allow a generous ±20%.
+        for (tenth, &n) in counts.iter().enumerate() {
+            assert!((800..=1200).contains(&n), "tenth {tenth}: {n} of 10000");
+        }
+    }
+
+    #[test]
+    fn route_without_split_keeps_its_old_json() {
+        let json = r#"{"app":"hello","env":"","host":"h","upstreams":[]}"#;
+        let route: Route = serde_json::from_str(json).unwrap();
+        assert_eq!(route.split, None);
+        assert_eq!(serde_json::to_string(&route).unwrap(), json);
+    }
+
+    #[test]
+    fn split_json_shape() {
+        let json = serde_json::json!({
+            "app": "hello",
+            "env": "production",
+            "host": "hello.example",
+            "upstreams": [],
+            "split": {
+                "release": "r7",
+                "weight_permille": 100,
+                "key": {"cookie": "drover_key"},
+                "preview_header": "x-drover-preview"
+            }
+        });
+        let route: Route = serde_json::from_value(json.clone()).unwrap();
+        let split = route.split.clone().unwrap();
+        assert_eq!(
+            split,
+            Split {
+                release: "r7".into(),
+                weight_permille: 100,
+                key: SplitKey::Cookie("drover_key".into()),
+                values: vec![],
+                preview_host: None,
+                preview_header: Some("x-drover-preview".into()),
+            }
+        );
+        assert_eq!(serde_json::to_value(&route).unwrap(), json);
+        let header: SplitKey = serde_json::from_str(r#"{"header":"x-user"}"#).unwrap();
+        assert_eq!(header, SplitKey::Header("x-user".into()));
+    }
 }

@@ -275,6 +275,7 @@ mod tests {
                 env: String::new(),
                 host: "Hello.Localhost".into(),
                 upstreams,
+                split: None,
             }],
         };
         Table::build(&resp, &Stats::default())

@@ -137,12 +137,14 @@ fn table(index: u64, hello: Vec<Upstream>) -> RoutesResponse {
                 env: String::new(),
                 host: "hello.localhost".into(),
                 upstreams: hello,
+                split: None,
             },
             Route {
                 app: "empty".into(),
                 env: String::new(),
                 host: "Empty.Localhost".into(),
                 upstreams: vec![],
+                split: None,
             },
         ],
     }

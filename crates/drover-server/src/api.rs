@@ -696,6 +696,7 @@ pub async fn routing_table(s: &Server) -> Result<api::RoutesResponse, ApiErr> {
             env: String::new(),
             host: spec.route.host.clone(),
             upstreams,
+            split: None,
         });
     }
     Ok(api::RoutesResponse { index, routes })
