@@ -8,8 +8,10 @@
 //!
 //! Layout:
 //! - [`table`]: immutable routing tables, atomic swap, drain registry,
-//!   smooth weighted round robin;
-//! - [`stats`]: per-(app, release) counters and latency histograms;
+//!   smooth weighted round robin within a route's upstream groups;
+//! - [`split`]: traffic splitting between a route's new and stable releases
+//!   (canary share, listed users, blue/green preview, sticky cookie);
+//! - [`stats`]: per-(app, env, release) counters and latency histograms;
 //! - [`service`]: the pingora `ProxyHttp` implementation (request path);
 //! - [`poller`]: long-polls the control plane for new routing tables;
 //! - [`reporter`]: posts `ProxyReport`s to the control plane;
@@ -23,6 +25,7 @@
 pub mod poller;
 pub mod reporter;
 pub mod service;
+pub mod split;
 pub mod state;
 pub mod stats;
 pub mod table;

@@ -68,7 +68,7 @@ pub async fn run(client: reqwest::Client, server: String, state: Arc<ProxyState>
                 // Same index = the long poll timed out without a change.
                 if !loaded || resp.index != index {
                     let table = Table::build(&resp, &state.stats);
-                    let routes = table.routes_by_host.len();
+                    let routes = table.routes.len();
                     state.tables.install(table);
                     state.table_installed.notify_one();
                     tracing::info!(index = resp.index, routes, "routing table installed");

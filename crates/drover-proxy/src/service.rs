@@ -3,11 +3,14 @@
 //! Per request: [`ProxyHttp::new_ctx`] takes a strong reference to the
 //! current routing table and the request keeps it until `logging` (so the
 //! table's index counts as live while the request is in flight — drain
-//! tracking), `request_filter` resolves the host to a route and answers
-//! 404/503 itself when there is nothing to proxy to, `upstream_peer` picks an
-//! untried upstream of that route from the *same* table, the retry hooks
-//! decide whether another attempt is safe, the header filters add
-//! `x-forwarded-for` upstream and `x-drover-release`/`x-drover-instance`
+//! tracking), `request_filter` resolves the host to a route, confines the
+//! request to one group of the route's upstreams when the route has a split
+//! (see [`crate::split`]; all upstreams otherwise) and answers 404/503 itself
+//! when there is nothing to proxy to, `upstream_peer` picks an untried
+//! upstream of that group from the *same* table, the retry hooks decide
+//! whether another attempt (in the same group) is safe, the header filters add
+//! `x-forwarded-for` upstream and `x-drover-release`/`x-drover-instance` (and
+//! a split's `Set-Cookie`, when the proxy drew a key for the client)
 //! downstream, and `logging` records the request in its release's counters.
 
 use std::sync::Arc;
@@ -21,7 +24,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{ProxyHttp, ProxyWarnLogContext, Session};
 
 use crate::state::ProxyState;
-use crate::table::{normalize_host, RouteEntry, Table, UpstreamEntry, MAX_TRIES};
+use crate::table::{normalize_host, Group, RouteEntry, Table, UpstreamEntry, MAX_TRIES};
 
 /// Timeout for establishing a TCP connection to an instance.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -49,6 +52,13 @@ pub struct RequestCtx {
     table: Option<Arc<Table>>,
     /// Normalised host of the request.
     host: String,
+    /// The request's route, as an index into `table.routes`.
+    route: Option<usize>,
+    /// The route's upstreams this request may use: its split group, or all.
+    group: Group,
+    /// A `Set-Cookie` value for the response: the split key the proxy drew
+    /// for a client that had none.
+    set_cookie: Option<String>,
     /// Indices (into the route's upstreams) already attempted.
     tried: Vec<usize>,
     /// The upstream of the latest attempt.
@@ -57,7 +67,7 @@ pub struct RequestCtx {
 
 impl RequestCtx {
     fn route(&self) -> Option<&RouteEntry> {
-        self.table.as_ref()?.routes_by_host.get(&self.host)
+        self.table.as_ref()?.routes.get(self.route?)
     }
 
     fn chosen_upstream(&self) -> Option<&UpstreamEntry> {
@@ -110,6 +120,9 @@ impl ProxyHttp for DroverProxy {
             started: Instant::now(),
             table: Some(self.state.tables.load()),
             host: String::new(),
+            route: None,
+            group: Group::All,
+            set_cookie: None,
             tried: Vec::with_capacity(1),
             chosen: None,
         }
@@ -117,25 +130,48 @@ impl ProxyHttp for DroverProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.host = request_host(session.req_header());
-        let loaded = ctx.table.as_ref().is_some_and(|t| t.loaded);
-        if !loaded {
-            let body = "drover: routing table not loaded yet\n".to_string();
+        let table = match &ctx.table {
+            Some(t) if t.loaded => t,
+            _ => {
+                let body = "drover: routing table not loaded yet\n".to_string();
+                respond_text(session, 503, body).await?;
+                return Ok(true);
+            }
+        };
+        let Some(found) = table.lookup(&ctx.host) else {
+            let body = format!("drover: no route for host {}\n", ctx.host);
+            respond_text(session, 404, body).await?;
+            return Ok(true);
+        };
+        let route = &table.routes[found.route];
+        ctx.route = Some(found.route);
+        if let Some(split) = &route.split {
+            let decision = split.decide(
+                found.preview,
+                &session.req_header().headers,
+                &mut rand::random::<u64>,
+            );
+            let group = route.group_for(&decision);
+            ctx.set_cookie = decision.set_cookie;
+            match group {
+                Some(group) => ctx.group = group,
+                None => {
+                    // A preview must never be answered by the stable release.
+                    let body = format!(
+                        "drover: no healthy instance of {} release {} to preview\n",
+                        route.app, split.release
+                    );
+                    respond_text(session, 503, body).await?;
+                    return Ok(true);
+                }
+            }
+        }
+        if !route.has_selectable(ctx.group) {
+            let body = format!("drover: no healthy instance of {}\n", route.app);
             respond_text(session, 503, body).await?;
             return Ok(true);
         }
-        match ctx.route() {
-            None => {
-                let body = format!("drover: no route for host {}\n", ctx.host);
-                respond_text(session, 404, body).await?;
-                Ok(true)
-            }
-            Some(route) if !route.has_selectable() => {
-                let body = format!("drover: no healthy instance of {}\n", route.app);
-                respond_text(session, 503, body).await?;
-                Ok(true)
-            }
-            Some(_) => Ok(false),
-        }
+        Ok(false)
     }
 
     async fn upstream_peer(
@@ -150,7 +186,7 @@ impl ProxyHttp for DroverProxy {
             )
         })?;
         let i = route
-            .select(&ctx.tried)
+            .select(ctx.group, &ctx.tried)
             .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(503), "no selectable upstream"))?;
         let upstream = &route.upstreams[i];
         let mut peer = HttpPeer::new(upstream.socket_addr, false, String::new());
@@ -172,7 +208,9 @@ impl ProxyHttp for DroverProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing reached the instance, so any method may go elsewhere.
-        let another = ctx.route().is_some_and(|r| r.has_untried(&ctx.tried));
+        let another = ctx
+            .route()
+            .is_some_and(|r| r.has_untried(ctx.group, &ctx.tried));
         let retry = ctx.tries() < MAX_TRIES && another;
         tracing::debug!(%peer, tries = ctx.tries(), retry, "connect to upstream failed");
         e.set_retry(retry);
@@ -249,6 +287,10 @@ impl ProxyHttp for DroverProxy {
             upstream_response.insert_header("x-drover-release", u.release.as_str())?;
             upstream_response.insert_header("x-drover-instance", u.instance.as_str())?;
         }
+        if let Some(cookie) = ctx.set_cookie.take() {
+            // Appended: the app's own cookies stay.
+            upstream_response.append_header("set-cookie", cookie)?;
+        }
         Ok(())
     }
 
@@ -264,6 +306,7 @@ impl ProxyHttp for DroverProxy {
             host = ctx.host,
             status,
             tries = ctx.tries(),
+            group = ?ctx.group,
             elapsed_ms = ctx.started.elapsed().as_millis() as u64,
             "request done"
         );

@@ -14,6 +14,19 @@
 //! the upstreams of a route that the request has not tried yet; weight 0 means
 //! "never". The little mutable selection state lives in a per-route mutex held
 //! for a few instructions.
+//!
+//! Traffic splitting: a route may carry a [`drover_api::Split`]. Its upstreams
+//! then fall into two groups, *new* (the split's release) and *stable* (every
+//! other release), and each request is confined to one [`Group`]:
+//! [`crate::split`] decides the side from the request (preview host or header,
+//! listed user keys, or the user key's hash bucket against the weight), and
+//! [`RouteEntry::group_for`] turns that into a group — the other side when the
+//! decided one has no selectable upstream, except for preview requests, which
+//! only ever reach the new release. Round robin and retries then run within
+//! that group only; the groups are disjoint, so sharing one `current` vector
+//! gives each group its own independent rotation. The split's preview host is
+//! a second key of the same route in the table. A route without a split is
+//! one group ([`Group::All`]) and costs nothing extra.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -22,6 +35,7 @@ use std::sync::{Arc, Mutex, Weak};
 use arc_swap::ArcSwap;
 use drover_api::{RoutesResponse, Upstream};
 
+use crate::split::{Decision, Side, SplitRule};
 use crate::stats::{ReleaseCounters, Stats};
 
 /// Most upstream attempts a single request may make (first try included).
@@ -37,52 +51,97 @@ pub struct UpstreamEntry {
     /// `address` resolved once when the table was built.
     pub socket_addr: SocketAddr,
     pub weight: u32,
+    /// Its group when the route has a split ([`Side::Stable`] otherwise).
+    pub side: Side,
     /// Per-(app, env, release) counters this upstream's requests are recorded in.
     pub counters: Arc<ReleaseCounters>,
 }
 
-/// Everything the proxy knows about one host.
+/// The upstreams of a route a request may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// Every upstream: a route without a split.
+    All,
+    /// Only the upstreams on one side of the route's split.
+    Only(Side),
+}
+
+impl Group {
+    fn contains(self, u: &UpstreamEntry) -> bool {
+        match self {
+            Group::All => true,
+            Group::Only(side) => u.side == side,
+        }
+    }
+}
+
+/// Everything the proxy knows about one route (its host and, with a split,
+/// its preview host).
 #[derive(Debug)]
 pub struct RouteEntry {
     pub app: String,
     pub upstreams: Vec<UpstreamEntry>,
+    /// How traffic is divided between the split's release and the rest.
+    pub split: Option<SplitRule>,
     /// Smooth-WRR "current weight" per upstream (same order as `upstreams`).
     current: Mutex<Vec<i64>>,
 }
 
 impl RouteEntry {
-    fn new(app: String, upstreams: Vec<UpstreamEntry>) -> Self {
+    fn new(app: String, upstreams: Vec<UpstreamEntry>, split: Option<SplitRule>) -> Self {
         let current = Mutex::new(vec![0; upstreams.len()]);
         RouteEntry {
             app,
             upstreams,
+            split,
             current,
         }
     }
 
-    /// True when some upstream with a positive weight is not in `tried`.
-    pub fn has_untried(&self, tried: &[usize]) -> bool {
+    /// True when some upstream of `group` with a positive weight is not in
+    /// `tried`.
+    pub fn has_untried(&self, group: Group, tried: &[usize]) -> bool {
         self.upstreams
             .iter()
             .enumerate()
-            .any(|(i, u)| u.weight > 0 && !tried.contains(&i))
+            .any(|(i, u)| u.weight > 0 && group.contains(u) && !tried.contains(&i))
     }
 
-    /// True when at least one upstream may ever be chosen.
-    pub fn has_selectable(&self) -> bool {
-        self.upstreams.iter().any(|u| u.weight > 0)
+    /// True when at least one upstream of `group` may ever be chosen.
+    pub fn has_selectable(&self, group: Group) -> bool {
+        self.upstreams
+            .iter()
+            .any(|u| u.weight > 0 && group.contains(u))
     }
 
-    /// Picks an upstream by smooth weighted round robin among those with a
-    /// positive weight that are not in `tried`. When every selectable upstream
-    /// was tried already, falls back to all of them (a retry after a stale
-    /// pooled connection may go to the same instance again). `None` when no
-    /// upstream has a positive weight.
-    pub fn select(&self, tried: &[usize]) -> Option<usize> {
+    /// The group a request decided by the split goes to: the decided side,
+    /// or the other side when the decided one has no selectable upstream.
+    /// A preview request never falls back: `None` when the new release has
+    /// no selectable upstream. (Both sides empty: the decided side, which
+    /// then has nothing to select.)
+    pub fn group_for(&self, decision: &Decision) -> Option<Group> {
+        let decided = Group::Only(decision.side);
+        if decision.preview {
+            return self.has_selectable(decided).then_some(decided);
+        }
+        let other = Group::Only(decision.side.other());
+        if !self.has_selectable(decided) && self.has_selectable(other) {
+            return Some(other);
+        }
+        Some(decided)
+    }
+
+    /// Picks an upstream of `group` by smooth weighted round robin among
+    /// those with a positive weight that are not in `tried`. When every
+    /// selectable upstream of the group was tried already, falls back to all
+    /// of them (a retry after a stale pooled connection may go to the same
+    /// instance again); never to another group. `None` when no upstream of
+    /// the group has a positive weight.
+    pub fn select(&self, group: Group, tried: &[usize]) -> Option<usize> {
         let eligible = |i: usize, u: &UpstreamEntry, skip_tried: bool| {
-            u.weight > 0 && !(skip_tried && tried.contains(&i))
+            u.weight > 0 && group.contains(u) && !(skip_tried && tried.contains(&i))
         };
-        let skip_tried = self.has_untried(tried);
+        let skip_tried = self.has_untried(group, tried);
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         let mut total: i64 = 0;
         let mut best: Option<usize> = None;
@@ -104,29 +163,39 @@ impl RouteEntry {
     }
 }
 
+/// What a host leads to in a [`Table`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostMatch {
+    /// Index into [`Table::routes`].
+    pub route: usize,
+    /// The host is the route's split preview host.
+    pub preview: bool,
+}
+
 /// An immutable routing table, as of control-plane index `index`.
 #[derive(Debug, Default)]
 pub struct Table {
     pub index: u64,
     /// False only for the placeholder installed before the first fetch.
     pub loaded: bool,
-    /// Keyed by lowercased host without port.
-    pub routes_by_host: HashMap<String, RouteEntry>,
+    /// Every route, in the control plane's order (duplicates left out).
+    pub routes: Vec<RouteEntry>,
+    /// Lowercased host without port → route. A route with a split preview
+    /// host is here twice: under its host and under its preview host.
+    hosts: HashMap<String, HostMatch>,
 }
 
 impl Table {
     /// Builds a table from the control plane's answer. Upstreams whose address
     /// cannot be resolved are left out (logged); they could not be reached.
+    /// When two routes claim a host (either as host or as preview host), the
+    /// first keeps it.
     pub fn build(resp: &RoutesResponse, stats: &Stats) -> Table {
-        let mut routes_by_host = HashMap::with_capacity(resp.routes.len());
+        let mut routes = Vec::with_capacity(resp.routes.len());
+        let mut hosts = HashMap::with_capacity(resp.routes.len());
         for route in &resp.routes {
-            let upstreams = route
-                .upstreams
-                .iter()
-                .filter_map(|u| build_upstream(&route.app, &route.env, u, stats))
-                .collect();
             let host = normalize_host(&route.host);
-            if routes_by_host.contains_key(&host) {
+            if hosts.contains_key(&host) {
                 tracing::warn!(
                     host,
                     app = route.app,
@@ -134,22 +203,70 @@ impl Table {
                 );
                 continue;
             }
-            routes_by_host.insert(host, RouteEntry::new(route.app.clone(), upstreams));
+            let index = routes.len();
+            let split = route.split.as_ref();
+            if let Some(preview_host) = split.and_then(|s| s.preview_host.as_deref()) {
+                let preview_host = normalize_host(preview_host);
+                if preview_host == host || hosts.contains_key(&preview_host) {
+                    tracing::warn!(
+                        host = preview_host,
+                        app = route.app,
+                        "split preview host is already routed; ignoring it"
+                    );
+                } else {
+                    let m = HostMatch {
+                        route: index,
+                        preview: true,
+                    };
+                    hosts.insert(preview_host, m);
+                }
+            }
+            let upstreams = route
+                .upstreams
+                .iter()
+                .filter_map(|u| {
+                    let side = match split {
+                        Some(s) if u.release == s.release => Side::New,
+                        _ => Side::Stable,
+                    };
+                    build_upstream(&route.app, &route.env, u, side, stats)
+                })
+                .collect();
+            let rule = split.map(|s| SplitRule::new(&host, s));
+            let m = HostMatch {
+                route: index,
+                preview: false,
+            };
+            hosts.insert(host, m);
+            routes.push(RouteEntry::new(route.app.clone(), upstreams, rule));
         }
         Table {
             index: resp.index,
             loaded: true,
-            routes_by_host,
+            routes,
+            hosts,
         }
+    }
+
+    /// Looks up an already normalised host (see [`normalize_host`]).
+    pub fn lookup(&self, normalized_host: &str) -> Option<HostMatch> {
+        self.hosts.get(normalized_host).copied()
     }
 
     /// Looks a request's host up (any case, port ignored).
     pub fn route(&self, host: &str) -> Option<&RouteEntry> {
-        self.routes_by_host.get(&normalize_host(host))
+        let m = self.lookup(&normalize_host(host))?;
+        self.routes.get(m.route)
     }
 }
 
-fn build_upstream(app: &str, env: &str, u: &Upstream, stats: &Stats) -> Option<UpstreamEntry> {
+fn build_upstream(
+    app: &str,
+    env: &str,
+    u: &Upstream,
+    side: Side,
+    stats: &Stats,
+) -> Option<UpstreamEntry> {
     let socket_addr = match resolve(&u.address) {
         Some(a) => a,
         None => {
@@ -167,6 +284,7 @@ fn build_upstream(app: &str, env: &str, u: &Upstream, stats: &Stats) -> Option<U
         address: u.address.clone(),
         socket_addr,
         weight: u.weight,
+        side,
         counters: stats.counters(app, env, &u.release),
     })
 }
@@ -256,7 +374,9 @@ impl Tables {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use drover_api::Route;
+    use drover_api::{Route, Split, SplitKey};
+
+    const ALL: Group = Group::All;
 
     fn up(instance: &str, port: u16, weight: u32) -> Upstream {
         Upstream {
@@ -299,7 +419,7 @@ mod tests {
     fn round_robin_equal_weights() {
         let t = table(1, vec![up("a", 1, 1), up("b", 2, 1), up("c", 3, 1)]);
         let r = t.route("hello.localhost").unwrap();
-        let picks: Vec<usize> = (0..6).map(|_| r.select(&[]).unwrap()).collect();
+        let picks: Vec<usize> = (0..6).map(|_| r.select(ALL, &[]).unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
     }
 
@@ -309,7 +429,7 @@ mod tests {
         let r = t.route("hello.localhost").unwrap();
         let mut counts = [0usize; 3];
         for _ in 0..400 {
-            counts[r.select(&[]).unwrap()] += 1;
+            counts[r.select(ALL, &[]).unwrap()] += 1;
         }
         assert_eq!(counts, [300, 100, 0]);
     }
@@ -319,7 +439,7 @@ mod tests {
         // nginx's example: weights 5,1,1 → a a b a c a a
         let t = table(1, vec![up("a", 1, 5), up("b", 2, 1), up("c", 3, 1)]);
         let r = t.route("hello.localhost").unwrap();
-        let picks: Vec<usize> = (0..7).map(|_| r.select(&[]).unwrap()).collect();
+        let picks: Vec<usize> = (0..7).map(|_| r.select(ALL, &[]).unwrap()).collect();
         assert_eq!(picks, vec![0, 0, 1, 0, 2, 0, 0]);
     }
 
@@ -328,23 +448,209 @@ mod tests {
         let t = table(1, vec![up("a", 1, 1), up("b", 2, 1), up("c", 3, 1)]);
         let r = t.route("hello.localhost").unwrap();
         for _ in 0..10 {
-            let p = r.select(&[0, 2]).unwrap();
+            let p = r.select(ALL, &[0, 2]).unwrap();
             assert_eq!(p, 1);
         }
-        assert!(r.has_untried(&[0, 2]));
-        assert!(!r.has_untried(&[0, 1, 2]));
+        assert!(r.has_untried(ALL, &[0, 2]));
+        assert!(!r.has_untried(ALL, &[0, 1, 2]));
         // Everything tried: fall back to any selectable upstream.
-        assert!(r.select(&[0, 1, 2]).is_some());
+        assert!(r.select(ALL, &[0, 1, 2]).is_some());
     }
 
     #[test]
     fn nothing_selectable() {
         let t = table(1, vec![up("z", 1, 0)]);
         let r = t.route("hello.localhost").unwrap();
-        assert!(!r.has_selectable());
-        assert_eq!(r.select(&[]), None);
+        assert!(!r.has_selectable(ALL));
+        assert_eq!(r.select(ALL, &[]), None);
         let empty = table(2, vec![]);
-        assert_eq!(empty.route("hello.localhost").unwrap().select(&[]), None);
+        assert_eq!(
+            empty.route("hello.localhost").unwrap().select(ALL, &[]),
+            None
+        );
+    }
+
+    fn release_up(instance: &str, release: &str, port: u16, weight: u32) -> Upstream {
+        Upstream {
+            release: release.into(),
+            ..up(instance, port, weight)
+        }
+    }
+
+    /// A route "hello.localhost" splitting `upstreams` towards r2, with
+    /// preview host "Preview.Hello.Localhost:8080".
+    fn split_table(upstreams: Vec<Upstream>) -> Table {
+        let resp = RoutesResponse {
+            index: 1,
+            routes: vec![Route {
+                app: "hello".into(),
+                env: "production".into(),
+                host: "hello.localhost".into(),
+                upstreams,
+                split: Some(Split {
+                    release: "r2".into(),
+                    weight_permille: 100,
+                    key: SplitKey::Header("x-user".into()),
+                    values: vec![],
+                    preview_host: Some("Preview.Hello.Localhost:8080".into()),
+                    preview_header: Some("x-drover-preview".into()),
+                }),
+            }],
+        };
+        Table::build(&resp, &Stats::default())
+    }
+
+    fn decision(side: Side, preview: bool) -> Decision {
+        Decision {
+            side,
+            preview,
+            set_cookie: None,
+        }
+    }
+
+    const NEW: Group = Group::Only(Side::New);
+    const STABLE: Group = Group::Only(Side::Stable);
+
+    #[test]
+    fn split_groups_upstreams_by_release() {
+        let t = split_table(vec![
+            release_up("s1", "r1", 1, 1),
+            release_up("n1", "r2", 2, 1),
+            release_up("s2", "r0", 3, 1),
+            release_up("n2", "r2", 4, 1),
+        ]);
+        let r = t.route("hello.localhost").unwrap();
+        assert_eq!(r.split.as_ref().unwrap().release, "r2");
+        let sides: Vec<Side> = r.upstreams.iter().map(|u| u.side).collect();
+        // Stable is every release but the split's, not just one.
+        assert_eq!(sides, [Side::Stable, Side::New, Side::Stable, Side::New]);
+        // Each group rotates on its own, never leaving the group.
+        let new: Vec<usize> = (0..4).map(|_| r.select(NEW, &[]).unwrap()).collect();
+        assert_eq!(new, [1, 3, 1, 3]);
+        let stable: Vec<usize> = (0..4).map(|_| r.select(STABLE, &[]).unwrap()).collect();
+        assert_eq!(stable, [0, 2, 0, 2]);
+    }
+
+    #[test]
+    fn split_preview_host_is_the_same_route() {
+        let t = split_table(vec![release_up("n1", "r2", 2, 1)]);
+        assert_eq!(
+            t.lookup("hello.localhost"),
+            Some(HostMatch {
+                route: 0,
+                preview: false
+            })
+        );
+        assert_eq!(
+            t.lookup("preview.hello.localhost"),
+            Some(HostMatch {
+                route: 0,
+                preview: true
+            })
+        );
+        assert!(std::ptr::eq(
+            t.route("PREVIEW.hello.localhost:443").unwrap(),
+            t.route("hello.localhost").unwrap()
+        ));
+        assert_eq!(t.routes.len(), 1);
+    }
+
+    #[test]
+    fn split_preview_host_never_takes_another_routes_host() {
+        let mut resp = RoutesResponse {
+            index: 1,
+            routes: vec![
+                Route {
+                    app: "other".into(),
+                    env: String::new(),
+                    host: "taken.localhost".into(),
+                    upstreams: vec![up("o", 1, 1)],
+                    split: None,
+                },
+                Route {
+                    app: "hello".into(),
+                    env: String::new(),
+                    host: "hello.localhost".into(),
+                    upstreams: vec![release_up("n1", "r2", 2, 1)],
+                    split: Some(Split {
+                        release: "r2".into(),
+                        weight_permille: 0,
+                        key: SplitKey::Cookie("k".into()),
+                        values: vec![],
+                        preview_host: Some("taken.localhost".into()),
+                        preview_header: None,
+                    }),
+                },
+            ],
+        };
+        let t = Table::build(&resp, &Stats::default());
+        assert_eq!(t.route("taken.localhost").unwrap().app, "other");
+        assert!(!t.lookup("taken.localhost").unwrap().preview);
+        assert_eq!(t.route("hello.localhost").unwrap().app, "hello");
+        // A later route whose host is an earlier preview host is left out.
+        resp.routes.reverse();
+        let t = Table::build(&resp, &Stats::default());
+        assert_eq!(t.route("taken.localhost").unwrap().app, "hello");
+        assert!(t.lookup("taken.localhost").unwrap().preview);
+        assert_eq!(t.routes.len(), 1);
+    }
+
+    #[test]
+    fn split_decided_side_is_used_when_it_has_instances() {
+        let t = split_table(vec![
+            release_up("s1", "r1", 1, 1),
+            release_up("n1", "r2", 2, 1),
+        ]);
+        let r = t.route("hello.localhost").unwrap();
+        assert_eq!(r.group_for(&decision(Side::New, false)), Some(NEW));
+        assert_eq!(r.group_for(&decision(Side::Stable, false)), Some(STABLE));
+        assert_eq!(r.group_for(&decision(Side::New, true)), Some(NEW));
+    }
+
+    #[test]
+    fn split_falls_back_to_the_other_group_but_preview_never_does() {
+        // New release not started yet (or only at weight 0): new → stable.
+        let t = split_table(vec![
+            release_up("s1", "r1", 1, 1),
+            release_up("n0", "r2", 2, 0),
+        ]);
+        let r = t.route("hello.localhost").unwrap();
+        assert_eq!(r.group_for(&decision(Side::New, false)), Some(STABLE));
+        assert_eq!(r.group_for(&decision(Side::Stable, false)), Some(STABLE));
+        assert_eq!(r.group_for(&decision(Side::New, true)), None);
+        // Stable gone (everything moved to the new release): stable → new.
+        let t = split_table(vec![release_up("n1", "r2", 2, 1)]);
+        let r = t.route("hello.localhost").unwrap();
+        assert_eq!(r.group_for(&decision(Side::Stable, false)), Some(NEW));
+        assert_eq!(r.group_for(&decision(Side::New, true)), Some(NEW));
+        // Nothing at all: the decided group, which has nothing to select.
+        let t = split_table(vec![]);
+        let r = t.route("hello.localhost").unwrap();
+        assert_eq!(r.group_for(&decision(Side::New, false)), Some(NEW));
+        assert_eq!(r.select(NEW, &[]), None);
+    }
+
+    #[test]
+    fn split_retries_stay_in_the_group() {
+        let t = split_table(vec![
+            release_up("s1", "r1", 1, 1),
+            release_up("n1", "r2", 2, 1),
+            release_up("n2", "r2", 3, 1),
+        ]);
+        let r = t.route("hello.localhost").unwrap();
+        // n1 tried: n2 is the only untried new upstream, s1 is never offered.
+        assert!(r.has_untried(NEW, &[1]));
+        for _ in 0..5 {
+            assert_eq!(r.select(NEW, &[1]), Some(2));
+        }
+        // Both new upstreams tried: no untried one left in the group, though
+        // stable has one; a further attempt reuses a new upstream.
+        assert!(!r.has_untried(NEW, &[1, 2]));
+        assert!(r.has_untried(ALL, &[1, 2]));
+        for _ in 0..5 {
+            assert!(matches!(r.select(NEW, &[1, 2]), Some(1 | 2)));
+        }
+        assert_eq!(r.select(STABLE, &[0]), Some(0));
     }
 
     #[test]
