@@ -448,6 +448,10 @@ pub struct RolloutStatus {
     /// Canary: the last analysis verdict.
     #[serde(default)]
     pub analysis: Option<String>,
+    /// Blue/green: the host that reaches only the new set (also: any request
+    /// with an `x-drover-preview: 1` header).
+    #[serde(default)]
+    pub preview: Option<String>,
     pub message: String,
     pub failure: Option<String>,
     pub started_at_ms: u64,

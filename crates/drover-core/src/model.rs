@@ -14,6 +14,17 @@ pub enum Strategy {
     /// Steps of traffic weight to a few new instances, each judged by
     /// analysis, then a rolling replacement of the rest.
     Canary,
+    /// A full set of the new release, reachable only by preview until the
+    /// switch moves all users at once; the old set stays warm for a bake
+    /// window so rolling back is a flip.
+    BlueGreen,
+}
+
+impl Strategy {
+    /// Strategies whose rollouts split traffic between two releases.
+    pub fn splits(self) -> bool {
+        matches!(self, Strategy::Canary | Strategy::BlueGreen)
+    }
 }
 
 impl fmt::Display for Strategy {
@@ -22,6 +33,7 @@ impl fmt::Display for Strategy {
             Strategy::Rolling => "rolling",
             Strategy::Recreate => "recreate",
             Strategy::Canary => "canary",
+            Strategy::BlueGreen => "blue_green",
         })
     }
 }
@@ -46,6 +58,13 @@ pub struct DeploySettings {
     /// Canary: how each step is judged from live traffic. None: by its pause only.
     #[serde(default)]
     pub analysis: Option<AnalysisSettings>,
+    /// Blue/green: switch by itself once the new set is ready (and its
+    /// preview check passed); false: wait for `drover promote`.
+    #[serde(default)]
+    pub auto_promote: bool,
+    /// Blue/green: how long the old set stays warm after the switch.
+    #[serde(default)]
+    pub bake_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,6 +181,17 @@ pub struct Rollout {
     /// Canary progress (None for other strategies).
     #[serde(default)]
     pub canary: Option<CanaryProgress>,
+    /// Blue/green progress (None for other strategies).
+    #[serde(default)]
+    pub blue_green: Option<BlueGreenProgress>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BlueGreenProgress {
+    /// An operator promoted it (`drover promote`).
+    pub promoted: bool,
+    /// When all users moved to the new set (None: still in preview).
+    pub switched_at: Option<Millis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -312,8 +312,13 @@ impl<'a> Planner<'a> {
         if s.strategy == Strategy::Canary && !r.reverting && in_steps {
             return self.canary_step(r, &target);
         }
+        if s.strategy == Strategy::BlueGreen && !r.reverting && r.from.is_some() {
+            if let Some(step) = self.blue_green_step(r, &target) {
+                return step;
+            }
+        }
         match s.strategy {
-            Strategy::Rolling | Strategy::Canary => {
+            Strategy::Rolling | Strategy::Canary | Strategy::BlueGreen => {
                 // Old instances that serve nothing can go at once.
                 let idle_old: Vec<String> = self
                     .inst
@@ -547,6 +552,81 @@ impl<'a> Planner<'a> {
         }
         r.canary = Some(cp);
         Step::Continue
+    }
+
+    /// Blue/green before and during the bake: a full new set beside the old
+    /// one, switched all at once. None once the bake is over (the old set then
+    /// leaves by the rolling rules).
+    fn blue_green_step(&mut self, r: &mut Rollout, target: &str) -> Option<Step> {
+        let s = self.input.settings;
+        let n = s.instances;
+        let now = self.now();
+        let mut bg = r.blue_green.clone().unwrap_or_default();
+        let from = r.from.clone().unwrap_or_default();
+        let ready = self
+            .inst
+            .values()
+            .filter(|i| i.release == target && i.serving())
+            .count() as u32;
+        if let Some(at) = bg.switched_at {
+            let left = s.bake_ms.saturating_sub(now.saturating_sub(at));
+            r.blue_green = Some(bg);
+            if left == 0 {
+                return None;
+            }
+            r.progress_at = now;
+            r.step = ready;
+            r.message = format!(
+                "blue/green {from} → {target}: all users on {target}; {from} stays warm for a rollback flip, {} left",
+                format_ms(left)
+            );
+            return Some(Step::Continue);
+        }
+        let new_run = self
+            .inst
+            .values()
+            .filter(|i| i.release == target && i.desired == Desired::Run)
+            .count() as u32;
+        self.place(target, n.saturating_sub(new_run));
+        if ready > r.step
+            || !self
+                .actions
+                .iter()
+                .all(|a| matches!(a, Action::Route { .. }))
+        {
+            r.progress_at = now;
+        }
+        r.step = ready;
+        let head = format!("blue/green {from} → {target}: {ready}/{n} ready");
+        if ready < n {
+            r.message = format!("{head}, reachable only by preview");
+            r.blue_green = Some(bg);
+            return Some(Step::Continue);
+        }
+        // Ready and waiting on purpose: not a lack of progress.
+        r.progress_at = now;
+        let check = match self.input.verdict {
+            Some(Verdict::Fail(why)) if !bg.promoted => {
+                return Some(Step::Failed(format!(
+                    "the preview check of {target} failed: {why}"
+                )));
+            }
+            Some(Verdict::Inconclusive(text)) => Some(text.clone()),
+            _ => None,
+        };
+        if bg.promoted || (s.auto_promote && check.is_none()) {
+            bg.switched_at = Some(now);
+            r.message = format!("blue/green {from} → {target}: switched all users to {target}");
+        } else if !s.auto_promote {
+            r.message = format!(
+                "{head}, reachable by preview; waiting for `drover promote {}` to switch",
+                r.app
+            );
+        } else {
+            r.message = format!("{head}; preview check: {}", check.unwrap_or_default());
+        }
+        r.blue_green = Some(bg);
+        Some(Step::Continue)
     }
 
     fn place(&mut self, release: &str, count: u32) {

@@ -255,6 +255,8 @@ struct RawDeploy {
     drain_timeout: Option<Spanned<String>>,
     #[serde(default)]
     analysis: Option<RawAnalysis>,
+    auto_promote: Option<bool>,
+    bake: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -520,6 +522,8 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
             auto_rollback: None,
             drain_timeout: None,
             analysis: None,
+            auto_promote: None,
+            bake: None,
         });
         let strategy = match &d.strategy {
             None => Strategy::Rolling,
@@ -527,8 +531,9 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
                 "rolling" => Strategy::Rolling,
                 "recreate" => Strategy::Recreate,
                 "canary" => Strategy::Canary,
-                "blue_green" | "partial" => {
-                    return Err(ctx.err(s.span(), "deploy.strategy", format!("strategy {:?} is not available in this version of drover yet; use \"rolling\", \"canary\" or \"recreate\"", s.get_ref())))
+                "blue_green" => Strategy::BlueGreen,
+                "partial" => {
+                    return Err(ctx.err(s.span(), "deploy.strategy", format!("strategy {:?} is not available in this version of drover yet; use \"rolling\", \"canary\", \"blue_green\" or \"recreate\"", s.get_ref())))
                 }
                 other => return Err(ctx.err(s.span(), "deploy.strategy", format!("unknown strategy {other:?}; use one of rolling, canary, blue_green, partial, recreate"))),
             },
@@ -627,6 +632,8 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
             auto_rollback: d.auto_rollback.unwrap_or(true),
             steps,
             analysis,
+            auto_promote: d.auto_promote.unwrap_or(true),
+            bake_ms: ctx.duration(&d.bake, "deploy.bake", 300_000)?,
         }
     };
 
@@ -886,7 +893,7 @@ max_unavailable = 0
 
     #[test]
     fn strategies_not_yet_available_are_refused_not_ignored() {
-        let e = err(&GOOD.replace("\"rolling\"", "\"blue_green\""));
+        let e = err(&GOOD.replace("\"rolling\"", "\"partial\""));
         assert_eq!(e.field, "deploy.strategy");
         let e = err(&GOOD.replace("\"rolling\"", "\"canary\""));
         assert_eq!(e.field, "deploy.steps", "a canary without steps");

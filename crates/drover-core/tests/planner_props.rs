@@ -26,6 +26,8 @@ fn settings(strategy: DeployStrategy, n: u32, surge: u32, unavail: u32) -> Deplo
         auto_rollback: true,
         steps: Vec::new(),
         analysis: None,
+        auto_promote: true,
+        bake_ms: 0,
     }
 }
 
@@ -131,6 +133,7 @@ fn run_sim(s: &DeploySettings, events: &[u32], good: bool) -> (World, Rollout) {
         reverted_at: None,
         progress_at: 0,
         canary: None,
+        blue_green: None,
     };
     let good_release = if good { "r2" } else { "r1" };
     let min_available = if s.strategy == DeployStrategy::Recreate {

@@ -306,7 +306,8 @@ async fn promote(
         .store
         .latest_rollout(&app, &env)
         .await?
-        .filter(|r| !r.state.is_final() && !r.reverting && r.canary.is_some());
+        .filter(|r| !r.state.is_final() && !r.reverting)
+        .filter(|r| r.canary.is_some() || r.blue_green.is_some());
     if canary.is_some() {
         let r = s
             .engine
@@ -314,15 +315,7 @@ async fn promote(
             .await?;
         return Ok(Json(api::ControlResponse {
             env,
-            message: format!(
-                "rollout {} promoted{}",
-                r.id,
-                if req.full {
-                    " past its last step"
-                } else {
-                    " to its next step"
-                }
-            ),
+            message: format!("rollout {}: {}", r.id, r.message),
             rollout_id: Some(r.id),
             run_id: None,
         }));
@@ -439,7 +432,7 @@ pub async fn app_status(
                 .await
                 .ok()
                 .and_then(|rel| view::release_spec(&rel).ok());
-            let split = spec.as_ref().and_then(|sp| view::canary_split(&r, sp));
+            let split = spec.as_ref().and_then(|sp| view::rollout_split(&r, sp));
             let steps_total = spec.as_ref().map_or(0, |s| s.deploy.steps.len());
             canary_split = split.clone();
             Some(api::RolloutStatus {
@@ -451,6 +444,11 @@ pub async fn app_status(
                     })
                     .map(|c| format!("{}/{steps_total}", c.step + 1)),
                 weight: split.map(|(_, w)| w),
+                preview: spec
+                    .as_ref()
+                    .filter(|_| !r.state.is_final() && !r.reverting)
+                    .and_then(|sp| sp.for_env(&env))
+                    .and_then(|sp| view::preview_host(&sp)),
                 analysis: r.canary.as_ref().and_then(|c| c.analysis.clone()),
                 id: r.id,
                 from: r.from.clone(),
@@ -949,18 +947,20 @@ pub async fn routing_table(s: &Server) -> Result<api::RoutesResponse, ApiErr> {
                 })
             })
             .collect();
-        // A canary splits users by key between its release and the rest.
-        let split = rollout
-            .as_ref()
-            .and_then(|r| view::canary_split(r, &spec))
-            .map(|(release, weight)| api::Split {
+        // A canary splits users by key between its release and the rest;
+        // blue/green sends all of them one way, with a preview of the new set.
+        let split = rollout.as_ref().and_then(|r| {
+            let (release, weight) = view::rollout_split(r, &spec)?;
+            let preview = view::preview_host(&spec).filter(|_| !r.reverting);
+            Some(api::Split {
                 release,
                 weight_permille: weight * 10,
                 key: view::split_key(&spec.route.user_key),
                 values: Vec::new(),
-                preview_host: None,
-                preview_header: None,
-            });
+                preview_header: preview.as_ref().map(|_| view::PREVIEW_HEADER.to_string()),
+                preview_host: preview,
+            })
+        });
         routes.push(api::Route {
             app: d.app.clone(),
             env: d.env.clone(),

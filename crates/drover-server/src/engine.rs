@@ -258,6 +258,7 @@ impl Engine {
             reverted_at: None,
             progress_at: now,
             canary: None,
+            blue_green: None,
         };
         let r = self.store().create_rollout(&r, now).await?;
         let from = r.from.clone().unwrap_or_else(|| "nothing".into());
@@ -333,6 +334,18 @@ impl Engine {
                 };
                 r.failure = Some(reason);
                 "abort"
+            }
+            Control::Promote { .. } if r.blue_green.is_some() => {
+                let bg = r.blue_green.as_mut().expect("checked");
+                if bg.switched_at.is_some() || bg.promoted || r.reverting {
+                    return Err(ApiErr::Conflict(format!(
+                        "rollout {} switched already; nothing to promote",
+                        r.id
+                    )));
+                }
+                bg.promoted = true;
+                r.progress_at = now;
+                "promote"
             }
             Control::Promote { full } => {
                 let total = spec.deploy.steps.len() as u32;
@@ -579,7 +592,13 @@ impl Engine {
                 self.store().set_live_release(app, env, &new.to).await?;
             }
             self.store().update_rollout(&new, now).await?;
-            let split = |r: &Rollout| (r.reverting, r.canary.as_ref().map(|c| (c.step, c.weight)));
+            let split = |r: &Rollout| {
+                (
+                    r.reverting,
+                    r.canary.as_ref().map(|c| (c.step, c.weight)),
+                    r.blue_green.as_ref().map(|b| b.switched_at.is_some()),
+                )
+            };
             if new.state != old.state || split(&new) != split(old) {
                 // Routing follows the rollout's target, the live release and the canary split.
                 let index = self.store().bump_index().await?;

@@ -205,22 +205,41 @@ pub fn instance_status(rec: &InstanceRecord, node_ready: bool) -> api::InstanceS
 }
 
 /// Traffic share per release from the serving instances (equal weights).
-/// The traffic split an active canary asks of the proxies: the new release
-/// and its share of users in percent (0 while rolling back: all to stable).
-/// None: no split, every routed instance by weight.
-pub fn canary_split(r: &Rollout, spec: &AppSpec) -> Option<(String, u32)> {
-    if r.state.is_final() || spec.deploy.strategy != Strategy::Canary || r.from.is_none() {
+/// The traffic split an active canary or blue/green rollout asks of the
+/// proxies: the new release and its share of users in percent (0 while
+/// rolling back: all to stable). None: no split, every routed instance by
+/// weight. `spec` is the spec of the rollout's target (`r.to`).
+pub fn rollout_split(r: &Rollout, spec: &AppSpec) -> Option<(String, u32)> {
+    if r.state.is_final() || r.from.is_none() {
         return None;
     }
-    if r.reverting {
-        return Some((r.to.clone(), 0));
+    match spec.deploy.strategy {
+        _ if r.reverting && spec.deploy.strategy.splits() => Some((r.to.clone(), 0)),
+        Strategy::Canary => {
+            let cp = r.canary.as_ref();
+            if cp.map_or(0, |c| c.step as usize) >= spec.deploy.steps.len() {
+                return None;
+            }
+            Some((r.to.clone(), cp.map_or(0, |c| c.weight)))
+        }
+        Strategy::BlueGreen => {
+            let switched = r
+                .blue_green
+                .as_ref()
+                .is_some_and(|b| b.switched_at.is_some());
+            Some((r.to.clone(), if switched { 100 } else { 0 }))
+        }
+        _ => None,
     }
-    let cp = r.canary.as_ref();
-    if cp.map_or(0, |c| c.step as usize) >= spec.deploy.steps.len() {
-        return None;
-    }
-    Some((r.to.clone(), cp.map_or(0, |c| c.weight)))
 }
+
+/// Blue/green: the host that reaches only the new set before the switch.
+pub fn preview_host(spec: &AppSpec) -> Option<String> {
+    (spec.deploy.strategy == Strategy::BlueGreen).then(|| format!("preview.{}", spec.route.host))
+}
+
+/// Blue/green: requests with this header reach only the new set.
+pub const PREVIEW_HEADER: &str = "x-drover-preview";
 
 /// `header:NAME` / `cookie:NAME` (validated by the spec) as the wire type.
 pub fn split_key(user_key: &str) -> api::SplitKey {
@@ -311,7 +330,7 @@ mod tests {
     }
 
     #[test]
-    fn a_canary_split_shows_its_weight_and_goes_to_stable_when_it_reverts() {
+    fn a_split_shows_its_weight_and_goes_to_stable_when_it_reverts() {
         let routed = [st("r1", true), st("r1", true), st("r2", true)];
         let split = ("r2".to_string(), 10);
         let t = traffic(&routed, Some(&split));

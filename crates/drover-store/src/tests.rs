@@ -39,6 +39,7 @@ fn rollout() -> Rollout {
         reverted_at: None,
         progress_at: 1,
         canary: None,
+        blue_green: None,
     }
 }
 

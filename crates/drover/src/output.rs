@@ -100,6 +100,9 @@ pub fn status(st: &api::AppStatus, as_json: bool) -> anyhow::Result<()> {
         if let Some(a) = &r.analysis {
             println!("analysis: {}", escape_terminal(a));
         }
+        if let Some(p) = &r.preview {
+            println!("preview:  host {p}, or any request with the header x-drover-preview: 1");
+        }
     }
     if let Some(r) = &st.last_run {
         println!(

@@ -19,6 +19,8 @@ pub(crate) fn settings(strategy: Strategy, n: u32, surge: u32, unavail: u32) -> 
         auto_rollback: true,
         steps: Vec::new(),
         analysis: None,
+        auto_promote: true,
+        bake_ms: 0,
     }
 }
 
@@ -38,6 +40,7 @@ pub(crate) fn rollout(from: Option<&str>, to: &str) -> Rollout {
         reverted_at: None,
         progress_at: 0,
         canary: None,
+        blue_green: None,
     }
 }
 
@@ -623,4 +626,80 @@ fn canary_instances_round_up_and_stay_within_the_instance_count() {
     assert_eq!(canary_instances(3, 34), 2);
     assert_eq!(canary_instances(10, 25), 3);
     assert_eq!(canary_instances(4, 100), 4);
+}
+
+// ------------------------------------------------------------ blue/green ----
+
+fn blue_green_settings(auto_promote: bool) -> DeploySettings {
+    let mut s = settings(Strategy::BlueGreen, 3, 1, 0);
+    s.auto_promote = auto_promote;
+    s.bake_ms = 60_000;
+    s
+}
+
+const THREE_R1_THREE_R2: &str = "
+    a r1 n1 run healthy routed
+    b r1 n2 run healthy routed
+    c r1 n3 run healthy routed
+    d r2 n1 run healthy routed
+    e r2 n2 run healthy routed
+    f r2 n3 run healthy routed";
+
+#[test]
+fn blue_green_starts_a_full_new_set_beside_the_old_and_waits_for_promote() {
+    let s = blue_green_settings(false);
+    let r = rollout(Some("r1"), "r2");
+    let p = canary_plan(&s, &r, THREE_R1, 0, None);
+    assert_eq!(
+        actions(&p),
+        ["place r2 on n1", "place r2 on n2", "place r2 on n3"],
+        "the whole set at once, no old one retired"
+    );
+    let p = canary_plan(&s, &r, THREE_R1_THREE_R2, 1_000, None);
+    assert!(actions(&p).is_empty());
+    let held = p.rollout.unwrap();
+    assert_eq!(held.blue_green.as_ref().unwrap().switched_at, None);
+    assert!(
+        held.message.contains("waiting for `drover promote hello`"),
+        "{}",
+        held.message
+    );
+
+    let mut promoted = held.clone();
+    promoted.blue_green = Some(BlueGreenProgress {
+        promoted: true,
+        switched_at: None,
+    });
+    let p = canary_plan(&s, &promoted, THREE_R1_THREE_R2, 2_000, None);
+    assert!(
+        actions(&p).is_empty(),
+        "the switch is a routing change only"
+    );
+    let switched = p.rollout.unwrap();
+    assert_eq!(
+        switched.blue_green.as_ref().unwrap().switched_at,
+        Some(2_000)
+    );
+}
+
+#[test]
+fn blue_green_keeps_the_old_set_warm_for_the_bake_then_retires_it_and_rollback_is_a_flip() {
+    let s = blue_green_settings(true);
+    let mut r = rollout(Some("r1"), "r2");
+    r.blue_green = Some(BlueGreenProgress {
+        promoted: false,
+        switched_at: Some(10_000),
+    });
+    let p = canary_plan(&s, &r, THREE_R1_THREE_R2, 30_000, None);
+    assert!(actions(&p).is_empty(), "baking: nothing retired");
+    assert!(p.rollout.unwrap().message.contains("40s left"));
+    let p = canary_plan(&s, &r, THREE_R1_THREE_R2, 70_001, None);
+    assert_eq!(actions(&p), ["retire a", "retire b", "retire c"]);
+
+    // Rolled back inside the bake: the new set goes, the warm old one stays.
+    let mut back = r.clone();
+    back.reverting = true;
+    back.reverted_at = Some(30_000);
+    let p = canary_plan(&s, &back, THREE_R1_THREE_R2, 30_000, None);
+    assert_eq!(actions(&p), ["retire d", "retire e", "retire f"]);
 }
