@@ -258,6 +258,28 @@ async fn rollback(
     s.store.get_app(&app).await?;
     let envs = environments(&s, &app).await?;
     let env = pick_env(&app, &envs, req.env.as_deref())?;
+    // Mid-rollout, "roll back" means back to where it started: the active
+    // rollout reverts (a canary's or blue/green's flip, no new rollout).
+    let active = s
+        .store
+        .latest_rollout(&app, &env)
+        .await?
+        .filter(|r| !r.state.is_final() && !r.reverting && r.from.is_some());
+    if let Some(r) = active.filter(|r| req.to.is_none() || req.to == r.from) {
+        let from = r.from.clone().unwrap_or_default();
+        let r = s.engine.control(&app, &env, Control::Abort).await?;
+        let commit = match view::parse_release_name(&from) {
+            Some(n) => s.store.get_release(&app, n).await?.commit,
+            None => String::new(),
+        };
+        return Ok(Json(api::DeployResponse {
+            release: from,
+            commit,
+            env,
+            rollout_id: r.id,
+            run_id: None,
+        }));
+    }
     let prev = s
         .store
         .get_deployment(&app, &env)

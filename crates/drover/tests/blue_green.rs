@@ -82,7 +82,7 @@ fn blue_green_previews_switches_and_flips_back_inside_the_bake_losing_nothing() 
     std::thread::sleep(Duration::from_secs(1));
 
     // A rollback inside the bake: a flip back to the warm set.
-    c.cli_ok(&["abort", "web"]);
+    c.cli_ok(&["rollback", "web"]);
     c.wait_until("all users back on v1", Duration::from_secs(10), |c| {
         (0..10).all(|_| answer(c, "web.localhost", "") == "v1")
     });
