@@ -18,12 +18,18 @@ pub enum Strategy {
     /// switch moves all users at once; the old set stays warm for a bake
     /// window so rolling back is a flip.
     BlueGreen,
+    /// A few new instances serving only a segment of users (listed user
+    /// keys or a hash percentage), held there until promoted or rolled back.
+    Partial,
 }
 
 impl Strategy {
     /// Strategies whose rollouts split traffic between two releases.
     pub fn splits(self) -> bool {
-        matches!(self, Strategy::Canary | Strategy::BlueGreen)
+        matches!(
+            self,
+            Strategy::Canary | Strategy::BlueGreen | Strategy::Partial
+        )
     }
 }
 
@@ -34,6 +40,7 @@ impl fmt::Display for Strategy {
             Strategy::Recreate => "recreate",
             Strategy::Canary => "canary",
             Strategy::BlueGreen => "blue_green",
+            Strategy::Partial => "partial",
         })
     }
 }
@@ -65,6 +72,12 @@ pub struct DeploySettings {
     /// Blue/green: how long the old set stays warm after the switch.
     #[serde(default)]
     pub bake_ms: u64,
+    /// Partial: the user keys the new release serves (empty: by percent).
+    #[serde(default)]
+    pub partial_users: Vec<String>,
+    /// Partial: how many instances of the new release serve the segment.
+    #[serde(default)]
+    pub partial_instances: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -309,7 +309,8 @@ impl<'a> Planner<'a> {
         // A first deploy has no stable release to compare with: no steps.
         let in_steps =
             r.from.is_some() && r.canary.as_ref().map_or(0, |c| c.step as usize) < s.steps.len();
-        if s.strategy == Strategy::Canary && !r.reverting && in_steps {
+        let stepped = matches!(s.strategy, Strategy::Canary | Strategy::Partial);
+        if stepped && !r.reverting && in_steps {
             return self.canary_step(r, &target);
         }
         if s.strategy == Strategy::BlueGreen && !r.reverting && r.from.is_some() {
@@ -318,7 +319,7 @@ impl<'a> Planner<'a> {
             }
         }
         match s.strategy {
-            Strategy::Rolling | Strategy::Canary | Strategy::BlueGreen => {
+            Strategy::Rolling | Strategy::Canary | Strategy::BlueGreen | Strategy::Partial => {
                 // Old instances that serve nothing can go at once.
                 let idle_old: Vec<String> = self
                     .inst
@@ -447,7 +448,12 @@ impl<'a> Planner<'a> {
         let k = cp.step as usize;
         let total = s.steps.len();
         let st = &s.steps[k];
-        let want = canary_instances(s.instances, st.weight);
+        let partial = s.strategy == Strategy::Partial;
+        let want = if partial {
+            s.partial_instances.clamp(1, s.instances)
+        } else {
+            canary_instances(s.instances, st.weight)
+        };
         // Old instances that crashed or never served go; serving ones stay.
         let idle_old: Vec<String> = self
             .inst
@@ -489,12 +495,24 @@ impl<'a> Planner<'a> {
             r.progress_at = now;
         }
         r.step = ready;
-        let head = format!(
-            "canary {} → {target}: step {}/{total} ({}% of users)",
-            r.from.as_deref().unwrap_or("nothing"),
-            k + 1,
-            st.weight
-        );
+        let head = if partial {
+            let segment = if s.partial_users.is_empty() {
+                format!("{}% of users", st.weight)
+            } else {
+                format!("{} listed user(s)", s.partial_users.len())
+            };
+            format!(
+                "partial {} → {target}: {segment} on {target}",
+                r.from.as_deref().unwrap_or("nothing")
+            )
+        } else {
+            format!(
+                "canary {} → {target}: step {}/{total} ({}% of users)",
+                r.from.as_deref().unwrap_or("nothing"),
+                k + 1,
+                st.weight
+            )
+        };
         if ready < want {
             r.message = format!(
                 "{head}: waiting for {}/{want} instance(s) of {target} to become healthy",
@@ -542,7 +560,12 @@ impl<'a> Planner<'a> {
             cp.analysis = None;
         } else {
             let mut waits = Vec::new();
-            if pause_left > 0 {
+            if partial {
+                waits.push(format!(
+                    "held until `drover promote {}` (or rollback)",
+                    r.app
+                ));
+            } else if pause_left > 0 {
                 waits.push(format!("pause, {} left", format_ms(pause_left)));
             }
             if !note.is_empty() {

@@ -257,6 +257,17 @@ struct RawDeploy {
     analysis: Option<RawAnalysis>,
     auto_promote: Option<bool>,
     bake: Option<Spanned<String>>,
+    #[serde(default)]
+    partial: Option<Spanned<RawPartial>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPartial {
+    #[serde(default)]
+    users: Vec<String>,
+    percent: Option<Spanned<i64>>,
+    instances: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -524,6 +535,7 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
             analysis: None,
             auto_promote: None,
             bake: None,
+            partial: None,
         });
         let strategy = match &d.strategy {
             None => Strategy::Rolling,
@@ -532,9 +544,7 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
                 "recreate" => Strategy::Recreate,
                 "canary" => Strategy::Canary,
                 "blue_green" => Strategy::BlueGreen,
-                "partial" => {
-                    return Err(ctx.err(s.span(), "deploy.strategy", format!("strategy {:?} is not available in this version of drover yet; use \"rolling\", \"canary\", \"blue_green\" or \"recreate\"", s.get_ref())))
-                }
+                "partial" => Strategy::Partial,
                 other => return Err(ctx.err(s.span(), "deploy.strategy", format!("unknown strategy {other:?}; use one of rolling, canary, blue_green, partial, recreate"))),
             },
         };
@@ -582,6 +592,42 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
                     pause_ms: ctx.duration(&st.get_ref().pause, "deploy.steps.pause", 0)?,
                 });
             }
+        }
+        let (mut partial_users, mut partial_instances) = (Vec::new(), 0);
+        if strategy == Strategy::Partial {
+            let Some(p) = &d.partial else {
+                let span = d.strategy.as_ref().map(|s| s.span()).unwrap_or(0..0);
+                return Err(ctx.err(span, "deploy.partial", "a partial deployment needs its segment: add [deploy.partial] with users = [\"alice\", \"bob\"] or percent = 5"));
+            };
+            let raw = p.get_ref();
+            let percent = ctx.count(&raw.percent, "deploy.partial.percent", 0, 0, 100)?;
+            if raw.users.is_empty() == (percent == 0) {
+                return Err(ctx.err(p.span(), "deploy.partial", "give either users = [...] (listed user keys) or percent = N (a hash share of user keys), not both and not neither"));
+            }
+            if raw
+                .users
+                .iter()
+                .any(|u| u.is_empty() || u.chars().any(|c| c.is_control()))
+            {
+                return Err(ctx.err(
+                    p.span(),
+                    "deploy.partial.users",
+                    "user keys must be non-empty text without control characters",
+                ));
+            }
+            partial_users = raw.users.clone();
+            partial_instances = ctx.count(
+                &raw.instances,
+                "deploy.partial.instances",
+                1,
+                1,
+                run.instances.into(),
+            )?;
+            // One step held until promoted: the segment.
+            steps = vec![CanaryStep {
+                weight: percent,
+                pause_ms: u64::MAX,
+            }];
         }
         if strategy == Strategy::Canary && steps.is_empty() {
             let span = d.strategy.as_ref().map(|s| s.span()).unwrap_or(0..0);
@@ -634,6 +680,8 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
             analysis,
             auto_promote: d.auto_promote.unwrap_or(true),
             bake_ms: ctx.duration(&d.bake, "deploy.bake", 300_000)?,
+            partial_users,
+            partial_instances,
         }
     };
 
@@ -894,7 +942,15 @@ max_unavailable = 0
     #[test]
     fn strategies_not_yet_available_are_refused_not_ignored() {
         let e = err(&GOOD.replace("\"rolling\"", "\"partial\""));
-        assert_eq!(e.field, "deploy.strategy");
+        assert_eq!(e.field, "deploy.partial", "a partial without its segment");
+        let both = GOOD.replace("\"rolling\"", "\"partial\"")
+            + "\n[deploy.partial]\nusers = [\"a\"]\npercent = 5\n";
+        assert_eq!(err(&both).field, "deploy.partial");
+        let ok = GOOD.replace("\"rolling\"", "\"partial\"")
+            + "\n[deploy.partial]\nusers = [\"alice\", \"bob\"]\n";
+        let s = parse_spec("drover.toml", &ok).unwrap();
+        assert_eq!(s.deploy.partial_users, ["alice", "bob"]);
+        assert_eq!(s.deploy.partial_instances, 1);
         let e = err(&GOOD.replace("\"rolling\"", "\"canary\""));
         assert_eq!(e.field, "deploy.steps", "a canary without steps");
     }

@@ -28,6 +28,8 @@ fn settings(strategy: DeployStrategy, n: u32, surge: u32, unavail: u32) -> Deplo
         analysis: None,
         auto_promote: true,
         bake_ms: 0,
+        partial_users: Vec::new(),
+        partial_instances: 0,
     }
 }
 

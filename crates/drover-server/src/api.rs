@@ -978,7 +978,8 @@ pub async fn routing_table(s: &Server) -> Result<api::RoutesResponse, ApiErr> {
                 release,
                 weight_permille: weight * 10,
                 key: view::split_key(&spec.route.user_key),
-                values: Vec::new(),
+                // Partial by listed users: exactly these keys, nobody else.
+                values: spec.deploy.partial_users.clone(),
                 preview_header: preview.as_ref().map(|_| view::PREVIEW_HEADER.to_string()),
                 preview_host: preview,
             })

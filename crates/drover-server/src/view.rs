@@ -215,7 +215,7 @@ pub fn rollout_split(r: &Rollout, spec: &AppSpec) -> Option<(String, u32)> {
     }
     match spec.deploy.strategy {
         _ if r.reverting && spec.deploy.strategy.splits() => Some((r.to.clone(), 0)),
-        Strategy::Canary => {
+        Strategy::Canary | Strategy::Partial => {
             let cp = r.canary.as_ref();
             if cp.map_or(0, |c| c.step as usize) >= spec.deploy.steps.len() {
                 return None;

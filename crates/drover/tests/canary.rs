@@ -284,3 +284,57 @@ fn operators_pause_resume_abort_and_promote_a_canary() {
         assert!(events.contains(kind), "{kind} missing:\n{events}");
     }
 }
+
+#[test]
+fn a_partial_deployment_serves_exactly_the_listed_users_until_promoted() {
+    let _g = serial();
+    let sp = spec("web", 3, "30s")
+        .replace("strategy = \"rolling\"", "strategy = \"partial\"")
+        .replace(
+            "host = \"web.localhost\"",
+            "host = \"web.localhost\"\nuser_key = \"header:x-user\"",
+        )
+        + "\n[deploy.partial]\nusers = [\"user-3\", \"user-17\", \"user-420\"]\n";
+    let (c, repo) = start(&sp);
+    repo.commit(&sp, &Behavior::ok("v2"));
+    c.cli_ok(&["deploy", "web"]);
+    c.wait_until(
+        "the segment is served by r2",
+        Duration::from_secs(30),
+        |c| {
+            let r = &c.status("web")["rollout"];
+            r["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("held until"))
+        },
+    );
+    let mut on_new = Vec::new();
+    for u in 0..1000 {
+        let key = format!("user-{u}");
+        let (head, body) = raw_get_with(
+            &c.proxy_addr,
+            "web.localhost",
+            "/",
+            &format!("x-user: {key}\r\n"),
+        )
+        .unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        if body.starts_with("v2 ") {
+            on_new.push(key);
+        }
+    }
+    println!("partial: 1000 users, on the new release: {on_new:?}");
+    assert_eq!(on_new, ["user-3", "user-17", "user-420"]);
+    assert_eq!(
+        releases_running(&c),
+        ["r1", "r1", "r1", "r2"],
+        "one instance serves the segment"
+    );
+    // It holds there; promote takes it to everyone.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.status("web")["rollout"]["state"], "progressing");
+    c.cli_ok(&["promote", "web"]);
+    c.wait_until("r2 everywhere", Duration::from_secs(60), |c| {
+        c.status("web")["live_release"] == "r2" && releases_running(c) == ["r2", "r2", "r2"]
+    });
+}

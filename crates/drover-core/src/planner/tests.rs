@@ -21,6 +21,8 @@ pub(crate) fn settings(strategy: Strategy, n: u32, surge: u32, unavail: u32) -> 
         analysis: None,
         auto_promote: true,
         bake_ms: 0,
+        partial_users: Vec::new(),
+        partial_instances: 0,
     }
 }
 
