@@ -8,7 +8,8 @@
 #      from the `rollout.started` to the `rollout.succeeded` event;
 #   2. proxy throughput and latency vs. calling an instance directly
 #      (loadgen: 1 and 50 keep-alive connections, and a new connection per request);
-#   3. commit to live: signed push webhook → all requests answered by the new release.
+#   3. commit to live: signed push webhook → all requests answered by the new release;
+#   4. canary abort: from the decision to 100% of new requests on the stable release.
 # Prints markdown rows for BENCHMARKS.md. All traffic stays on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -132,4 +133,87 @@ for i in 1 2 3; do
   END=$(date +%s%3N)
   BT=$("$BIN/drover" runs bench --json | python3 -c 'import json,sys; r=json.load(sys.stdin)[0]; print(sum(s["duration_ms"] or 0 for s in r["steps"] if s["name"] in ("build","test")))')
   echo "| run $i | $((END - START)) ms | ${BT} ms | $((END - START - BT)) ms |"
+done
+
+# Canary abort → stable: a 50% canary split (no user key: each request is
+# decided at random), then the decision to go back (`drover abort`, the same
+# path an analysis failure takes from the rollout write on). Measured from
+# the decision's event to the send time of the last request the canary
+# still answered, with 4 keep-alive clients sending as fast as they can.
+cat >"$D/flip.py" <<'PY'
+import http.client, json, sys, threading, time
+proxy, secs, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+host, port = proxy.split(":")
+rows, stop = [], time.time() + secs
+def client():
+    c = http.client.HTTPConnection(host, int(port), timeout=5)
+    while time.time() < stop:
+        t = time.time() * 1000
+        c.request("GET", "/", headers={"Host": "bench.localhost"})
+        body = c.getresponse().read().decode().strip()
+        rows.append((t, body))
+ts = [threading.Thread(target=client) for _ in range(4)]
+[t.start() for t in ts]; [t.join() for t in ts]
+json.dump(rows, open(out, "w"))
+PY
+canary_spec() {
+cat >"$REPO/drover.toml" <<TOML
+[app]
+name = "bench"
+[build]
+artifact = ["backend", "VERSION"]
+[run]
+command = "exec ./backend"
+instances = 4
+stop_timeout = "2s"
+[health]
+path = "/healthz"
+interval = "50ms"
+healthy_after = 1
+deadline = "30s"
+[route]
+host = "bench.localhost"
+user_key = "header:x-user"
+[deploy]
+strategy = "canary"
+steps = [{ weight = 50, pause = "10m" }]
+TOML
+}
+wait_state() { # field value: poll the newest rollout until .field == value
+  for _ in $(seq 1 600); do
+    V=$("$BIN/drover" status bench --json | python3 -c "import json,sys; r=json.load(sys.stdin)['rollout']; print(r.get('$1'))")
+    [ "$V" = "$2" ] && return 0
+    sleep 0.1
+  done
+  echo "timed out waiting for $1 = $2"; exit 1
+}
+# The canary spec itself goes out as a canary: promote it past its step.
+canary_spec; commit "canary spec"
+"$BIN/drover" deploy bench >/dev/null 2>&1
+wait_state weight 50
+"$BIN/drover" promote bench --full >/dev/null 2>&1
+wait_state state succeeded
+echo
+echo "| canary 50% → abort: decision to 100% of new requests on stable | requests during | answered by the canary after the decision | time |"
+echo "|---|---|---|---|"
+for i in 1 2 3; do
+  commit "canary $i"
+  "$BIN/drover" deploy bench >/dev/null 2>&1
+  wait_state weight 50
+  NEW=$("$BIN/drover" status bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["rollout"]["to"])')
+  python3 "$D/flip.py" "$PROXY" 4 "$D/flip.json" &
+  LOADER=$!
+  sleep 2
+  "$BIN/drover" abort bench >/dev/null 2>&1
+  wait $LOADER
+  "$BIN/drover" events --app bench --json | python3 -c "
+import json, sys
+ev = json.load(sys.stdin)
+t = max(e['at_ms'] for e in ev if e['kind'] == 'rollout.aborted')
+rows = json.load(open('$D/flip.json'))
+late = [s for s, body in rows if body == 'hello $NEW' and s >= t]
+last = max(late) if late else t
+print('| run $i | %d | %d | %d ms |' % (len(rows), len(late), max(0, last - t)))"
+  # Let the aborted canary's instances go before the next run.
+  wait_state state rolled_back
 done
