@@ -102,6 +102,10 @@ fn a_commit_to_the_tracked_branch_goes_live_with_no_command_typed() {
                 && all_answer(c, "v2")
         },
     );
+    // The run ends once it saw its rollout succeed (it polls the rollout).
+    c.wait_until("the run succeeded", Duration::from_secs(10), |c| {
+        c.runs("web")[0]["state"] == "succeeded"
+    });
     let r = c.runs("web");
     assert_eq!(r.len(), 2, "{r:#?}");
     assert_eq!(r[0]["trigger"], "poll");
