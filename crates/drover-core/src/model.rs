@@ -72,6 +72,10 @@ pub struct DeploySettings {
     /// Blue/green: how long the old set stays warm after the switch.
     #[serde(default)]
     pub bake_ms: u64,
+    /// Blue/green: a path every new instance must answer with 2xx before
+    /// the switch (the pre-promotion check).
+    #[serde(default)]
+    pub preview_check: Option<String>,
     /// Partial: the user keys the new release serves (empty: by percent).
     #[serde(default)]
     pub partial_users: Vec<String>,

@@ -635,7 +635,10 @@ impl<'a> Planner<'a> {
                 )));
             }
             Some(Verdict::Inconclusive(text)) => Some(text.clone()),
-            _ => None,
+            Some(_) => None,
+            // A check is configured but has not run on the ready set yet.
+            None if s.preview_check.is_some() => Some("waiting for the preview check".into()),
+            None => None,
         };
         if bg.promoted || (s.auto_promote && check.is_none()) {
             bg.switched_at = Some(now);

@@ -257,6 +257,7 @@ struct RawDeploy {
     analysis: Option<RawAnalysis>,
     auto_promote: Option<bool>,
     bake: Option<Spanned<String>>,
+    preview_check: Option<Spanned<String>>,
     #[serde(default)]
     partial: Option<Spanned<RawPartial>>,
 }
@@ -535,6 +536,7 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
             analysis: None,
             auto_promote: None,
             bake: None,
+            preview_check: None,
             partial: None,
         });
         let strategy = match &d.strategy {
@@ -682,6 +684,20 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
             bake_ms: ctx.duration(&d.bake, "deploy.bake", 300_000)?,
             partial_users,
             partial_instances,
+            preview_check: match &d.preview_check {
+                None => None,
+                Some(p) => {
+                    let s = p.get_ref();
+                    if !s.starts_with('/') || s.chars().any(|c| c.is_control() || c == ' ') {
+                        return Err(ctx.err(
+                            p.span(),
+                            "deploy.preview_check",
+                            format!("{s:?} must be an absolute URL path such as \"/ready\""),
+                        ));
+                    }
+                    Some(s.clone())
+                }
+            },
         }
     };
 

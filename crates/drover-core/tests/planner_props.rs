@@ -30,6 +30,7 @@ fn settings(strategy: DeployStrategy, n: u32, surge: u32, unavail: u32) -> Deplo
         bake_ms: 0,
         partial_users: Vec::new(),
         partial_instances: 0,
+        preview_check: None,
     }
 }
 

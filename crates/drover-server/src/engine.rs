@@ -20,7 +20,7 @@ use drover_api::LATENCY_BUCKETS_MS;
 use drover_core::analysis::{self, Verdict, Window};
 use drover_core::planner::{plan, Action, PlanInput};
 use drover_core::spec::AppSpec;
-use drover_core::{Desired, Node, Rollout, RolloutState};
+use drover_core::{Desired, Node, Rollout, RolloutState, Strategy};
 use drover_store::{DeploymentRecord, InstanceChange, InstanceRecord, NodeRecord, Store};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -133,6 +133,7 @@ pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
         specs: HashMap::new(),
         errors: HashMap::new(),
         windows: HashMap::new(),
+        checks: Arc::default(),
     };
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -178,6 +179,8 @@ struct Engine {
     /// step index, its start) and the traffic total of the new release when
     /// the engine first saw it — the window's baseline.
     windows: HashMap<(String, String), (StepId, Window)>,
+    /// Blue/green pre-promotion checks by rollout id: None while running.
+    checks: Arc<std::sync::Mutex<HashMap<i64, Option<Verdict>>>>,
 }
 
 /// A canary step: (rollout id, step index, when it started).
@@ -469,6 +472,56 @@ impl Engine {
         Some(analysis::judge(&window, analysis, &LATENCY_BUCKETS_MS))
     }
 
+    /// Blue/green: the pre-promotion check of a ready new set — a GET of
+    /// `preview_check` on every new instance, each must answer 2xx. Runs
+    /// once per rollout, in its own task (the engine does not wait on it).
+    fn preview_verdict(
+        &mut self,
+        active: Option<&Rollout>,
+        spec: &AppSpec,
+        records: &[InstanceRecord],
+        ready: &std::collections::BTreeMap<String, bool>,
+    ) -> Option<Verdict> {
+        let r = active.filter(|r| !r.reverting && r.from.is_some())?;
+        let path = spec.deploy.preview_check.clone()?;
+        if r.blue_green
+            .as_ref()
+            .is_some_and(|b| b.switched_at.is_some())
+        {
+            return None;
+        }
+        let addrs: Vec<String> = records
+            .iter()
+            .filter(|i| i.release == r.to)
+            .filter_map(|i| view::serves(i, ready.get(&i.node).copied().unwrap_or(false)))
+            .collect();
+        if (addrs.len() as u32) < spec.deploy.instances {
+            return None;
+        }
+        let mut checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        match checks.get(&r.id) {
+            Some(Some(v)) => return Some(v.clone()),
+            Some(None) => {}
+            None => {
+                checks.insert(r.id, None);
+                let (id, results, engine) = (r.id, self.checks.clone(), self.server.engine.clone());
+                tokio::spawn(async move {
+                    let v = preview_check(&addrs, &path).await;
+                    tracing::info!(rollout.id = id, verdict = ?v, "blue/green preview check");
+                    results
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id, Some(v));
+                    engine.poke();
+                });
+            }
+        }
+        Some(Verdict::Inconclusive(format!(
+            "running GET {} on the new set",
+            spec.deploy.preview_check.as_deref().unwrap_or("")
+        )))
+    }
+
     async fn tick_deployment(
         &mut self,
         dep: &DeploymentRecord,
@@ -526,7 +579,10 @@ impl Engine {
                 ready: cluster.ready[&n.name],
             })
             .collect();
-        let verdict = self.canary_verdict(app, env, active, &spec);
+        let verdict = match spec.deploy.strategy {
+            Strategy::BlueGreen => self.preview_verdict(active, &spec, &records, &cluster.ready),
+            _ => self.canary_verdict(app, env, active, &spec),
+        };
         let p = plan(&PlanInput {
             settings: &spec.deploy,
             rollout: rollout.as_ref(),
@@ -630,4 +686,39 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// GET `path` on every address (5 s each); all must answer 2xx.
+async fn preview_check(addrs: &[String], path: &str) -> Verdict {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for addr in addrs {
+        let got = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+            let mut buf = vec![0u8; 256];
+            let n = s.read(&mut buf).await?;
+            Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+        .await;
+        let status = match got {
+            Err(_) => return Verdict::Fail(format!("GET {path} on {addr} timed out after 5s")),
+            Ok(Err(e)) => return Verdict::Fail(format!("GET {path} on {addr}: {e}")),
+            Ok(Ok(head)) => head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse::<u16>().ok())
+                .unwrap_or(0),
+        };
+        if !(200..300).contains(&status) {
+            return Verdict::Fail(format!("GET {path} on {addr} answered {status}"));
+        }
+    }
+    Verdict::Pass(format!(
+        "GET {path} answered 2xx on all {} new instance(s)",
+        addrs.len()
+    ))
 }

@@ -104,3 +104,46 @@ fn blue_green_previews_switches_and_flips_back_inside_the_bake_losing_nothing() 
     assert_eq!(stats.failed, 0, "{:?}", stats.failures);
     assert!(stats.by_version.get("v2").copied().unwrap_or(0) > 0);
 }
+
+#[test]
+fn a_failing_pre_promotion_check_stops_the_switch_and_a_passing_one_switches_by_itself() {
+    let _g = serial();
+    let sp = spec("web", 2, "30s").replace("strategy = \"rolling\"", "strategy = \"blue_green\"")
+        + "bake = \"1s\"\npreview_check = \"/ready\"\n";
+    let c = Cluster::start(2);
+    let repo = Repo::create(c.dir.path(), &sp, &Behavior::ok("v1"));
+    c.cli_ok(&["apps", "add", &repo.path.to_string_lossy()]);
+    c.cli_ok(&["deploy", "web", "--wait"]);
+    let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(120));
+
+    repo.commit(
+        &sp,
+        &Behavior {
+            ready_status: 503,
+            ..Behavior::ok("v2")
+        },
+    );
+    let out = c.cli(&["deploy", "web", "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "the check must stop it");
+    let st = c.status("web");
+    let failure = st["rollout"]["failure"].as_str().unwrap();
+    assert!(
+        failure.contains("the preview check of r2 failed") && failure.contains("answered 503"),
+        "{failure}"
+    );
+    assert_eq!(st["live_release"], "r1");
+
+    repo.commit(&sp, &Behavior::ok("v3"));
+    c.cli_ok(&["deploy", "web", "--wait"]);
+    c.wait_until("v3 for everyone", Duration::from_secs(10), |c| {
+        (0..10).all(|_| answer(c, "web.localhost", "") == "v3")
+    });
+    let stats = load.finish();
+    println!(
+        "blue/green with a preview check: {} requests, {} failed, by version {:?}",
+        stats.sent, stats.failed, stats.by_version
+    );
+    assert_eq!(stats.failed, 0, "{:?}", stats.failures);
+    assert!(!stats.by_version.contains_key("v2"), "no user ever saw v2");
+    assert!(instances(&c).iter().all(|(r, _)| r == "r3"));
+}

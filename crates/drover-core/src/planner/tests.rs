@@ -23,6 +23,7 @@ pub(crate) fn settings(strategy: Strategy, n: u32, surge: u32, unavail: u32) -> 
         bake_ms: 0,
         partial_users: Vec::new(),
         partial_instances: 0,
+        preview_check: None,
     }
 }
 
@@ -704,4 +705,28 @@ fn blue_green_keeps_the_old_set_warm_for_the_bake_then_retires_it_and_rollback_i
     back.reverted_at = Some(30_000);
     let p = canary_plan(&s, &back, THREE_R1_THREE_R2, 30_000, None);
     assert_eq!(actions(&p), ["retire d", "retire e", "retire f"]);
+}
+
+#[test]
+fn blue_green_with_a_preview_check_switches_only_on_its_pass_and_fails_on_its_failure() {
+    let mut s = blue_green_settings(true);
+    s.preview_check = Some("/ready".into());
+    let r = rollout(Some("r1"), "r2");
+    let p = canary_plan(&s, &r, THREE_R1_THREE_R2, 1_000, None);
+    let bg = p.rollout.unwrap().blue_green.unwrap();
+    assert_eq!(bg.switched_at, None, "no verdict yet: no switch");
+    let pass = Verdict::Pass("GET /ready answered 2xx".into());
+    let p = canary_plan(&s, &r, THREE_R1_THREE_R2, 1_000, Some(&pass));
+    assert_eq!(
+        p.rollout.unwrap().blue_green.unwrap().switched_at,
+        Some(1_000)
+    );
+    let fail = Verdict::Fail("GET /ready on 127.0.0.1:1 answered 503".into());
+    let p = canary_plan(&s, &r, THREE_R1_THREE_R2, 1_000, Some(&fail));
+    let back = p.rollout.unwrap();
+    assert!(back.reverting);
+    assert!(back
+        .failure
+        .unwrap()
+        .contains("the preview check of r2 failed"));
 }

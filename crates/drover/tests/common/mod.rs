@@ -406,6 +406,8 @@ pub struct Behavior {
     pub slow_ms: u64,
     /// Every n-th request (not health checks) answers 500; 0: never.
     pub fail_every: u64,
+    /// What GET /ready answers (a deeper readiness check than /healthz).
+    pub ready_status: u16,
 }
 
 impl Behavior {
@@ -416,6 +418,7 @@ impl Behavior {
             start_delay_ms: 0,
             slow_ms: 300,
             fail_every: 0,
+            ready_status: 200,
         }
     }
 }
@@ -435,6 +438,9 @@ class H(http.server.BaseHTTPRequestHandler):
         if self.path == "/healthz":
             status = cfg["health_status"]
             body = b"ok\n" if status == 200 else b"not ready\n"
+        elif self.path == "/ready":
+            status = cfg["ready_status"]
+            body = b"ready\n" if status == 200 else b"not ready\n"
         else:
             if self.path == "/slow":
                 time.sleep(cfg["slow_ms"] / 1000.0)
@@ -506,8 +512,8 @@ impl Repo {
         std::fs::write(self.path.join("app.py"), TEST_APP_PY).unwrap();
         std::fs::write(self.path.join("drover.toml"), spec).unwrap();
         let json = format!(
-            r#"{{"version": "{}", "health_status": {}, "start_delay_ms": {}, "slow_ms": {}, "fail_every": {}}}"#,
-            b.version, b.health_status, b.start_delay_ms, b.slow_ms, b.fail_every
+            r#"{{"version": "{}", "health_status": {}, "start_delay_ms": {}, "slow_ms": {}, "fail_every": {}, "ready_status": {}}}"#,
+            b.version, b.health_status, b.start_delay_ms, b.slow_ms, b.fail_every, b.ready_status
         );
         std::fs::write(self.path.join("behavior.json"), json).unwrap();
         git(&self.path, &["add", "-A"]);
