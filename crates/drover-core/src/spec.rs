@@ -468,17 +468,7 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
         });
         let path = match &h.path {
             None => "/healthz".to_string(),
-            Some(p) => {
-                let s = p.get_ref();
-                if !s.starts_with('/') || s.chars().any(|c| c.is_control() || c == ' ') {
-                    return Err(ctx.err(
-                        p.span(),
-                        "health.path",
-                        format!("{s:?} must be an absolute URL path such as \"/healthz\""),
-                    ));
-                }
-                s.clone()
-            }
+            Some(p) => url_path(&ctx, p, "health.path")?,
         };
         let interval_ms = ctx.duration(&h.interval, "health.interval", 1_000)?;
         if interval_ms < 50 {
@@ -686,17 +676,7 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
             partial_instances,
             preview_check: match &d.preview_check {
                 None => None,
-                Some(p) => {
-                    let s = p.get_ref();
-                    if !s.starts_with('/') || s.chars().any(|c| c.is_control() || c == ' ') {
-                        return Err(ctx.err(
-                            p.span(),
-                            "deploy.preview_check",
-                            format!("{s:?} must be an absolute URL path such as \"/ready\""),
-                        ));
-                    }
-                    Some(s.clone())
-                }
+                Some(p) => Some(url_path(&ctx, p, "deploy.preview_check")?),
             },
         }
     };
@@ -825,6 +805,19 @@ fn field_at(src: &str, span: &Range<usize>) -> String {
 }
 
 /// App names become parts of file names, instance ids and URLs.
+/// An absolute URL path (checked with GET by drover).
+fn url_path(ctx: &Ctx<'_>, p: &Spanned<String>, field: &str) -> Result<String, SpecError> {
+    let s = p.get_ref();
+    if !s.starts_with('/') || s.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(ctx.err(
+            p.span(),
+            field,
+            format!("{s:?} must be an absolute URL path such as \"/healthz\""),
+        ));
+    }
+    Ok(s.clone())
+}
+
 fn valid_env_name(k: &str) -> bool {
     !k.is_empty()
         && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
