@@ -351,6 +351,30 @@ pub struct RollbackRequest {
     pub env: Option<String>,
 }
 
+/// `drover plan`: a dry run of a rollout, when everything goes well.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PlanInfo {
+    pub env: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub strategy: String,
+    pub steps: Vec<PlanStep>,
+    /// Expected time until the rollout is final (or waits for an operator).
+    pub duration_ms: u64,
+    pub outcome: String,
+    /// What the simulation assumes.
+    pub assumptions: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PlanStep {
+    pub at_ms: u64,
+    pub changes: Vec<String>,
+    /// Percent of users per release after the step.
+    pub traffic: BTreeMap<String, u32>,
+    pub message: String,
+}
+
 /// `pause`, `resume`, `abort`, `promote` of an app's environment.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ControlRequest {

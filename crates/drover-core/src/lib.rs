@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod analysis;
+pub mod dryrun;
 pub mod duration;
 pub mod model;
 pub mod planner;

@@ -780,4 +780,4 @@ fn health_word(h: Health) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -86,6 +86,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/apps/{app}/deploy", post(deploy))
         .route("/v1/apps/{app}/rollback", post(rollback))
         .route("/v1/apps/{app}/promote", post(promote))
+        .route("/v1/apps/{app}/plan", get(plan_dry_run))
         .route("/v1/apps/{app}/pause", post(pause))
         .route("/v1/apps/{app}/resume", post(resume))
         .route("/v1/apps/{app}/abort", post(abort))
@@ -305,6 +306,108 @@ async fn rollback(
         env,
         rollout_id: r.id,
         run_id: None,
+    }))
+}
+
+#[derive(Deserialize)]
+struct PlanQuery {
+    env: Option<String>,
+    to: Option<String>,
+}
+
+/// A dry run of moving an environment to a release (default: the newest
+/// good release not live there), by the real planner on a simulated cluster.
+async fn plan_dry_run(
+    State(s): S,
+    Path(app): Path<String>,
+    Query(q): Query<PlanQuery>,
+) -> R<api::PlanInfo> {
+    s.store.get_app(&app).await?;
+    let envs = environments(&s, &app).await?;
+    let env = pick_env(&app, &envs, q.env.as_deref())?;
+    let live = envs
+        .iter()
+        .find(|e| e.name == env)
+        .and_then(|e| e.live_release.clone());
+    let releases = s.store.list_releases(&app).await?; // newest first
+    let target = match q.to {
+        Some(t) => releases
+            .into_iter()
+            .find(|r| r.name() == t)
+            .ok_or_else(|| ApiErr::NotFound(format!("release {t} of {app} not found")))?,
+        None => releases
+            .into_iter()
+            .find(|r| r.status == "ok" && Some(r.name()) != live)
+            .ok_or_else(|| {
+                ApiErr::BadInput(format!(
+                    "nothing to plan: no release of {app} other than the live {} is ready; pass --to rN",
+                    live.as_deref().unwrap_or("(none)")
+                ))
+            })?,
+    };
+    let spec = view::release_spec(&target).map_err(ApiErr::Internal)?;
+    let spec = spec
+        .for_env(&env)
+        .ok_or_else(|| ApiErr::BadInput(format!("{} has no environment {env:?}", target.name())))?;
+    let now = now_ms();
+    let node_records = s.store.list_nodes().await?;
+    let ready = view::nodes_ready(&node_records, now);
+    let selector = spec.environment(&env).map(|e| e.nodes.clone());
+    let nodes: Vec<drover_core::Node> = node_records
+        .iter()
+        .filter(|n| {
+            selector
+                .as_ref()
+                .is_none_or(|sel| view::labels_match(sel, &n.labels))
+        })
+        .map(|n| drover_core::Node {
+            name: n.name.clone(),
+            ready: ready[&n.name],
+        })
+        .collect();
+    let instances: Vec<drover_core::Instance> = s
+        .store
+        .list_instances(&app)
+        .await?
+        .iter()
+        .filter(|i| i.env == env)
+        .map(|i| view::to_core(i, ready.get(&i.node).copied().unwrap_or(false), false))
+        .collect();
+    // An instance starts in about half a second, then needs its checks.
+    let timing = drover_core::dryrun::Timing {
+        ready_ms: 500 + spec.health.interval_ms * u64::from(spec.health.healthy_after),
+        drain_ms: 250,
+    };
+    let d = drover_core::dryrun::dry_run(
+        &spec.deploy,
+        live.as_deref(),
+        &target.name(),
+        &instances,
+        &nodes,
+        timing,
+    );
+    Ok(Json(api::PlanInfo {
+        env,
+        from: live,
+        to: target.name(),
+        strategy: spec.deploy.strategy.to_string(),
+        steps: d
+            .steps
+            .into_iter()
+            .map(|st| api::PlanStep {
+                at_ms: st.at_ms,
+                changes: st.changes,
+                traffic: st.traffic,
+                message: st.message,
+            })
+            .collect(),
+        duration_ms: d.duration_ms,
+        outcome: d.outcome,
+        assumptions: format!(
+            "every instance healthy {} after it is placed, drained {} after it leaves routing, canary analysis passing, pre-promotion checks passing",
+            drover_core::duration::format_ms(timing.ready_ms),
+            drover_core::duration::format_ms(timing.drain_ms)
+        ),
     }))
 }
 

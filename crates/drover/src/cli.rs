@@ -128,6 +128,19 @@ enum Cmd {
         #[command(flatten)]
         s: ServerArg,
     },
+    /// Dry run: each step of moving to a release (default: the newest one
+    /// not live) — instances started and stopped per node, traffic, time.
+    Plan {
+        app: String,
+        #[arg(long)]
+        env: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        s: ServerArg,
+    },
     /// Hold the active rollout where it is.
     Pause {
         app: String,
@@ -494,6 +507,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             "promote",
             drover_api::ControlRequest { env, full },
         ),
+        Cmd::Plan {
+            app,
+            env,
+            to,
+            json,
+            s,
+        } => {
+            let mut q = Vec::new();
+            for (k, v) in [("env", env), ("to", to)] {
+                if let Some(v) = v {
+                    q.push(format!("{k}={}", output::query_safe(&v)));
+                }
+            }
+            let path = format!("/v1/apps/{app}/plan?{}", q.join("&"));
+            let p: drover_api::PlanInfo = Client::new(&s.server).get(&path)?;
+            output::plan(&p, json)
+        }
         Cmd::Pause { app, env, s } => control(
             &s,
             &app,

@@ -304,14 +304,54 @@ pub fn events(ev: &[api::EventInfo], as_json: bool) -> anyhow::Result<()> {
 /// the last environment).
 pub fn status_path(app: &str, env: Option<&str>) -> String {
     match env.filter(|e| !e.is_empty()) {
-        // Environment names are [a-z0-9-]; anything else is refused by the
-        // server, but must not bend the URL.
-        Some(e) => format!(
-            "/v1/apps/{app}/status?env={}",
-            e.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")
-        ),
+        Some(e) => format!("/v1/apps/{app}/status?env={}", query_safe(e)),
         None => format!("/v1/apps/{app}/status"),
     }
+}
+
+/// Environment and release names are [a-z0-9-]; anything else is refused by
+/// the server, but must not bend the URL.
+pub fn query_safe(v: &str) -> String {
+    v.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")
+}
+
+pub fn plan(p: &api::PlanInfo, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(p);
+    }
+    println!(
+        "plan:     {}{} → {} ({}), expected {} — {}",
+        p.from.as_deref().unwrap_or("nothing"),
+        if p.env.is_empty() {
+            String::new()
+        } else {
+            format!(" in {}", p.env)
+        },
+        p.to,
+        p.strategy,
+        drover_core::duration::format_ms(p.duration_ms),
+        escape_terminal(&p.outcome)
+    );
+    println!("assumes:  {}", p.assumptions);
+    let mut t = table(&["AT", "CHANGES", "TRAFFIC"]);
+    for st in &p.steps {
+        let traffic: Vec<String> = st
+            .traffic
+            .iter()
+            .map(|(r, w)| format!("{r} {w}%"))
+            .collect();
+        t.add_row(vec![
+            format!("+{}", drover_core::duration::format_ms(st.at_ms)),
+            if st.changes.is_empty() {
+                escape_terminal(&st.message)
+            } else {
+                st.changes.join("\n")
+            },
+            traffic.join(", "),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
 }
 
 pub fn follow(

@@ -203,6 +203,45 @@ fn inside_a_step_each_user_sticks_to_one_release_and_the_split_follows_the_weigh
     }
     println!("stickiness: 200 users × 3 requests, {to_new} users on the canary (weight 30%)");
     assert!((30..=90).contains(&to_new), "{to_new} of 200 users");
+
+    // The dry run of this rollout: its step, its pause, the nodes.
+    let plan: serde_json::Value =
+        serde_json::from_str(&c.cli_ok(&["plan", "web", "--json"])).unwrap();
+    assert_eq!(
+        (plan["from"].as_str(), plan["to"].as_str()),
+        (Some("r1"), Some("r2"))
+    );
+    assert_eq!(plan["outcome"], "succeeded");
+    assert!(
+        plan["duration_ms"].as_u64().unwrap() >= 600_000,
+        "the 10 min pause"
+    );
+    let steps = plan["steps"].as_array().unwrap();
+    assert!(steps.iter().any(|s| s["traffic"]["r2"] == 30), "{plan:#}");
+    let changes: Vec<&str> = steps
+        .iter()
+        .flat_map(|s| s["changes"].as_array().unwrap())
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    // One r2 instance runs already (the canary); the rest replace r1.
+    assert_eq!(
+        changes
+            .iter()
+            .filter(|c| c.starts_with("start r2 on node-"))
+            .count(),
+        2,
+        "{changes:?}"
+    );
+    assert_eq!(
+        changes
+            .iter()
+            .filter(|c| c.starts_with("stop r1 ("))
+            .count(),
+        3,
+        "{changes:?}"
+    );
+    let shown = c.cli_ok(&["plan", "web"]);
+    assert!(shown.contains("r1 → r2 (canary)"), "{shown}");
 }
 
 #[test]
