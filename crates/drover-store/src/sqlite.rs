@@ -35,6 +35,16 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// A write transaction that takes the write lock up front (`BEGIN
+    /// IMMEDIATE`, waiting up to the busy timeout). A deferred transaction
+    /// that reads first would fail at once with SQLITE_BUSY when another
+    /// connection wrote in between, instead of waiting.
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
 fn app_from_row(r: &sqlx::sqlite::SqliteRow) -> AppRecord {
     AppRecord {
         name: r.get("name"),
@@ -219,7 +229,7 @@ impl Store for SqliteStore {
         spec: &str,
         now: Millis,
     ) -> Result<ReleaseRecord> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let number: i64 =
             sqlx::query_scalar("SELECT COALESCE(MAX(number), 0) + 1 FROM releases WHERE app = ?")
                 .bind(app)
@@ -425,7 +435,7 @@ impl Store for SqliteStore {
     }
 
     async fn apply_instance_changes(&self, changes: &[InstanceChange]) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let index: String = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'index'")
             .fetch_one(&mut *tx)
             .await?;
@@ -502,7 +512,7 @@ impl Store for SqliteStore {
         observed: &[(String, String)],
         now: Millis,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let seen = sqlx::query("UPDATE nodes SET last_seen = ? WHERE name = ?")
             .bind(now as i64)
             .bind(node)

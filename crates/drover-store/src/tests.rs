@@ -304,3 +304,49 @@ async fn observations_from_an_unregistered_node_are_refused() {
         Err(StoreError::NotFound(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_wait_for_each_other_instead_of_failing_busy() {
+    let (_d, s) = open().await;
+    let s = std::sync::Arc::new(s);
+    s.insert_app(&app("a")).await.unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..15 {
+                // Read-then-write transactions, interleaved with plain writes.
+                s.create_release("a", &format!("c{t}-{i}"), "d", 1, "{}", 1)
+                    .await?;
+                s.apply_instance_changes(&[InstanceChange::Insert(InstanceRecord {
+                    id: format!("i{t}-{i}"),
+                    app: "a".into(),
+                    env: String::new(),
+                    release: "r1".into(),
+                    node: "n1".into(),
+                    desired: Desired::Run,
+                    drain_index: None,
+                    routed: false,
+                    created_at: 1,
+                    observed: None,
+                    observed_at: None,
+                })])
+                .await?;
+                s.add_event(Some("a"), "test", "x", 1).await?;
+            }
+            Ok::<_, StoreError>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let numbers: std::collections::BTreeSet<i64> = s
+        .list_releases("a")
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.number)
+        .collect();
+    assert_eq!(numbers, (1..=120).collect(), "every release numbered once");
+    assert_eq!(s.list_instances("a").await.unwrap().len(), 120);
+}
