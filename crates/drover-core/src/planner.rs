@@ -13,7 +13,8 @@
 //!
 //! *Architecture Invariant* — the safety rules, checked by property tests:
 //! - never more than `instances + max_surge` alive instances are caused by a plan
-//!   (draining and stopping instances count as alive);
+//!   (draining and stopping instances count as alive; canary and blue/green:
+//!   `max(2 × instances, instances + max_surge)`);
 //! - a plan never retires a serving instance if that leaves fewer than
 //!   `instances - max_unavailable` serving;
 //! - only healthy instances are routed;

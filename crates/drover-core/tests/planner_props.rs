@@ -4,7 +4,9 @@
 
 use drover_core::planner::{plan, Action, PlanInput};
 use drover_core::Strategy as DeployStrategy;
-use drover_core::{DeploySettings, Desired, Health, Instance, Millis, Node, Rollout, RolloutState};
+use drover_core::{
+    CanaryStep, DeploySettings, Desired, Health, Instance, Millis, Node, Rollout, RolloutState,
+};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -144,7 +146,13 @@ fn run_sim(s: &DeploySettings, events: &[u32], good: bool) -> (World, Rollout) {
     } else {
         n - s.max_unavailable
     };
-    let max_alive = n + s.max_surge;
+    // Canary and blue/green run their new instances beside all the old
+    // ones; after a canary's steps the rest rolls within the surge.
+    let max_alive = if s.strategy.splits() {
+        (2 * n).max(n + s.max_surge)
+    } else {
+        n + s.max_surge
+    };
     for (step, &e) in events.iter().enumerate() {
         w.now += 250;
         observe(&mut w, e, good_release);
@@ -222,16 +230,37 @@ fn run_sim(s: &DeploySettings, events: &[u32], good: bool) -> (World, Rollout) {
 }
 
 fn strategy_settings() -> impl proptest::strategy::Strategy<Value = DeploySettings> {
-    (1u32..6, 0u32..3, 0u32..3, prop::bool::ANY).prop_filter_map(
+    (1u32..6, 0u32..3, 0u32..3, 0u8..4, 1u32..=100).prop_filter_map(
         "surge or unavailable",
-        |(n, surge, unavail, recreate)| {
-            if recreate {
+        |(n, surge, unavail, kind, weight)| {
+            if kind == 0 {
                 return Some(settings(DeployStrategy::Recreate, n, 0, 0));
             }
             if surge == 0 && unavail == 0 || unavail > n {
                 return None;
             }
-            Some(settings(DeployStrategy::Rolling, n, surge, unavail))
+            let mut s = settings(DeployStrategy::Rolling, n, surge, unavail);
+            match kind {
+                2 => {
+                    s.strategy = DeployStrategy::Canary;
+                    s.steps = vec![
+                        CanaryStep {
+                            weight,
+                            pause_ms: 500,
+                        },
+                        CanaryStep {
+                            weight: 100,
+                            pause_ms: 0,
+                        },
+                    ];
+                }
+                3 => {
+                    s.strategy = DeployStrategy::BlueGreen;
+                    s.bake_ms = 1_000;
+                }
+                _ => {}
+            }
+            Some(s)
         },
     )
 }
