@@ -364,9 +364,10 @@ fn old_artifacts_are_pruned_but_never_the_live_release_or_the_rollback_target() 
         repo.commit(&spec("web", 1, "30s"), &Behavior::ok(v));
         c.cli_ok(&["deploy", "web", "--wait"]);
     }
-    let rels = c.api_get("/v1/apps/web/releases").unwrap();
-    let status = |name: &str| {
-        rels.as_array()
+    let status_of = |c: &Cluster, name: &str| {
+        c.api_get("/v1/apps/web/releases")
+            .unwrap()
+            .as_array()
             .unwrap()
             .iter()
             .find(|r| r["name"] == name)
@@ -375,6 +376,11 @@ fn old_artifacts_are_pruned_but_never_the_live_release_or_the_rollback_target() 
             .unwrap()
             .to_string()
     };
+    // Retention runs right after the rollout ends, which `--wait` may beat.
+    c.wait_until("retention ran", Duration::from_secs(10), |c| {
+        status_of(c, "r2") == "pruned"
+    });
+    let status = |name: &str| status_of(&c, name);
     assert_eq!(status("r1"), "pruned");
     assert_eq!(status("r2"), "pruned");
     assert_eq!(status("r3"), "ok", "the rollback target is kept");
