@@ -28,7 +28,8 @@ grep -q "press Ctrl-C" "$D/up.log" || { cat "$D/up.log"; exit 1; }
 REPO=$D/repo
 mkdir -p "$REPO"
 cp "$BIN/bench-backend" "$REPO/backend"
-spec() { # instances surge interval
+spec() { # instances surge interval [deploy strategy lines]
+local strategy=${4:-'strategy = "rolling"'}
 cat >"$REPO/drover.toml" <<TOML
 [app]
 name = "bench"
@@ -45,8 +46,9 @@ healthy_after = 1
 deadline = "30s"
 [route]
 host = "bench.localhost"
+user_key = "header:x-user"
 [deploy]
-strategy = "rolling"
+$strategy
 max_surge = $2
 max_unavailable = 0
 TOML
@@ -156,29 +158,8 @@ ts = [threading.Thread(target=client) for _ in range(4)]
 [t.start() for t in ts]; [t.join() for t in ts]
 json.dump(rows, open(out, "w"))
 PY
-canary_spec() {
-cat >"$REPO/drover.toml" <<TOML
-[app]
-name = "bench"
-[build]
-artifact = ["backend", "VERSION"]
-[run]
-command = "exec ./backend"
-instances = 4
-stop_timeout = "2s"
-[health]
-path = "/healthz"
-interval = "50ms"
-healthy_after = 1
-deadline = "30s"
-[route]
-host = "bench.localhost"
-user_key = "header:x-user"
-[deploy]
-strategy = "canary"
-steps = [{ weight = 50, pause = "10m" }]
-TOML
-}
+canary_spec() { spec 4 1 50ms 'strategy = "canary"
+steps = [{ weight = 50, pause = "10m" }]'; }
 wait_state() { # field value: poll the newest rollout until .field == value
   for _ in $(seq 1 600); do
     V=$("$BIN/drover" status bench --json | python3 -c "import json,sys; r=json.load(sys.stdin)['rollout']; print(r.get('$1'))")

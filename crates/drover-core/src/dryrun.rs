@@ -8,6 +8,7 @@ use crate::analysis::Verdict;
 use crate::duration::format_ms;
 use crate::model::*;
 use crate::planner::{plan, Action, PlanInput};
+use crate::share::{rollout_split, shares};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -58,23 +59,7 @@ pub fn dry_run(
         .filter(|i| i.desired == Desired::Run)
         .cloned()
         .collect();
-    let mut r = Rollout {
-        id: 0,
-        app: "app".into(),
-        env: String::new(),
-        from: from.map(str::to_string),
-        to: to.to_string(),
-        state: RolloutState::Pending,
-        reverting: false,
-        step: 0,
-        message: String::new(),
-        failure: None,
-        started_at: 0,
-        reverted_at: None,
-        progress_at: 0,
-        canary: None,
-        blue_green: None,
-    };
+    let mut r = Rollout::new("app", "", from.map(str::to_string), to, 0);
     let pass = Verdict::Pass("assumed to pass".into());
     let mut steps = Vec::new();
     let mut next = 0u32;
@@ -193,44 +178,13 @@ fn set(inst: &mut [Instance], id: &str, f: impl FnOnce(&mut Instance)) {
     }
 }
 
-/// Percent of users per release: the rollout's split when it has one, else
-/// by routed instances.
+/// Percent of users per release after a step.
 fn traffic(inst: &[Instance], r: &Rollout, s: &DeploySettings) -> BTreeMap<String, u32> {
-    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    let mut serving: BTreeMap<String, u32> = BTreeMap::new();
     for i in inst.iter().filter(|i| i.serving()) {
-        *counts.entry(i.release.clone()).or_default() += 1;
+        *serving.entry(i.release.clone()).or_default() += 1;
     }
-    let split = match s.strategy {
-        _ if r.from.is_none() || r.state.is_final() => None,
-        Strategy::Canary | Strategy::Partial => r
-            .canary
-            .as_ref()
-            .filter(|c| (c.step as usize) < s.steps.len())
-            .map(|c| c.weight),
-        Strategy::BlueGreen => Some(
-            if r.blue_green
-                .as_ref()
-                .is_some_and(|b| b.switched_at.is_some())
-            {
-                100
-            } else {
-                0
-            },
-        ),
-        _ => None,
-    };
-    let total: u32 = counts.values().sum();
-    match split {
-        Some(w) if counts.contains_key(&r.to) && counts.len() == 2 => counts
-            .keys()
-            .map(|k| (k.clone(), if *k == r.to { w } else { 100 - w }))
-            .collect(),
-        _ if total == 0 => BTreeMap::new(),
-        _ => counts
-            .iter()
-            .map(|(k, c)| (k.clone(), c * 100 / total))
-            .collect(),
-    }
+    shares(serving, rollout_split(r, s).as_ref())
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod dryrun;
 pub mod duration;
 pub mod model;
 pub mod planner;
+pub mod share;
 pub mod spec;
 
 pub use model::*;

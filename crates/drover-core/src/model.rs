@@ -226,6 +226,28 @@ pub struct CanaryProgress {
 }
 
 impl Rollout {
+    /// A pending rollout of (app, env) from `from` (the live release, if
+    /// any) to `to`, starting at `now`. Its id is the store's to assign.
+    pub fn new(app: &str, env: &str, from: Option<String>, to: &str, now: Millis) -> Rollout {
+        Rollout {
+            id: 0,
+            app: app.to_string(),
+            env: env.to_string(),
+            from,
+            to: to.to_string(),
+            state: RolloutState::Pending,
+            reverting: false,
+            step: 0,
+            message: String::new(),
+            failure: None,
+            started_at: now,
+            reverted_at: None,
+            progress_at: now,
+            canary: None,
+            blue_green: None,
+        }
+    }
+
     /// The release the planner is currently moving towards.
     pub fn target(&self) -> Option<&str> {
         if self.reverting {

@@ -247,6 +247,36 @@ impl<'a> Planner<'a> {
         (self.inst.values().filter(|i| i.alive()).count() + self.placed.len()) as u32
     }
 
+    /// Instances of `release` that should run (placed, not retired).
+    fn running_of(&self, release: &str) -> u32 {
+        self.inst
+            .values()
+            .filter(|i| i.release == release && i.desired == Desired::Run)
+            .count() as u32
+    }
+
+    /// Instances of `release` serving now.
+    fn serving_of(&self, release: &str) -> u32 {
+        self.inst
+            .values()
+            .filter(|i| i.release == release && i.serving())
+            .count() as u32
+    }
+
+    /// Records `ready` (the target's serving instances) as the rollout's
+    /// step; more of them, or any action beyond routing, is progress.
+    fn note_progress(&self, r: &mut Rollout, ready: u32) {
+        let acted = !self
+            .actions
+            .iter()
+            .all(|a| matches!(a, Action::Route { .. }))
+            || !self.housekeeping.is_empty();
+        if ready > r.step || acted {
+            r.progress_at = self.now();
+        }
+        r.step = ready;
+    }
+
     fn serving_count(&self) -> u32 {
         self.inst.values().filter(|i| i.serving()).count() as u32
     }
@@ -362,11 +392,7 @@ impl<'a> Planner<'a> {
                     }
                 }
                 // Start new ones, bounded by surge.
-                let new_run = self
-                    .inst
-                    .values()
-                    .filter(|i| is_target(i) && i.desired == Desired::Run)
-                    .count() as u32;
+                let new_run = self.running_of(&target);
                 let room = (n + s.max_surge).saturating_sub(self.alive_count());
                 let want = n.saturating_sub(new_run);
                 self.place(&target, room.min(want));
@@ -382,42 +408,21 @@ impl<'a> Planner<'a> {
                     self.retire(&id);
                 }
                 if !self.inst.values().any(|i| !is_target(i) && i.alive()) {
-                    let new_run = self
-                        .inst
-                        .values()
-                        .filter(|i| is_target(i) && i.desired == Desired::Run)
-                        .count() as u32;
+                    let new_run = self.running_of(&target);
                     self.place(&target, n.saturating_sub(new_run));
                 }
             }
         }
 
         // Progress and completion.
-        let ready = self
-            .inst
-            .values()
-            .filter(|i| is_target(i) && i.serving())
-            .count() as u32;
-        let progressed = ready > r.step
-            || !self
-                .actions
-                .iter()
-                .all(|a| matches!(a, Action::Route { .. }))
-            || !self.housekeeping.is_empty();
-        if progressed {
-            r.progress_at = self.now();
-        }
-        r.step = ready;
+        let ready = self.serving_of(&target);
+        self.note_progress(r, ready);
         let others_alive = self
             .inst
             .values()
             .filter(|i| !is_target(i) && i.alive())
             .count();
-        let target_run = self
-            .inst
-            .values()
-            .filter(|i| is_target(i) && i.desired == Desired::Run)
-            .count() as u32;
+        let target_run = self.running_of(&target);
         if ready == n && target_run == n && others_alive == 0 && self.placed.is_empty() {
             if r.reverting {
                 r.state = RolloutState::RolledBack;
@@ -482,20 +487,8 @@ impl<'a> Planner<'a> {
             self.retire(&id);
         }
         self.place(target, want.saturating_sub(running));
-        let ready = self
-            .inst
-            .values()
-            .filter(|i| i.release == target && i.serving())
-            .count() as u32;
-        if ready > r.step
-            || !self
-                .actions
-                .iter()
-                .all(|a| matches!(a, Action::Route { .. }))
-        {
-            r.progress_at = now;
-        }
-        r.step = ready;
+        let ready = self.serving_of(target);
+        self.note_progress(r, ready);
         let head = if partial {
             let segment = if s.partial_users.is_empty() {
                 format!("{}% of users", st.weight)
@@ -587,11 +580,7 @@ impl<'a> Planner<'a> {
         let now = self.now();
         let mut bg = r.blue_green.clone().unwrap_or_default();
         let from = r.from.clone().unwrap_or_default();
-        let ready = self
-            .inst
-            .values()
-            .filter(|i| i.release == target && i.serving())
-            .count() as u32;
+        let ready = self.serving_of(target);
         if let Some(at) = bg.switched_at {
             let left = s.bake_ms.saturating_sub(now.saturating_sub(at));
             r.blue_green = Some(bg);
@@ -606,21 +595,8 @@ impl<'a> Planner<'a> {
             );
             return Some(Step::Continue);
         }
-        let new_run = self
-            .inst
-            .values()
-            .filter(|i| i.release == target && i.desired == Desired::Run)
-            .count() as u32;
-        self.place(target, n.saturating_sub(new_run));
-        if ready > r.step
-            || !self
-                .actions
-                .iter()
-                .all(|a| matches!(a, Action::Route { .. }))
-        {
-            r.progress_at = now;
-        }
-        r.step = ready;
+        self.place(target, n.saturating_sub(self.running_of(target)));
+        self.note_progress(r, ready);
         let head = format!("blue/green {from} → {target}: {ready}/{n} ready");
         if ready < n {
             r.message = format!("{head}, reachable only by preview");

@@ -103,6 +103,15 @@ pub enum Promote {
     Manual,
 }
 
+/// " in staging", or "" for an app without environments (for messages).
+pub fn in_env(env: &str) -> String {
+    if env.is_empty() {
+        String::new()
+    } else {
+        format!(" in {env}")
+    }
+}
+
 impl AppSpec {
     /// Environment names in order; `[""]` for an app without `[environments]`.
     pub fn env_names(&self) -> Vec<String> {

@@ -2,7 +2,7 @@
 //! cluster: random health outcomes, crashes, drains and stops, on a fake
 //! clock, with the invariants checked after every plan.
 
-use drover_core::planner::{plan, Action, PlanInput};
+use drover_core::planner::{plan, Action, Plan, PlanInput};
 use drover_core::Strategy as DeployStrategy;
 use drover_core::{
     CanaryStep, DeploySettings, Desired, Health, Instance, Millis, Node, Rollout, RolloutState,
@@ -125,20 +125,7 @@ fn run_sim(s: &DeploySettings, events: &[u32], good: bool) -> (World, Rollout) {
     }
     let mut r = Rollout {
         id: 1,
-        app: "a".into(),
-        env: String::new(),
-        from: Some("r1".into()),
-        to: "r2".into(),
-        state: RolloutState::Pending,
-        reverting: false,
-        step: 0,
-        message: String::new(),
-        failure: None,
-        started_at: 0,
-        reverted_at: None,
-        progress_at: 0,
-        canary: None,
-        blue_green: None,
+        ..Rollout::new("a", "", Some("r1".into()), "r2", 0)
     };
     let good_release = if good { "r2" } else { "r1" };
     let min_available = if s.strategy == DeployStrategy::Recreate {
@@ -159,15 +146,7 @@ fn run_sim(s: &DeploySettings, events: &[u32], good: bool) -> (World, Rollout) {
         let before_serving = w.instances.iter().filter(|i| i.serving()).count() as u32;
         let before_alive = w.instances.iter().filter(|i| i.alive()).count() as u32;
         let was_final = r.state.is_final();
-        let p = plan(&PlanInput {
-            settings: s,
-            rollout: Some(&r),
-            live: Some("r1"),
-            instances: &w.instances,
-            nodes: &nodes,
-            now: w.now,
-            verdict: None,
-        });
+        let p = plan_now(s, &r, &w, &nodes);
         for a in &p.actions {
             match a {
                 Action::Route { instance } => {
@@ -207,15 +186,7 @@ fn run_sim(s: &DeploySettings, events: &[u32], good: bool) -> (World, Rollout) {
         }
         if r.state.is_final() {
             // One more plan must be a no-op for a final rollout.
-            let p = plan(&PlanInput {
-                settings: s,
-                rollout: Some(&r),
-                live: Some("r1"),
-                instances: &w.instances,
-                nodes: &nodes,
-                now: w.now,
-                verdict: None,
-            });
+            let p = plan_now(s, &r, &w, &nodes);
             assert!(
                 p.actions
                     .iter()
@@ -227,6 +198,19 @@ fn run_sim(s: &DeploySettings, events: &[u32], good: bool) -> (World, Rollout) {
         }
     }
     (w, r)
+}
+
+/// The planner's answer for the world as it is now (live release r1).
+fn plan_now(s: &DeploySettings, r: &Rollout, w: &World, nodes: &[Node]) -> Plan {
+    plan(&PlanInput {
+        settings: s,
+        rollout: Some(r),
+        live: Some("r1"),
+        instances: &w.instances,
+        nodes,
+        now: w.now,
+        verdict: None,
+    })
 }
 
 fn strategy_settings() -> impl proptest::strategy::Strategy<Value = DeploySettings> {

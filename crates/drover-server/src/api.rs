@@ -22,7 +22,7 @@ use std::time::Duration;
 
 type S = State<Arc<Server>>;
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ApiErr {
     /// The request or its input is wrong (CLI exit code 2).
     #[error("{0}")]
@@ -445,14 +445,7 @@ async fn promote(
             run_id: None,
         }));
     }
-    let run = pipeline::promote(&s, &app).await?;
-    let to = run
-        .steps
-        .iter()
-        .rev()
-        .find(|st| st.name.starts_with("promote "))
-        .map(|st| st.name.trim_start_matches("promote ").to_string())
-        .unwrap_or_default();
+    let (run, to) = pipeline::promote(&s, &app).await?;
     Ok(Json(api::ControlResponse {
         message: format!(
             "{} promoted to {to} (run {})",
@@ -533,13 +526,7 @@ pub async fn app_status(
     let runs = s.store.list_runs(app, 20).await?;
     let waiting = runs.iter().find(|r| r.state == "waiting").map(|r| {
         let info = pipeline::run_info(r);
-        let at = info
-            .steps
-            .iter()
-            .rev()
-            .find(|st| st.state == "waiting")
-            .map(|st| st.name.trim_start_matches("promote ").to_string())
-            .unwrap_or_default();
+        let at = pipeline::waiting_env(&info.steps).unwrap_or_default();
         format!(
             "{} (run {}) waits to enter {at}: run `drover promote {app}`",
             r.release.as_deref().unwrap_or("?"),

@@ -247,21 +247,8 @@ impl Engine {
                 .await?;
         }
         let r = Rollout {
-            id: 0,
-            app: app.to_string(),
-            env: env.to_string(),
-            from: live,
-            to: to.to_string(),
-            state: RolloutState::Pending,
-            reverting: false,
-            step: 0,
             message: format!("{} rollout to {to} queued", spec.deploy.strategy),
-            failure: None,
-            started_at: now,
-            reverted_at: None,
-            progress_at: now,
-            canary: None,
-            blue_green: None,
+            ..Rollout::new(app, env, live, to, now)
         };
         let r = self.store().create_rollout(&r, now).await?;
         let from = r.from.clone().unwrap_or_else(|| "nothing".into());
@@ -418,9 +405,23 @@ impl Engine {
                 .map(|p| p.oldest_live_index)
                 .min(),
         };
+        // An app's instances, read once per tick for all its environments
+        // (each environment plans only its own).
+        let mut instances: HashMap<String, Vec<InstanceRecord>> = HashMap::new();
         for d in deployments {
             let key = (d.app.clone(), d.env.clone());
-            match self.tick_deployment(&d, &cluster).await {
+            if !instances.contains_key(&d.app) {
+                match self.store().list_instances(&d.app).await {
+                    Ok(list) => {
+                        instances.insert(d.app.clone(), list);
+                    }
+                    Err(e) => {
+                        tracing::warn!(app = %d.app, error = %e, "cannot read instances");
+                        continue;
+                    }
+                }
+            }
+            match self.tick_deployment(&d, &instances[&d.app], &cluster).await {
                 Ok(()) => {
                     self.errors.remove(&key);
                 }
@@ -525,6 +526,7 @@ impl Engine {
     async fn tick_deployment(
         &mut self,
         dep: &DeploymentRecord,
+        app_instances: &[InstanceRecord],
         cluster: &Cluster,
     ) -> Result<(), ApiErr> {
         let now = cluster.now;
@@ -545,8 +547,11 @@ impl Engine {
             },
         };
         let spec = self.spec(app, env, &settings_release).await?;
-        let mut records = self.store().list_instances(app).await?;
-        records.retain(|r| r.env == env);
+        let records: Vec<InstanceRecord> = app_instances
+            .iter()
+            .filter(|r| r.env == env)
+            .cloned()
+            .collect();
         // Out of routing on every live proxy with no request in flight that
         // could still reach it, or past the drain timeout.
         let drained = |rec: &InstanceRecord| -> bool {
@@ -661,6 +666,10 @@ impl Engine {
                 self.server.index.send_replace(index);
             }
             if new.state.is_final() && !old.state.is_final() {
+                self.checks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&new.id);
                 if let Err(e) =
                     crate::retention::prune(&self.server, app, self.server.keep_releases).await
                 {

@@ -41,6 +41,18 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 pub const SPEC_FILE: &str = "drover.toml";
+/// Name prefix of the step a run waits at for `drover promote`.
+const PROMOTE_STEP: &str = "promote ";
+
+/// The environment a waiting run waits to enter.
+pub fn waiting_env(steps: &[api::RunStep]) -> Option<&str> {
+    steps
+        .iter()
+        .rev()
+        .find(|s| s.state == "waiting")?
+        .name
+        .strip_prefix(PROMOTE_STEP)
+}
 pub const MAX_CONCURRENT_RUNS: usize = 2;
 
 /// Registers the app whose `drover.toml` is at the root of `repo`. Returns
@@ -587,7 +599,7 @@ async fn deliver(
     for (i, env) in envs.iter().enumerate().skip(from) {
         let env_spec = spec.environment(env);
         if i > from && env_spec.is_some_and(|e| e.promote == Promote::Manual) {
-            r.wait_step(&format!("promote {env}")).await;
+            r.wait_step(&format!("{PROMOTE_STEP}{env}")).await;
             r.log_line(&format!(
                 "==> {} passed {}; {env} takes it after `drover promote {}`",
                 release.name(),
@@ -640,17 +652,15 @@ async fn deliver(
         let waited = r
             .unless_cancelled(wait_rollout(&server, &app.name, env, rollout.id))
             .await;
-        let done = match waited.and_then(|w| w) {
-            Ok(done) => done,
-            Err(e) if r.cancel.is_cancelled() => {
-                r.end(false).await;
-                return Err(e);
-            }
-            Err(ApiErr::Conflict(reason)) => {
+        let done = match waited {
+            Ok(Ok(done)) => done,
+            // A newer rollout there took over.
+            Ok(Err(ApiErr::Conflict(reason))) => {
                 r.end(false).await;
                 return Err(r.supersede(reason).await);
             }
-            Err(e) => {
+            // Cancelled, or the store failed.
+            Err(e) | Ok(Err(e)) => {
                 r.end(false).await;
                 return Err(e);
             }
@@ -820,7 +830,8 @@ async fn instance_url(server: &Server, app: &str, env: &str, release: &str) -> O
 
 /// `drover promote APP`: the run waiting at a `promote = "manual"`
 /// environment goes on into it. Answers once it is under way.
-pub async fn promote(server: &Arc<Server>, app: &str) -> Result<api::RunInfo, ApiErr> {
+/// Answers the resumed run and the environment it goes into.
+pub async fn promote(server: &Arc<Server>, app: &str) -> Result<(api::RunInfo, String), ApiErr> {
     let app_rec = server.store.get_app(app).await?;
     let lock = server.deploy_lock(app).await;
     let held = lock.lock().await;
@@ -836,9 +847,7 @@ pub async fn promote(server: &Arc<Server>, app: &str) -> Result<api::RunInfo, Ap
         )));
     };
     let mut steps: Vec<api::RunStep> = serde_json::from_str(&run.steps).unwrap_or_default();
-    let waiting = steps.iter().rposition(|s| s.state == "waiting");
-    let env = waiting
-        .and_then(|i| steps[i].name.strip_prefix("promote "))
+    let env = waiting_env(&steps)
         .map(str::to_string)
         .ok_or_else(|| ApiErr::Internal(format!("run {} waits at no promote step", run.id)))?;
     let rel_name = run.release.clone().unwrap_or_default();
@@ -868,8 +877,7 @@ pub async fn promote(server: &Arc<Server>, app: &str) -> Result<api::RunInfo, Ap
             live.as_deref().unwrap_or("nothing")
         )));
     }
-    if let Some(i) = waiting {
-        let s = &mut steps[i];
+    if let Some(s) = steps.iter_mut().rev().find(|s| s.state == "waiting") {
         s.state = "succeeded".into();
         s.duration_ms = Some(now_ms().saturating_sub(s.started_at_ms));
     }
@@ -900,7 +908,7 @@ pub async fn promote(server: &Arc<Server>, app: &str) -> Result<api::RunInfo, Ap
         release,
         from,
     ));
-    Ok(info)
+    Ok((info, env))
 }
 
 /// Goes on with a promoted run from environment index `from`.

@@ -50,14 +50,7 @@ pub fn to_core(rec: &InstanceRecord, node_ready: bool, drained: bool) -> Instanc
     }
 }
 
-/// " in staging", or "" for an app without environments.
-pub fn in_env(env: &str) -> String {
-    if env.is_empty() {
-        String::new()
-    } else {
-        format!(" in {env}")
-    }
-}
+pub use drover_core::spec::in_env;
 
 /// "[staging] ", or "" for an app without environments (event prefixes).
 pub fn env_tag(env: &str) -> String {
@@ -204,33 +197,10 @@ pub fn instance_status(rec: &InstanceRecord, node_ready: bool) -> api::InstanceS
     }
 }
 
-/// Traffic share per release from the serving instances (equal weights).
-/// The traffic split an active canary or blue/green rollout asks of the
-/// proxies: the new release and its share of users in percent (0 while
-/// rolling back: all to stable). None: no split, every routed instance by
-/// weight. `spec` is the spec of the rollout's target (`r.to`).
+/// The split the rollout asks of the proxies (see
+/// [`drover_core::share::rollout_split`]); `spec` is its target's.
 pub fn rollout_split(r: &Rollout, spec: &AppSpec) -> Option<(String, u32)> {
-    if r.state.is_final() || r.from.is_none() {
-        return None;
-    }
-    match spec.deploy.strategy {
-        _ if r.reverting && spec.deploy.strategy.splits() => Some((r.to.clone(), 0)),
-        Strategy::Canary | Strategy::Partial => {
-            let cp = r.canary.as_ref();
-            if cp.map_or(0, |c| c.step as usize) >= spec.deploy.steps.len() {
-                return None;
-            }
-            Some((r.to.clone(), cp.map_or(0, |c| c.weight)))
-        }
-        Strategy::BlueGreen => {
-            let switched = r
-                .blue_green
-                .as_ref()
-                .is_some_and(|b| b.switched_at.is_some());
-            Some((r.to.clone(), if switched { 100 } else { 0 }))
-        }
-        _ => None,
-    }
+    drover_core::share::rollout_split(r, &spec.deploy)
 }
 
 /// Blue/green: the host that reaches only the new set before the switch.
@@ -250,44 +220,16 @@ pub fn split_key(user_key: &str) -> api::SplitKey {
     }
 }
 
-/// Percent of traffic per release: by the canary split when there is one
-/// (and both sides are routed), else by routed instances.
+/// Percent of users per release, from the routed instances and the split.
 pub fn traffic(
     instances: &[api::InstanceStatus],
     split: Option<&(String, u32)>,
 ) -> BTreeMap<String, u32> {
-    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    let mut routed: BTreeMap<String, u32> = BTreeMap::new();
     for i in instances.iter().filter(|i| i.routed) {
-        *counts.entry(i.release.clone()).or_default() += 1;
+        *routed.entry(i.release.clone()).or_default() += 1;
     }
-    if let Some((new, w)) = split {
-        let stable: Vec<&String> = counts.keys().filter(|r| *r != new).collect();
-        if counts.contains_key(new) && stable.len() == 1 {
-            return BTreeMap::from([(new.clone(), *w), (stable[0].clone(), 100 - w)]);
-        }
-        if *w == 0 && !stable.is_empty() {
-            counts.remove(new);
-        }
-    }
-    let total: u32 = counts.values().sum();
-    if total == 0 {
-        return BTreeMap::new();
-    }
-    // Largest-remainder rounding so the shares sum to 100.
-    let mut shares: Vec<(String, u32, u32)> = counts
-        .iter()
-        .map(|(r, c)| (r.clone(), c * 100 / total, c * 100 % total))
-        .collect();
-    let mut left = 100 - shares.iter().map(|s| s.1).sum::<u32>();
-    shares.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
-    for s in shares.iter_mut() {
-        if left == 0 {
-            break;
-        }
-        s.1 += 1;
-        left -= 1;
-    }
-    shares.into_iter().map(|(r, p, _)| (r, p)).collect()
+    drover_core::share::shares(routed, split)
 }
 
 pub fn nodes_ready(nodes: &[NodeRecord], now: u64) -> BTreeMap<String, bool> {

@@ -24,23 +24,7 @@ fn app(name: &str) -> AppRecord {
 }
 
 fn rollout() -> Rollout {
-    Rollout {
-        id: 0,
-        app: "a".into(),
-        env: String::new(),
-        from: None,
-        to: "r1".into(),
-        state: RolloutState::Pending,
-        reverting: false,
-        step: 0,
-        message: String::new(),
-        failure: None,
-        started_at: 1,
-        reverted_at: None,
-        progress_at: 1,
-        canary: None,
-        blue_green: None,
-    }
+    Rollout::new("a", "", None, "r1", 1)
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 use crate::client::{Client, Fail};
 use crate::{output, up};
 use clap::{Parser, Subcommand};
+use drover_core::spec::in_env;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -646,15 +647,6 @@ fn absolutize(repo: &str) -> String {
         }
     }
     repo.to_string()
-}
-
-/// " in staging", or "" for an app without environments.
-fn in_env(env: &str) -> String {
-    if env.is_empty() {
-        String::new()
-    } else {
-        format!(" in {env}")
-    }
 }
 
 fn control(

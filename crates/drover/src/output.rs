@@ -322,11 +322,7 @@ pub fn plan(p: &api::PlanInfo, as_json: bool) -> anyhow::Result<()> {
     println!(
         "plan:     {}{} → {} ({}), expected {} — {}",
         p.from.as_deref().unwrap_or("nothing"),
-        if p.env.is_empty() {
-            String::new()
-        } else {
-            format!(" in {}", p.env)
-        },
+        drover_core::spec::in_env(&p.env),
         p.to,
         p.strategy,
         drover_core::duration::format_ms(p.duration_ms),

@@ -30,20 +30,8 @@ pub(crate) fn settings(strategy: Strategy, n: u32, surge: u32, unavail: u32) -> 
 pub(crate) fn rollout(from: Option<&str>, to: &str) -> Rollout {
     Rollout {
         id: 1,
-        app: "hello".into(),
-        env: String::new(),
-        from: from.map(Into::into),
-        to: to.into(),
         state: RolloutState::Progressing,
-        reverting: false,
-        step: 0,
-        message: String::new(),
-        failure: None,
-        started_at: 0,
-        reverted_at: None,
-        progress_at: 0,
-        canary: None,
-        blue_green: None,
+        ..Rollout::new("hello", "", from.map(Into::into), to, 0)
     }
 }
 
