@@ -93,7 +93,7 @@ impl ControlClient {
             .http
             .get(self.url(&format!(
                 "/v1/agent/assignments?node={}&index={index}&wait_ms={wait_ms}",
-                encode_query(node)
+                drover_api::encode_query(node)
             )))
             .timeout(Duration::from_millis(wait_ms) + Duration::from_secs(15))
             .send()
@@ -204,19 +204,6 @@ pub fn error_chain(e: &(dyn StdError + 'static)) -> String {
         cur = err.source();
     }
     parts.join(": ")
-}
-
-/// Percent-encodes a query value (everything but unreserved characters).
-pub fn encode_query(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// First `max` characters of `s` on one line, control characters dropped,

@@ -284,6 +284,22 @@ pub struct ReleaseStats {
     /// Non-cumulative counts per bucket of [`LATENCY_BUCKETS_MS`], plus one
     /// final +Inf bucket (len = LATENCY_BUCKETS_MS.len() + 1).
     pub latency_buckets: Vec<u64>,
+    /// The sum of all latencies in microseconds (for a histogram's `_sum`).
+    #[serde(default)]
+    pub latency_sum_us: u64,
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+pub fn encode_query(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 // ------------------------------------------------------------------ CLI ----

@@ -105,6 +105,98 @@ pub struct AnalysisSettings {
     pub interval_ms: u64,
     /// A step still inconclusive this long after it started fails.
     pub deadline_ms: u64,
+    /// Judge the proxies' own figures (the thresholds above); false: judge
+    /// only by the Prometheus queries.
+    #[serde(default = "yes")]
+    pub builtin: bool,
+    /// The Prometheus the queries go to (its base URL).
+    #[serde(default)]
+    pub prometheus: Option<String>,
+    /// PromQL queries judged beside (or instead of) the built-in figures.
+    #[serde(default)]
+    pub queries: Vec<MetricQuery>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A PromQL query whose result must meet a condition for a step to pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricQuery {
+    pub name: String,
+    /// PromQL with placeholders: `{{app}}`, `{{env}}`, `{{release}}` (the
+    /// new release), `{{stable}}` (the old one) and `{{window}}` (how long the
+    /// step has run, as a PromQL duration such as `12s`).
+    pub query: String,
+    pub condition: Condition,
+}
+
+/// `OP VALUE`, e.g. `< 0.01`: what a query's result must satisfy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Condition {
+    pub op: CompareOp,
+    pub value: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompareOp {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+}
+
+impl CompareOp {
+    pub fn symbol(self) -> &'static str {
+        match self {
+            CompareOp::Lt => "<",
+            CompareOp::Le => "<=",
+            CompareOp::Gt => ">",
+            CompareOp::Ge => ">=",
+            CompareOp::Eq => "==",
+            CompareOp::Ne => "!=",
+        }
+    }
+}
+
+impl Condition {
+    /// Parses `< 0.01`, `>= 100`, `== 0`.
+    pub fn parse(s: &str) -> Option<Condition> {
+        let s = s.trim();
+        let ops = [
+            ("<=", CompareOp::Le),
+            (">=", CompareOp::Ge),
+            ("==", CompareOp::Eq),
+            ("!=", CompareOp::Ne),
+            ("<", CompareOp::Lt),
+            (">", CompareOp::Gt),
+        ];
+        let (op, rest) = ops
+            .iter()
+            .find_map(|(sym, op)| s.strip_prefix(sym).map(|rest| (*op, rest)))?;
+        let value: f64 = rest.trim().parse().ok()?;
+        value.is_finite().then_some(Condition { op, value })
+    }
+
+    pub fn holds(&self, v: f64) -> bool {
+        match self.op {
+            CompareOp::Lt => v < self.value,
+            CompareOp::Le => v <= self.value,
+            CompareOp::Gt => v > self.value,
+            CompareOp::Ge => v >= self.value,
+            CompareOp::Eq => v == self.value,
+            CompareOp::Ne => v != self.value,
+        }
+    }
+}
+
+impl std::fmt::Display for Condition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.op.symbol(), self.value)
+    }
 }
 
 impl DeploySettings {

@@ -5,7 +5,9 @@
 //! never silently falls back to a default.
 
 use crate::duration::parse_duration_ms;
-use crate::model::{AnalysisSettings, CanaryStep, DeploySettings, Strategy};
+use crate::model::{
+    AnalysisSettings, CanaryStep, Condition, DeploySettings, MetricQuery, Strategy,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -263,7 +265,7 @@ struct RawDeploy {
     auto_rollback: Option<bool>,
     drain_timeout: Option<Spanned<String>>,
     #[serde(default)]
-    analysis: Option<RawAnalysis>,
+    analysis: Option<Spanned<RawAnalysis>>,
     auto_promote: Option<bool>,
     bake: Option<Spanned<String>>,
     preview_check: Option<Spanned<String>>,
@@ -295,6 +297,18 @@ struct RawAnalysis {
     min_requests: Option<Spanned<i64>>,
     interval: Option<Spanned<String>>,
     deadline: Option<Spanned<String>>,
+    builtin: Option<bool>,
+    prometheus: Option<Spanned<String>>,
+    #[serde(default)]
+    query: Vec<Spanned<RawQuery>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuery {
+    name: Spanned<String>,
+    query: Spanned<String>,
+    condition: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -635,7 +649,8 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
             return Err(ctx.err(span, "deploy.steps", "a canary needs steps, e.g. steps = [{ weight = 10, pause = \"1m\" }, { weight = 50, pause = \"1m\" }]"));
         }
         let mut analysis = None;
-        if let Some(a) = &d.analysis {
+        if let Some(sa) = &d.analysis {
+            let a = sa.get_ref();
             if let Some(r) = &a.max_error_rate {
                 let v = *r.get_ref();
                 if !(0.0..=1.0).contains(&v) {
@@ -647,7 +662,22 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
                 }
             }
             let interval_ms = ctx.duration(&a.interval, "deploy.analysis.interval", 10_000)?;
+            let queries = analysis_queries(&ctx, a)?;
+            let builtin = a.builtin.unwrap_or(true);
+            if !builtin && queries.is_empty() {
+                return Err(ctx.err(
+                    sa.span(),
+                    "deploy.analysis.builtin",
+                    "builtin = false leaves nothing to judge; add a [[deploy.analysis.query]] or remove builtin = false",
+                ));
+            }
             analysis = Some(AnalysisSettings {
+                builtin,
+                prometheus: a
+                    .prometheus
+                    .as_ref()
+                    .map(|p| p.get_ref().trim_end_matches('/').to_string()),
+                queries,
                 max_error_rate: a.max_error_rate.as_ref().map(|r| *r.get_ref()),
                 max_p99_ms: match &a.max_p99_latency {
                     None => None,
@@ -815,6 +845,106 @@ fn field_at(src: &str, span: &Range<usize>) -> String {
 
 /// App names become parts of file names, instance ids and URLs.
 /// An absolute URL path (checked with GET by drover).
+/// `[[deploy.analysis.query]]`: PromQL queries with their conditions, and
+/// the Prometheus they go to.
+fn analysis_queries(ctx: &Ctx<'_>, a: &RawAnalysis) -> Result<Vec<MetricQuery>, SpecError> {
+    if let Some(p) = &a.prometheus {
+        let url = p.get_ref();
+        let ok = (url.starts_with("http://") || url.starts_with("https://"))
+            && url.len() > "https://".len()
+            && !url.chars().any(|c| c.is_control() || c.is_whitespace());
+        if !ok {
+            return Err(ctx.err(
+                p.span(),
+                "deploy.analysis.prometheus",
+                format!("{url:?} is not a Prometheus URL; use its base URL such as \"http://127.0.0.1:9090\""),
+            ));
+        }
+        if a.query.is_empty() {
+            return Err(ctx.err(
+                p.span(),
+                "deploy.analysis.prometheus",
+                "prometheus is set but nothing asks it: add a [[deploy.analysis.query]] with name, query and condition",
+            ));
+        }
+    }
+    let mut out: Vec<MetricQuery> = Vec::new();
+    for (i, q) in a.query.iter().enumerate() {
+        let field = |f: &str| format!("deploy.analysis.query[{i}].{f}");
+        let raw = q.get_ref();
+        if a.prometheus.is_none() {
+            return Err(ctx.err(
+                q.span(),
+                "deploy.analysis.prometheus",
+                "a query needs the Prometheus to ask: add prometheus = \"http://127.0.0.1:9090\" to [deploy.analysis]",
+            ));
+        }
+        let name = raw.name.get_ref();
+        if !valid_query_name(name) {
+            return Err(ctx.err(
+                raw.name.span(),
+                &field("name"),
+                format!("{name:?} is not a query name; use 1-40 letters, digits, '-' or '_'"),
+            ));
+        }
+        if out.iter().any(|o| &o.name == name) {
+            return Err(ctx.err(
+                raw.name.span(),
+                &field("name"),
+                format!("two queries are named {name:?}; give each its own name"),
+            ));
+        }
+        let text = raw.query.get_ref();
+        if text.trim().is_empty() {
+            return Err(ctx.err(
+                raw.query.span(),
+                &field("query"),
+                "the query is empty; write the PromQL whose result the condition checks",
+            ));
+        }
+        let unknown = crate::analysis::unknown_placeholders(text);
+        if !unknown.is_empty() {
+            return Err(ctx.err(
+                raw.query.span(),
+                &field("query"),
+                format!(
+                    "unknown placeholder(s) {}; a query may use {}",
+                    unknown
+                        .iter()
+                        .map(|u| format!("{{{{{u}}}}}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    crate::analysis::QUERY_PLACEHOLDERS
+                        .iter()
+                        .map(|p| format!("{{{{{p}}}}}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        let cond = raw.condition.get_ref();
+        let Some(condition) = Condition::parse(cond) else {
+            return Err(ctx.err(
+                raw.condition.span(),
+                &field("condition"),
+                format!("{cond:?} is not a condition; write an operator and a number, e.g. \"< 0.01\" (operators: < <= > >= == !=)"),
+            ));
+        };
+        out.push(MetricQuery {
+            name: name.clone(),
+            query: text.clone(),
+            condition,
+        });
+    }
+    Ok(out)
+}
+
+fn valid_query_name(s: &str) -> bool {
+    (1..=40).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 fn url_path(ctx: &Ctx<'_>, p: &Spanned<String>, field: &str) -> Result<String, SpecError> {
     let s = p.get_ref();
     if !s.starts_with('/') || s.chars().any(|c| c.is_control() || c == ' ') {
@@ -1008,6 +1138,55 @@ max_unavailable = 0
         assert_eq!(s.route.user_key, "header:x-user");
         let e = err(&src.replace("header:X-User", "query:u"));
         assert_eq!(e.field, "route.user_key");
+    }
+
+    #[test]
+    fn prometheus_queries_parse_and_bad_ones_name_their_field() {
+        let base = GOOD.replace("\"rolling\"", "\"canary\"")
+            + "steps = [{ weight = 10 }]\n\n[deploy.analysis]\n";
+        let q = "builtin = false\nprometheus = \"http://127.0.0.1:9090/\"\n\n[[deploy.analysis.query]]\nname = \"errors\"\nquery = 'sum(rate(x{release=\"{{release}}\"}[{{window}}]))'\ncondition = \"< 0.02\"\n";
+        let s = parse_spec("drover.toml", &(base.clone() + q)).unwrap();
+        let a = s.deploy.analysis.unwrap();
+        assert!(!a.builtin);
+        assert_eq!(a.prometheus.as_deref(), Some("http://127.0.0.1:9090"));
+        assert_eq!(a.queries.len(), 1);
+        assert_eq!(a.queries[0].condition.to_string(), "< 0.02");
+        for (bad, field, says) in [
+            (
+                q.replace("< 0.02", "below 0.02"),
+                "deploy.analysis.query[0].condition",
+                "not a condition",
+            ),
+            (
+                q.replace("{{release}}", "{{relase}}"),
+                "deploy.analysis.query[0].query",
+                "{{relase}}",
+            ),
+            (
+                q.replace("\"errors\"", "\"no spaces\""),
+                "deploy.analysis.query[0].name",
+                "not a query name",
+            ),
+            (
+                q.replace("http://127.0.0.1:9090/", "127.0.0.1:9090"),
+                "deploy.analysis.prometheus",
+                "not a Prometheus URL",
+            ),
+            (
+                q.replace("prometheus = \"http://127.0.0.1:9090/\"\n", ""),
+                "deploy.analysis.prometheus",
+                "needs the Prometheus",
+            ),
+            (
+                "builtin = false\n".to_string(),
+                "deploy.analysis.builtin",
+                "nothing to judge",
+            ),
+        ] {
+            let e = err(&(base.clone() + &bad));
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.message.contains(says), "{e}");
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub struct ReleaseCounters {
     requests: AtomicU64,
     errors: AtomicU64,
     buckets: [AtomicU64; BUCKETS],
+    latency_sum_us: AtomicU64,
 }
 
 impl ReleaseCounters {
@@ -34,6 +35,8 @@ impl ReleaseCounters {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
         self.buckets[bucket_index(latency)].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us
+            .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
     }
 
     fn snapshot(&self, app: &str, env: &str, release: &str) -> ReleaseStats {
@@ -48,6 +51,7 @@ impl ReleaseCounters {
                 .iter()
                 .map(|b| b.load(Ordering::Relaxed))
                 .collect(),
+            latency_sum_us: self.latency_sum_us.load(Ordering::Relaxed),
         }
     }
 }

@@ -82,6 +82,7 @@ type R<T> = Result<Json<T>, ApiErr>;
 pub fn router(server: Arc<Server>) -> Router {
     Router::new()
         .route("/v1/health", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .route("/v1/apps", post(add_app).get(list_apps))
         .route("/v1/apps/{app}/deploy", post(deploy))
         .route("/v1/apps/{app}/rollback", post(rollback))
@@ -776,6 +777,19 @@ async fn run_log(
         text,
     )
         .into_response())
+}
+
+/// Prometheus scrape: per-release traffic of every app and environment.
+async fn metrics(State(s): S) -> Response {
+    let traffic = s.traffic.lock().map(|t| t.all()).unwrap_or_default();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        crate::metrics::encode(traffic),
+    )
+        .into_response()
 }
 
 async fn nodes(State(s): S) -> R<Vec<api::NodeInfo>> {

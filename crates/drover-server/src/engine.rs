@@ -133,6 +133,8 @@ pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
         specs: HashMap::new(),
         errors: HashMap::new(),
         windows: HashMap::new(),
+        queries: Arc::default(),
+        prom: crate::prom::client(),
         checks: Arc::default(),
     };
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
@@ -179,12 +181,25 @@ struct Engine {
     /// step index, its start) and the traffic total of the new release when
     /// the engine first saw it — the window's baseline.
     windows: HashMap<(String, String), (StepId, Window)>,
+    /// Canary analysis by Prometheus queries, per deployment.
+    queries: Arc<std::sync::Mutex<HashMap<(String, String), QueryRun>>>,
+    prom: reqwest::Client,
     /// Blue/green pre-promotion checks by rollout id: None while running.
     checks: Arc<std::sync::Mutex<HashMap<i64, Option<Verdict>>>>,
 }
 
 /// A canary step: (rollout id, step index, when it started).
 type StepId = (i64, u32, u64);
+
+/// The Prometheus queries of one canary step: asked once the step has run
+/// one analysis `interval`, then again every `interval`, one round at a time.
+struct QueryRun {
+    step: StepId,
+    asked_at: u64,
+    running: bool,
+    /// The last round's verdict (None: no round finished yet).
+    verdict: Option<Verdict>,
+}
 
 impl Engine {
     fn store(&self) -> &dyn Store {
@@ -450,6 +465,10 @@ impl Engine {
             (Some(r), Some(a)) if !r.reverting => (r, a),
             _ => {
                 self.windows.remove(&key);
+                self.queries
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
                 return None;
             }
         };
@@ -470,7 +489,99 @@ impl Engine {
             }
         };
         let window = traffic::since(&total, &base);
-        Some(analysis::judge(&window, analysis, &LATENCY_BUCKETS_MS))
+        let mut parts = Vec::new();
+        if analysis.builtin {
+            parts.push(analysis::judge(&window, analysis, &LATENCY_BUCKETS_MS));
+        }
+        if !analysis.queries.is_empty() {
+            parts.push(self.query_verdict(r, step, analysis));
+        }
+        analysis::combine(parts)
+    }
+
+    /// The Prometheus part of a canary step's analysis: the last round of
+    /// queries, a new round started in its own task when one is due.
+    fn query_verdict(
+        &mut self,
+        r: &Rollout,
+        step: StepId,
+        a: &drover_core::AnalysisSettings,
+    ) -> Verdict {
+        let now = now_ms();
+        let elapsed = now.saturating_sub(step.2);
+        if elapsed < a.interval_ms {
+            return Verdict::Inconclusive(format!(
+                "Prometheus is asked once the step has run {}",
+                drover_core::duration::format_ms(a.interval_ms)
+            ));
+        }
+        let key = (r.app.clone(), r.env.clone());
+        let mut runs = self.queries.lock().unwrap_or_else(|p| p.into_inner());
+        let run = runs
+            .entry(key.clone())
+            .and_modify(|q| {
+                if q.step != step {
+                    *q = QueryRun {
+                        step,
+                        asked_at: 0,
+                        running: false,
+                        verdict: None,
+                    };
+                }
+            })
+            .or_insert(QueryRun {
+                step,
+                asked_at: 0,
+                running: false,
+                verdict: None,
+            });
+        let due = run.verdict.is_none() || now.saturating_sub(run.asked_at) >= a.interval_ms;
+        if due && !run.running {
+            run.running = true;
+            run.asked_at = now;
+            let base = a.prometheus.clone().unwrap_or_default();
+            let vars = (
+                r.app.clone(),
+                r.env.clone(),
+                r.to.clone(),
+                r.from.clone().unwrap_or_default(),
+            );
+            let (queries, client) = (a.queries.clone(), self.prom.clone());
+            let (results, engine) = (self.queries.clone(), self.server.engine.clone());
+            tokio::spawn(async move {
+                let mut verdicts = Vec::new();
+                for q in &queries {
+                    let promql = analysis::render_query(
+                        &q.query,
+                        &analysis::QueryVars {
+                            app: &vars.0,
+                            env: &vars.1,
+                            release: &vars.2,
+                            stable: &vars.3,
+                            window_ms: now_ms().saturating_sub(step.2),
+                        },
+                    );
+                    let outcome = crate::prom::query(&client, &base, &promql).await;
+                    tracing::debug!(query = %q.name, promql = %promql, ?outcome, "canary analysis query");
+                    verdicts.push(analysis::judge_query(q, &outcome));
+                }
+                let verdict = analysis::combine(verdicts);
+                let mut runs = results.lock().unwrap_or_else(|p| p.into_inner());
+                // A round of a step that has ended is dropped.
+                if let Some(run) = runs.get_mut(&key).filter(|q| q.step == step) {
+                    run.running = false;
+                    run.verdict = verdict;
+                }
+                drop(runs);
+                engine.poke();
+            });
+        }
+        run.verdict.clone().unwrap_or_else(|| {
+            Verdict::Inconclusive(format!(
+                "asking Prometheus at {}",
+                a.prometheus.as_deref().unwrap_or("")
+            ))
+        })
     }
 
     /// Blue/green: the pre-promotion check of a ready new set — a GET of

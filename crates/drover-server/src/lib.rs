@@ -12,13 +12,17 @@
 //! - [`git`]: the git CLI, with validated refs and no shell.
 //! - [`artifact`]: deterministic tar.zst packing and sha256.
 //! - [`view`]: turns records into the status/instance views.
+//! - [`metrics`]: `GET /metrics` in the Prometheus text format.
+//! - [`prom`]: asks a Prometheus the canary analysis queries.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod artifact;
 pub mod engine;
 pub mod git;
+pub mod metrics;
 pub mod pipeline;
+pub mod prom;
 pub mod retention;
 pub mod source;
 pub mod traffic;

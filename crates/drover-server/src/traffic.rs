@@ -11,7 +11,7 @@ use drover_api::ReleaseStats;
 use drover_core::analysis::Window;
 use std::collections::HashMap;
 
-type Key = (String, String, String);
+pub type Key = (String, String, String);
 
 #[derive(Default)]
 pub struct Traffic {
@@ -36,6 +36,10 @@ impl Traffic {
             };
             total.requests += dr;
             total.errors += de;
+            total.latency_sum_us += match prev {
+                Some(p) if !restarted => st.latency_sum_us.saturating_sub(p.latency_sum_us),
+                _ => st.latency_sum_us,
+            };
             if total.latency_buckets.len() < st.latency_buckets.len() {
                 total.latency_buckets.resize(st.latency_buckets.len(), 0);
             }
@@ -48,6 +52,17 @@ impl Traffic {
             }
             self.last.insert((proxy.to_string(), key), st.clone());
         }
+    }
+
+    /// Every (app, env, release) with its totals, in order (for `/metrics`).
+    pub fn all(&self) -> Vec<(Key, Window)> {
+        let mut v: Vec<_> = self
+            .totals
+            .iter()
+            .map(|(k, w)| (k.clone(), w.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// Everything seen of (app, env, release) so far.
@@ -70,6 +85,7 @@ pub fn since(now: &Window, base: &Window) -> Window {
             .enumerate()
             .map(|(i, c)| c.saturating_sub(base.latency_buckets.get(i).copied().unwrap_or(0)))
             .collect(),
+        latency_sum_us: now.latency_sum_us.saturating_sub(base.latency_sum_us),
     }
 }
 
@@ -85,6 +101,7 @@ mod tests {
             requests,
             errors,
             latency_buckets: vec![requests, 0],
+            latency_sum_us: requests * 100,
         }
     }
 

@@ -460,6 +460,9 @@ fn canary_settings() -> DeploySettings {
         min_requests: 20,
         interval_ms: 500,
         deadline_ms: 10_000,
+        builtin: true,
+        prometheus: None,
+        queries: Vec::new(),
     });
     s
 }

@@ -682,3 +682,91 @@ pub fn get_version(proxy: &str, host: &str) -> Result<String, String> {
     }
     Ok(body.split_whitespace().next().unwrap_or("").to_string())
 }
+
+// ---------------------------------------------------------- prometheus ----
+
+/// A real Prometheus (Debian's `prometheus`) scraping the given targets
+/// every 500 ms, with its data in a temporary directory.
+pub struct Prometheus {
+    pub url: String,
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    pub fn start(targets: &[&str]) -> Prometheus {
+        let bin = std::env::var("DROVER_TEST_PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let list = targets
+            .iter()
+            .map(|t| format!("'{t}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 500ms\n  evaluation_interval: 500ms\nscrape_configs:\n  - job_name: drover\n    scrape_interval: 500ms\n    static_configs:\n      - targets: [{list}]\n"
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new(&bin)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {bin} ({e}); install Debian's prometheus package (.ci/run does)"
+                )
+            });
+        let p = Prometheus {
+            url: format!("http://127.0.0.1:{port}"),
+            _proc: Proc {
+                name: "prometheus".into(),
+                child,
+            },
+            _dir: dir,
+        };
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        while http_get(&p.url, "/-/ready").is_err() {
+            assert!(
+                std::time::Instant::now() < until,
+                "prometheus did not become ready"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        p
+    }
+
+    /// The `data.result` of an instant query.
+    pub fn query(&self, promql: &str) -> Value {
+        let enc: String = promql
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        let body = http_get(&self.url, &format!("/api/v1/query?query={enc}"))
+            .unwrap_or_else(|e| panic!("prometheus query {promql}: {e}"));
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["data"]["result"].clone()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        self._proc.kill9();
+    }
+}
