@@ -215,6 +215,12 @@ pub struct Split {
     /// `release`, on the route's normal host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview_header: Option<String>,
+    /// Partial by node label: a proxy with every one of these labels sends
+    /// all of the route's users to `release`, any other proxy none of them
+    /// (preview aside). When non-empty, `weight_permille` and `values` are
+    /// not used.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub proxy_labels: BTreeMap<String, String>,
 }
 
 /// Where the proxy reads a request's user key for [`Split`]. JSON:
@@ -425,6 +431,10 @@ pub struct DeployResponse {
     pub rollout_id: i64,
     #[serde(default)]
     pub run_id: Option<i64>,
+    /// A rollback that reverts the rollout in progress (same rollout id):
+    /// done when that rollout ends `rolled_back`.
+    #[serde(default)]
+    pub reverts: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -652,6 +662,7 @@ mod tests {
                 values: vec![],
                 preview_host: None,
                 preview_header: Some("x-drover-preview".into()),
+                proxy_labels: BTreeMap::new(),
             }
         );
         assert_eq!(serde_json::to_value(&route).unwrap(), json);

@@ -197,6 +197,7 @@ mod tests {
             .map(|i| Node {
                 name: format!("node-{i}"),
                 ready: true,
+                labels: Default::default(),
             })
             .collect();
         let inst = (0..n)

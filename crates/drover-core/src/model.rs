@@ -1,6 +1,7 @@
 //! Domain types shared by the planner and the server: plain data, no I/O.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// Milliseconds since the Unix epoch. The planner's only notion of time.
@@ -82,6 +83,11 @@ pub struct DeploySettings {
     /// Partial: how many instances of the new release serve the segment.
     #[serde(default)]
     pub partial_instances: u32,
+    /// Partial by node label: the new release runs only on nodes with all
+    /// these labels and serves the users of proxies with them (empty: by
+    /// user key).
+    #[serde(default)]
+    pub partial_nodes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -419,4 +425,31 @@ pub struct Node {
     pub name: String,
     /// Heartbeat within its lease.
     pub ready: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A node (or proxy) with `labels` matches `selector` when it has every
+/// label of it.
+pub fn labels_match(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// A label key or value: 1-63 letters, digits, '-', '_' or '.'.
+pub fn valid_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// `region=eu,role=web`.
+pub fn format_labels(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }

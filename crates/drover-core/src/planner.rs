@@ -486,11 +486,19 @@ impl<'a> Planner<'a> {
         for id in extra {
             self.retire(&id);
         }
-        self.place(target, want.saturating_sub(running));
+        // Partial by node label: the new release only on those nodes.
+        let only = if partial {
+            &s.partial_nodes
+        } else {
+            &BTreeMap::new()
+        };
+        self.place_on(target, want.saturating_sub(running), only);
         let ready = self.serving_of(target);
         self.note_progress(r, ready);
         let head = if partial {
-            let segment = if s.partial_users.is_empty() {
+            let segment = if !s.partial_nodes.is_empty() {
+                format!("users of proxies with {}", format_labels(&s.partial_nodes))
+            } else if s.partial_users.is_empty() {
                 format!("{}% of users", st.weight)
             } else {
                 format!("{} listed user(s)", s.partial_users.len())
@@ -507,6 +515,20 @@ impl<'a> Planner<'a> {
                 st.weight
             )
         };
+        let no_node = !only.is_empty()
+            && !self
+                .input
+                .nodes
+                .iter()
+                .any(|n| n.ready && labels_match(only, &n.labels));
+        if ready < want && no_node {
+            r.message = format!(
+                "{head}: no ready node has {}; waiting for one",
+                format_labels(only)
+            );
+            r.canary = Some(cp);
+            return Step::Continue;
+        }
         if ready < want {
             r.message = format!(
                 "{head}: waiting for {}/{want} instance(s) of {target} to become healthy",
@@ -633,10 +655,21 @@ impl<'a> Planner<'a> {
     }
 
     fn place(&mut self, release: &str, count: u32) {
+        self.place_on(release, count, &BTreeMap::new());
+    }
+
+    /// Places `count` instances of `release` on the least loaded ready nodes
+    /// that have every label of `only`.
+    fn place_on(&mut self, release: &str, count: u32, only: &BTreeMap<String, String>) {
         if count == 0 {
             return;
         }
-        let ready: Vec<&Node> = self.input.nodes.iter().filter(|n| n.ready).collect();
+        let ready: Vec<&Node> = self
+            .input
+            .nodes
+            .iter()
+            .filter(|n| n.ready && labels_match(only, &n.labels))
+            .collect();
         if ready.is_empty() {
             return;
         }

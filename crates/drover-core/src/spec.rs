@@ -279,6 +279,8 @@ struct RawPartial {
     #[serde(default)]
     users: Vec<String>,
     percent: Option<Spanned<i64>>,
+    #[serde(default)]
+    nodes: BTreeMap<String, String>,
     instances: Option<Spanned<i64>>,
 }
 
@@ -609,16 +611,30 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
             }
         }
         let (mut partial_users, mut partial_instances) = (Vec::new(), 0);
+        let mut partial_nodes = BTreeMap::new();
         if strategy == Strategy::Partial {
             let Some(p) = &d.partial else {
                 let span = d.strategy.as_ref().map(|s| s.span()).unwrap_or(0..0);
-                return Err(ctx.err(span, "deploy.partial", "a partial deployment needs its segment: add [deploy.partial] with users = [\"alice\", \"bob\"] or percent = 5"));
+                return Err(ctx.err(span, "deploy.partial", "a partial deployment needs its segment: add [deploy.partial] with users = [\"alice\", \"bob\"], percent = 5 or nodes = { region = \"eu\" }"));
             };
             let raw = p.get_ref();
             let percent = ctx.count(&raw.percent, "deploy.partial.percent", 0, 0, 100)?;
-            if raw.users.is_empty() == (percent == 0) {
-                return Err(ctx.err(p.span(), "deploy.partial", "give either users = [...] (listed user keys) or percent = N (a hash share of user keys), not both and not neither"));
+            let given = [!raw.users.is_empty(), percent > 0, !raw.nodes.is_empty()];
+            if given.iter().filter(|g| **g).count() != 1 {
+                return Err(ctx.err(p.span(), "deploy.partial", "give exactly one segment: users = [...] (listed user keys), percent = N (a hash share of user keys) or nodes = { region = \"eu\" } (nodes and proxies with these labels)"));
             }
+            if let Some((k, v)) = raw
+                .nodes
+                .iter()
+                .find(|(k, v)| !crate::model::valid_label(k) || !crate::model::valid_label(v))
+            {
+                return Err(ctx.err(
+                    p.span(),
+                    "deploy.partial.nodes",
+                    format!("{k}={v} is not a label; use letters, digits, '-', '_' and '.'"),
+                ));
+            }
+            partial_nodes = raw.nodes.clone();
             if raw
                 .users
                 .iter()
@@ -713,6 +729,7 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
             bake_ms: ctx.duration(&d.bake, "deploy.bake", 300_000)?,
             partial_users,
             partial_instances,
+            partial_nodes,
             preview_check: match &d.preview_check {
                 None => None,
                 Some(p) => Some(url_path(&ctx, p, "deploy.preview_check")?),
@@ -1099,6 +1116,17 @@ max_unavailable = 0
         let s = parse_spec("drover.toml", &ok).unwrap();
         assert_eq!(s.deploy.partial_users, ["alice", "bob"]);
         assert_eq!(s.deploy.partial_instances, 1);
+        let by_node = GOOD.replace("\"rolling\"", "\"partial\"")
+            + "\n[deploy.partial]\nnodes = { region = \"eu\" }\n";
+        let s = parse_spec("drover.toml", &by_node).unwrap();
+        assert_eq!(
+            s.deploy.partial_nodes.get("region").map(String::as_str),
+            Some("eu")
+        );
+        let e = err(&by_node.replace("\"eu\"", "\"eu west\""));
+        assert_eq!(e.field, "deploy.partial.nodes", "{e}");
+        let e = err(&(by_node + "users = [\"a\"]\n"));
+        assert_eq!(e.field, "deploy.partial", "two segments: {e}");
         let e = err(&GOOD.replace("\"rolling\"", "\"canary\""));
         assert_eq!(e.field, "deploy.steps", "a canary without steps");
     }

@@ -32,6 +32,7 @@ fn settings(strategy: DeployStrategy, n: u32, surge: u32, unavail: u32) -> Deplo
         bake_ms: 0,
         partial_users: Vec::new(),
         partial_instances: 0,
+        partial_nodes: Default::default(),
         preview_check: None,
     }
 }
@@ -102,6 +103,7 @@ fn run_sim(s: &DeploySettings, events: &[u32], good: bool) -> (World, Rollout) {
         .map(|n| Node {
             name: n.to_string(),
             ready: true,
+            labels: Default::default(),
         })
         .collect();
     let mut w = World {

@@ -54,6 +54,9 @@ pub struct ProxyConfig {
     pub threads: usize,
     /// On SIGTERM, keep serving in-flight requests this long.
     pub grace_period_secs: u64,
+    /// This proxy's labels (e.g. region=eu): a partial deployment by node
+    /// label sends the users of proxies with its labels to the new release.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ProxyConfig {
@@ -64,6 +67,7 @@ impl Default for ProxyConfig {
             name: "proxy-1".into(),
             threads: 2,
             grace_period_secs: 5,
+            labels: Default::default(),
         }
     }
 }
@@ -116,7 +120,10 @@ pub fn run(config: ProxyConfig) -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 
     let server_url = config.server.trim_end_matches('/').to_string();
-    let state = Arc::new(ProxyState::new(config.name.clone()));
+    let state = Arc::new(ProxyState {
+        labels: config.labels.clone(),
+        ..ProxyState::new(config.name.clone())
+    });
     start_control_loop(server_url.clone(), state.clone())?;
 
     // Give the poller a moment, so the first requests see real routes.

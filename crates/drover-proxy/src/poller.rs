@@ -60,13 +60,14 @@ pub async fn run(client: reqwest::Client, server: String, state: Arc<ProxyState>
         let loaded = current.loaded;
         drop(current);
         match fetch_routes(&client, &server, index, wait_ms).await {
-            Ok(resp) => {
+            Ok(mut resp) => {
                 let failures = limiter.success();
                 if failures > 0 {
                     tracing::info!(failures, "route polling recovered");
                 }
                 // Same index = the long poll timed out without a change.
                 if !loaded || resp.index != index {
+                    crate::split::localize(&mut resp, &state.labels);
                     let table = Table::build(&resp, &state.stats);
                     let routes = table.routes.len();
                     state.tables.install(table);

@@ -19,14 +19,36 @@
 //!    or a weight of 0 or 1000) decide this request alone, at random with
 //!    probability `weight_permille / 1000`.
 //!
+//! A split by *proxy labels* (partial deployment by node label) is resolved
+//! before all this, when a table arrives ([`localize`]): this proxy either
+//! has the labels (everyone to new) or not (everyone to stable).
+//!
 //! Everything here is built once per routing table ([`SplitRule::new`]) and
 //! then only read; deciding allocates nothing except the `Set-Cookie` value
 //! of a newly drawn key.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
-use drover_api::{split_bucket, Split, SplitKey};
+use drover_api::{split_bucket, RoutesResponse, Split, SplitKey};
 use http::{HeaderMap, HeaderName};
+
+/// Resolves the splits that go by proxy labels for this proxy: with all
+/// the labels, every user goes to the new release; without, none does
+/// (preview requests still do). Other splits are left as they are.
+pub fn localize(resp: &mut RoutesResponse, own: &BTreeMap<String, String>) {
+    for split in resp.routes.iter_mut().filter_map(|r| r.split.as_mut()) {
+        if split.proxy_labels.is_empty() {
+            continue;
+        }
+        let ours = split
+            .proxy_labels
+            .iter()
+            .all(|(k, v)| own.get(k) == Some(v));
+        split.weight_permille = if ours { 1000 } else { 0 };
+        split.values.clear();
+        split.proxy_labels.clear();
+    }
+}
 
 /// The two groups of a split route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -262,6 +284,7 @@ mod tests {
             values: vec![],
             preview_host: None,
             preview_header: Some("x-drover-preview".into()),
+            proxy_labels: Default::default(),
         }
     }
 
@@ -484,6 +507,52 @@ mod tests {
             })
             .count();
         assert!((2_250..=2_750).contains(&n), "{n} of 10000 went to new");
+    }
+
+    #[test]
+    fn proxy_label_splits_send_everyone_one_way_by_this_proxys_labels() {
+        let labelled = |labels: &[(&str, &str)]| {
+            let mut s = split(300, SplitKey::Header("x-user".into()));
+            s.values = vec!["alice".into()];
+            s.proxy_labels = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            RoutesResponse {
+                index: 1,
+                routes: vec![drover_api::Route {
+                    app: "web".into(),
+                    env: String::new(),
+                    host: "h".into(),
+                    upstreams: vec![],
+                    split: Some(s),
+                }],
+            }
+        };
+        let eu: BTreeMap<String, String> = [("region".to_string(), "eu".to_string())].into();
+        let mut resp = labelled(&[("region", "eu")]);
+        localize(&mut resp, &eu);
+        let rule = SplitRule::new("h", resp.routes[0].split.as_ref().unwrap());
+        let mut resp_us = labelled(&[("region", "us")]);
+        localize(&mut resp_us, &eu);
+        let rule_us = SplitRule::new("h", resp_us.routes[0].split.as_ref().unwrap());
+        for user in ["alice", "bob", "carol"] {
+            assert_eq!(side_for_user(&rule, user), Side::New);
+            assert_eq!(side_for_user(&rule_us, user), Side::Stable);
+        }
+        let none = rule_us.decide(false, &HeaderMap::new(), &mut seeded(7));
+        assert_eq!(none.side, Side::Stable);
+        // Preview requests still reach the new release everywhere.
+        let d = rule_us.decide(
+            false,
+            &headers(&[("x-drover-preview", "1")]),
+            &mut no_random(),
+        );
+        assert_eq!((d.side, d.preview), (Side::New, true));
+        // A split without proxy labels is left alone.
+        let mut plain = labelled(&[]);
+        localize(&mut plain, &eu);
+        assert_eq!(plain.routes[0].split.as_ref().unwrap().weight_permille, 300);
     }
 
     #[test]

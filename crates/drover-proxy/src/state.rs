@@ -12,6 +12,8 @@ use crate::table::Tables;
 pub struct ProxyState {
     /// Proxy id used in reports.
     pub name: String,
+    /// This proxy's labels (partial deployments by node label).
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Current routing table and the registry used for drain tracking.
     pub tables: Tables,
     /// Per-release counters.

@@ -494,6 +494,7 @@ mod tests {
                     values: vec![],
                     preview_host: Some("Preview.Hello.Localhost:8080".into()),
                     preview_header: Some("x-drover-preview".into()),
+                    proxy_labels: Default::default(),
                 }),
             }],
         };
@@ -579,6 +580,7 @@ mod tests {
                         values: vec![],
                         preview_host: Some("taken.localhost".into()),
                         preview_header: None,
+                        proxy_labels: Default::default(),
                     }),
                 },
             ],

@@ -91,6 +91,7 @@ fn by_user_header(weight_permille: u32) -> Split {
         values: vec![],
         preview_host: None,
         preview_header: None,
+        proxy_labels: Default::default(),
     }
 }
 

@@ -247,6 +247,7 @@ async fn deploy(
             .unwrap_or_default(),
         rollout_id: out.rollout.map(|r| r.id).unwrap_or(0),
         run_id: Some(out.run.id),
+        reverts: false,
     }))
 }
 
@@ -280,6 +281,7 @@ async fn rollback(
             env,
             rollout_id: r.id,
             run_id: None,
+            reverts: true,
         }));
     }
     let prev = s
@@ -307,6 +309,7 @@ async fn rollback(
         env,
         rollout_id: r.id,
         run_id: None,
+        reverts: false,
     }))
 }
 
@@ -353,19 +356,7 @@ async fn plan_dry_run(
     let now = now_ms();
     let node_records = s.store.list_nodes().await?;
     let ready = view::nodes_ready(&node_records, now);
-    let selector = spec.environment(&env).map(|e| e.nodes.clone());
-    let nodes: Vec<drover_core::Node> = node_records
-        .iter()
-        .filter(|n| {
-            selector
-                .as_ref()
-                .is_none_or(|sel| view::labels_match(sel, &n.labels))
-        })
-        .map(|n| drover_core::Node {
-            name: n.name.clone(),
-            ready: ready[&n.name],
-        })
-        .collect();
+    let nodes = view::env_nodes(&spec, &env, &node_records, &ready);
     let instances: Vec<drover_core::Instance> = s
         .store
         .list_instances(&app)
@@ -1086,6 +1077,12 @@ pub async fn routing_table(s: &Server) -> Result<api::RoutesResponse, ApiErr> {
                 values: spec.deploy.partial_users.clone(),
                 preview_header: preview.as_ref().map(|_| view::PREVIEW_HEADER.to_string()),
                 preview_host: preview,
+                // Partial by node label: the proxies decide by their own labels
+                // (none of them while rolling back).
+                proxy_labels: match r.reverting {
+                    true => BTreeMap::new(),
+                    false => spec.deploy.partial_nodes.clone(),
+                },
             })
         });
         routes.push(api::Route {

@@ -20,7 +20,7 @@ use drover_api::LATENCY_BUCKETS_MS;
 use drover_core::analysis::{self, Verdict, Window};
 use drover_core::planner::{plan, Action, PlanInput};
 use drover_core::spec::AppSpec;
-use drover_core::{Desired, Node, Rollout, RolloutState, Strategy};
+use drover_core::{Desired, Rollout, RolloutState, Strategy};
 use drover_store::{DeploymentRecord, InstanceChange, InstanceRecord, NodeRecord, Store};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -685,16 +685,7 @@ impl Engine {
             })
             .collect();
         // The nodes this environment may run on: every label of its selector.
-        let selector = spec.environment(env).map(|e| &e.nodes);
-        let nodes: Vec<Node> = cluster
-            .nodes
-            .iter()
-            .filter(|n| selector.is_none_or(|sel| view::labels_match(sel, &n.labels)))
-            .map(|n| Node {
-                name: n.name.clone(),
-                ready: cluster.ready[&n.name],
-            })
-            .collect();
+        let nodes = view::env_nodes(&spec, env, &cluster.nodes, &cluster.ready);
         let verdict = match spec.deploy.strategy {
             Strategy::BlueGreen => self.preview_verdict(active, &spec, &records, &cluster.ready),
             _ => self.canary_verdict(app, env, active, &spec),

@@ -71,11 +71,26 @@ pub fn env_list(spec: &AppSpec) -> String {
 }
 
 /// A node selector matches when the node has every one of its labels.
-pub fn labels_match(
-    selector: &BTreeMap<String, String>,
-    labels: &BTreeMap<String, String>,
-) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+pub use drover_core::labels_match;
+
+/// The nodes an environment of `spec` may run on (every label of its
+/// selector), as the planner sees them.
+pub fn env_nodes(
+    spec: &AppSpec,
+    env: &str,
+    records: &[NodeRecord],
+    ready: &BTreeMap<String, bool>,
+) -> Vec<drover_core::Node> {
+    let selector = spec.environment(env).map(|e| &e.nodes);
+    records
+        .iter()
+        .filter(|n| selector.is_none_or(|sel| labels_match(sel, &n.labels)))
+        .map(|n| drover_core::Node {
+            name: n.name.clone(),
+            ready: ready.get(&n.name).copied().unwrap_or(false),
+            labels: n.labels.clone(),
+        })
+        .collect()
 }
 
 pub fn parse_release_name(name: &str) -> Option<i64> {

@@ -99,6 +99,10 @@ enum Cmd {
         /// Seconds to let in-flight requests finish on SIGTERM.
         #[arg(long, default_value_t = 5)]
         grace: u64,
+        /// This proxy's labels, e.g. --label region=eu: a partial deployment
+        /// with `nodes = { region = "eu" }` sends its users to the new release.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
     },
     /// Manage apps.
     Apps {
@@ -293,6 +297,11 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("label {s:?} must look like key=value"))?;
+    if !drover_core::valid_label(k) || !drover_core::valid_label(v) {
+        return Err(format!(
+            "label {s:?}: keys and values are 1-63 letters, digits, '-', '_' or '.'"
+        ));
+    }
     Ok((k.to_string(), v.to_string()))
 }
 
@@ -432,6 +441,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             threads,
             grace,
+            labels,
         } => {
             init_logs();
             drover_proxy::run(drover_proxy::ProxyConfig {
@@ -440,6 +450,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 name,
                 threads,
                 grace_period_secs: grace,
+                labels: labels.into_iter().collect(),
             })
         }
         Cmd::Apps {
@@ -555,14 +566,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &format!("/v1/apps/{app}/rollback"),
                 &drover_api::RollbackRequest { to, env },
             )?;
-            eprintln!(
-                "rolling {app} back to {}{}; rollout {} started",
-                d.release,
-                in_env(&d.env),
-                d.rollout_id
-            );
+            if d.reverts {
+                eprintln!(
+                    "rolling {app} back to {}{}: rollout {} reverts in place",
+                    d.release,
+                    in_env(&d.env),
+                    d.rollout_id
+                );
+            } else {
+                eprintln!(
+                    "rolling {app} back to {}{}; rollout {} started",
+                    d.release,
+                    in_env(&d.env),
+                    d.rollout_id
+                );
+            }
             if wait {
-                output::follow(&c, &app, Some(&d.env), Some(d.rollout_id))
+                // Reverting the rollout in progress succeeds as `rolled_back`.
+                let done = if d.reverts {
+                    "rolled_back"
+                } else {
+                    "succeeded"
+                };
+                output::follow_until(&c, &app, Some(&d.env), Some(d.rollout_id), done)
             } else {
                 Ok(())
             }

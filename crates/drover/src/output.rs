@@ -356,6 +356,17 @@ pub fn follow(
     env: Option<&str>,
     rollout_id: Option<i64>,
 ) -> anyhow::Result<()> {
+    follow_until(c, app, env, rollout_id, "succeeded")
+}
+
+/// Follows a rollout to its end; exit 0 only if it ends in state `success`.
+pub fn follow_until(
+    c: &Client,
+    app: &str,
+    env: Option<&str>,
+    rollout_id: Option<i64>,
+    success: &str,
+) -> anyhow::Result<()> {
     let tty = std::io::stderr().is_terminal();
     let bar = if tty {
         let b = indicatif::ProgressBar::new(1);
@@ -413,10 +424,11 @@ pub fn follow(
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }
-            if r.state == "succeeded" {
+            if r.state == success {
                 println!(
-                    "rollout #{} succeeded: {}",
+                    "rollout #{} {}: {}",
                     r.id,
+                    r.state,
                     escape_terminal(&r.message)
                 );
                 return Ok(());

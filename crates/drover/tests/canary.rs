@@ -324,16 +324,21 @@ fn operators_pause_resume_abort_and_promote_a_canary() {
     }
 }
 
-#[test]
-fn a_partial_deployment_serves_exactly_the_listed_users_until_promoted() {
-    let _g = serial();
-    let sp = spec("web", 3, "30s")
+/// A partial deployment of 3 instances with `segment` in `[deploy.partial]`.
+fn partial_spec(segment: &str) -> String {
+    spec("web", 3, "30s")
         .replace("strategy = \"rolling\"", "strategy = \"partial\"")
         .replace(
             "host = \"web.localhost\"",
             "host = \"web.localhost\"\nuser_key = \"header:x-user\"",
         )
-        + "\n[deploy.partial]\nusers = [\"user-3\", \"user-17\", \"user-420\"]\n";
+        + &format!("\n[deploy.partial]\n{segment}\n")
+}
+
+#[test]
+fn a_partial_deployment_serves_exactly_the_listed_users_until_promoted() {
+    let _g = serial();
+    let sp = partial_spec("users = [\"user-3\", \"user-17\", \"user-420\"]");
     let (c, repo) = start(&sp);
     repo.commit(&sp, &Behavior::ok("v2"));
     c.cli_ok(&["deploy", "web"]);
@@ -376,4 +381,72 @@ fn a_partial_deployment_serves_exactly_the_listed_users_until_promoted() {
     c.wait_until("r2 everywhere", Duration::from_secs(60), |c| {
         c.status("web")["live_release"] == "r2" && releases_running(c) == ["r2", "r2", "r2"]
     });
+}
+
+#[test]
+fn a_partial_deployment_by_node_label_runs_on_those_nodes_and_serves_the_users_of_those_proxies() {
+    let _g = serial();
+    let sp = partial_spec("nodes = { region = \"eu\" }");
+    let c = Cluster::start_labeled("0", &[&["region=eu"], &["region=us"], &["region=us"]]);
+    let repo = Repo::create(c.dir.path(), &sp, &Behavior::ok("v1"));
+    c.cli_ok(&["apps", "add", &repo.path.to_string_lossy()]);
+    c.cli_ok(&["deploy", "web", "--wait"]);
+    // The cluster's proxy has no labels; this one is the EU edge.
+    let (_eu, eu_addr) = c.spawn_proxy("proxy-eu", &["region=eu"]);
+    c.wait_until("the EU proxy serves", Duration::from_secs(30), |_| {
+        raw_get(&eu_addr, "web.localhost", "/").is_ok_and(|(h, _)| h.starts_with("HTTP/1.1 200"))
+    });
+    repo.commit(&sp, &Behavior::ok("v2"));
+    c.cli_ok(&["deploy", "web"]);
+    c.wait_until(
+        "the EU segment is served by r2",
+        Duration::from_secs(30),
+        |c| {
+            let m = c.status("web")["rollout"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            m.contains("users of proxies with region=eu") && m.contains("held until")
+        },
+    );
+    let st = c.status("web");
+    let new_nodes: Vec<&str> = st["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["release"] == "r2")
+        .map(|i| i["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        new_nodes,
+        ["node-1"],
+        "r2 runs only on the region=eu node: {st:#}"
+    );
+    // 1,000 users, half entering through each proxy.
+    let mut seen: std::collections::BTreeMap<(&str, String), u32> = Default::default();
+    for u in 0..1000 {
+        let (proxy, addr) = match u % 2 {
+            0 => ("eu", eu_addr.as_str()),
+            _ => ("other", c.proxy_addr.as_str()),
+        };
+        let (head, body) =
+            raw_get_with(addr, "web.localhost", "/", &format!("x-user: user-{u}\r\n")).unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let version = body.split_whitespace().next().unwrap_or("").to_string();
+        *seen.entry((proxy, version)).or_default() += 1;
+    }
+    println!("partial by node label: (proxy, version) → requests: {seen:?}");
+    let expected: std::collections::BTreeMap<(&str, String), u32> = [
+        (("eu", "v2".to_string()), 500),
+        (("other", "v1".to_string()), 500),
+    ]
+    .into();
+    assert_eq!(seen, expected);
+    // Rolled back, the EU users are back on r1 and r2 is gone.
+    c.cli_ok(&["rollback", "web", "--wait"]);
+    c.wait_until("only r1 runs", Duration::from_secs(30), |c| {
+        releases_running(c) == ["r1", "r1", "r1"]
+    });
+    let (_, body) = raw_get_with(&eu_addr, "web.localhost", "/", "x-user: user-0\r\n").unwrap();
+    assert!(body.starts_with("v1 "), "{body}");
 }

@@ -23,6 +23,7 @@ pub(crate) fn settings(strategy: Strategy, n: u32, surge: u32, unavail: u32) -> 
         bake_ms: 0,
         partial_users: Vec::new(),
         partial_instances: 0,
+        partial_nodes: Default::default(),
         preview_check: None,
     }
 }
@@ -82,6 +83,7 @@ fn nodes(names: &[&str]) -> Vec<Node> {
         .map(|n| Node {
             name: n.to_string(),
             ready: true,
+            labels: Default::default(),
         })
         .collect()
 }
@@ -425,6 +427,7 @@ fn a_rollout_without_progress_fails_at_its_progress_deadline() {
     let nodes = vec![Node {
         name: "n1".into(),
         ready: false,
+        labels: Default::default(),
     }];
     let now = s.progress_deadline_ms() + 1;
     let plan = plan(&PlanInput {
@@ -489,6 +492,48 @@ fn canary_plan(
 
 fn actions(p: &Plan) -> Vec<String> {
     p.actions.iter().map(|a| a.to_string()).collect()
+}
+
+#[test]
+fn a_partial_by_node_label_places_the_new_release_only_on_matching_nodes() {
+    let mut s = settings(Strategy::Partial, 3, 1, 0);
+    s.steps = vec![CanaryStep {
+        weight: 0,
+        pause_ms: u64::MAX,
+    }];
+    s.partial_instances = 1;
+    s.partial_nodes = [("region".to_string(), "eu".to_string())].into();
+    let mut ns = nodes(&["n1", "n2", "n3"]);
+    ns[2].labels = s.partial_nodes.clone();
+    let inst = parse_instances(THREE_R1);
+    let r = rollout(Some("r1"), "r2");
+    let input = |ns: &[Node]| {
+        plan(&PlanInput {
+            settings: &s,
+            rollout: Some(&r),
+            live: Some("r1"),
+            instances: &inst,
+            nodes: ns,
+            now: 0,
+            verdict: None,
+        })
+    };
+    // n1 is the least loaded by name, but only n3 is in region=eu.
+    let p = input(&ns);
+    assert_eq!(actions(&p), ["place r2 on n3"]);
+    assert!(
+        p.rollout
+            .unwrap()
+            .message
+            .contains("users of proxies with region=eu"),
+        "the segment is named"
+    );
+    // No ready node in the segment: nothing is placed, and it says why.
+    ns[2].ready = false;
+    let p = input(&ns);
+    assert!(actions(&p).is_empty());
+    let msg = p.rollout.unwrap().message;
+    assert!(msg.contains("no ready node has region=eu"), "{msg}");
 }
 
 #[test]

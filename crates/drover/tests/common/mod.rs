@@ -175,6 +175,20 @@ impl Cluster {
         spawn_role(self.dir.path(), &format!("agent-{i}"), &args)
     }
 
+    /// Another proxy of this cluster, with labels ("key=value" each);
+    /// returns it and its listen address.
+    pub fn spawn_proxy(&self, name: &str, labels: &[&str]) -> (Proc, String) {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![
+            "proxy", "--server", &self.api, "--listen", &addr, "--name", name, "--grace", "1",
+        ];
+        for l in labels {
+            args.extend(["--label", l]);
+        }
+        let p = spawn_role(self.dir.path(), name, &args);
+        (p, addr)
+    }
+
     pub fn agent_dir(&self, i: u32) -> PathBuf {
         self.dir.path().join(format!("agent-{i}"))
     }
