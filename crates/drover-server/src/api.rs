@@ -180,7 +180,7 @@ fn pick_env(app: &str, envs: &[api::EnvSummary], env: Option<&str>) -> Result<St
     }
 }
 
-async fn app_info(s: &Server, a: &drover_store::AppRecord) -> Result<api::AppInfo, ApiErr> {
+pub async fn app_info(s: &Server, a: &drover_store::AppRecord) -> Result<api::AppInfo, ApiErr> {
     let envs = environments(s, &a.name).await?;
     let last = envs.last();
     Ok(api::AppInfo {
@@ -529,13 +529,7 @@ pub async fn app_status(
     let rollout = match rollout {
         None => None,
         Some(r) => {
-            let n = view::parse_release_name(&r.to).unwrap_or(0);
-            let spec = s
-                .store
-                .get_release(app, n)
-                .await
-                .ok()
-                .and_then(|rel| view::release_spec(&rel).ok());
+            let spec = view::target_spec(s, app, &r).await;
             let split = spec.as_ref().and_then(|sp| view::rollout_split(&r, sp));
             let steps_total = spec.as_ref().map_or(0, |s| s.deploy.steps.len());
             canary_split = split.clone();
@@ -602,28 +596,32 @@ async fn status(
 }
 
 async fn releases(State(s): S, Path(app): Path<String>) -> R<Vec<api::ReleaseInfo>> {
-    s.store.get_app(&app).await?;
-    let envs = environments(&s, &app).await?;
+    Ok(Json(release_list(&s, &app).await?))
+}
+
+/// The app's releases, newest first, with where each is live.
+pub async fn release_list(s: &Server, app: &str) -> Result<Vec<api::ReleaseInfo>, ApiErr> {
+    s.store.get_app(app).await?;
+    let envs = environments(s, app).await?;
     let live = envs.last().and_then(|e| e.live_release.clone());
-    let list = s.store.list_releases(&app).await?;
-    Ok(Json(
-        list.iter()
-            .map(|r| api::ReleaseInfo {
-                name: r.name(),
-                commit: r.commit.clone(),
-                artifact_sha256: r.artifact_sha256.clone(),
-                artifact_size: r.artifact_size,
-                created_at_ms: r.created_at,
-                live: live.as_deref() == Some(&r.name()),
-                status: r.status.clone(),
-                live_in: envs
-                    .iter()
-                    .filter(|e| e.live_release.as_deref() == Some(&r.name()))
-                    .map(|e| e.name.clone())
-                    .collect(),
-            })
-            .collect(),
-    ))
+    let list = s.store.list_releases(app).await?;
+    Ok(list
+        .iter()
+        .map(|r| api::ReleaseInfo {
+            name: r.name(),
+            commit: r.commit.clone(),
+            artifact_sha256: r.artifact_sha256.clone(),
+            artifact_size: r.artifact_size,
+            created_at_ms: r.created_at,
+            live: live.as_deref() == Some(&r.name()),
+            status: r.status.clone(),
+            live_in: envs
+                .iter()
+                .filter(|e| e.live_release.as_deref() == Some(&r.name()))
+                .map(|e| e.name.clone())
+                .collect(),
+        })
+        .collect())
 }
 
 #[derive(Deserialize)]
@@ -784,6 +782,11 @@ async fn metrics(State(s): S) -> Response {
 }
 
 async fn nodes(State(s): S) -> R<Vec<api::NodeInfo>> {
+    Ok(Json(node_list(&s).await?))
+}
+
+/// Every node: labels, readiness, heartbeat age, instances placed on it.
+pub async fn node_list(s: &Server) -> Result<Vec<api::NodeInfo>, ApiErr> {
     let now = now_ms();
     let nodes = s.store.list_nodes().await?;
     let mut out = Vec::new();
@@ -803,7 +806,7 @@ async fn nodes(State(s): S) -> R<Vec<api::NodeInfo>> {
             labels: n.labels,
         });
     }
-    Ok(Json(out))
+    Ok(out)
 }
 
 #[derive(Deserialize)]

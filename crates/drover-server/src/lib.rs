@@ -14,6 +14,8 @@
 //! - [`view`]: turns records into the status/instance views.
 //! - [`metrics`]: `GET /metrics` in the Prometheus text format.
 //! - [`prom`]: asks a Prometheus the canary analysis queries.
+//! - [`timeseries`]: a short per-second history of each deployment's
+//!   traffic split and per-release figures, for the dashboard's chart.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -25,6 +27,7 @@ pub mod pipeline;
 pub mod prom;
 pub mod retention;
 pub mod source;
+pub mod timeseries;
 pub mod traffic;
 pub mod view;
 
@@ -72,6 +75,8 @@ pub struct Server {
     pub run_cancels: std::sync::Mutex<HashMap<i64, CancellationToken>>,
     /// Live per-release traffic figures from the proxies' reports.
     pub traffic: std::sync::Mutex<traffic::Traffic>,
+    /// A short history of the traffic per deployment (the dashboard's chart).
+    pub series: std::sync::Mutex<timeseries::Series>,
 }
 
 impl Server {
@@ -124,6 +129,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         shutdown: shutdown.clone(),
         run_cancels: std::sync::Mutex::new(HashMap::new()),
         traffic: std::sync::Mutex::new(traffic::Traffic::default()),
+        series: std::sync::Mutex::new(timeseries::Series::default()),
     });
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
@@ -131,6 +137,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
     tracing::info!(addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "drover server listening");
     let engine_task = tokio::spawn(engine::run(server.clone(), engine_rx));
     tokio::spawn(source::poll_loop(server.clone(), config.poll_interval));
+    tokio::spawn(timeseries::sample_loop(server.clone()));
     let app = api::router(server.clone());
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -113,6 +113,13 @@ pub async fn current_spec(
     })
 }
 
+/// The spec of a rollout's target release (None if it cannot be read).
+pub async fn target_spec(server: &crate::Server, app: &str, r: &Rollout) -> Option<AppSpec> {
+    let n = parse_release_name(&r.to)?;
+    let rel = server.store.get_release(app, n).await.ok()?;
+    release_spec(&rel).ok()
+}
+
 pub fn release_spec(r: &ReleaseRecord) -> Result<AppSpec, String> {
     serde_json::from_str(&r.spec)
         .map_err(|e| format!("stored spec of {} {} does not parse: {e}", r.app, r.name()))
