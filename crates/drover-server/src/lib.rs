@@ -16,10 +16,12 @@
 //! - [`prom`]: asks a Prometheus the canary analysis queries.
 //! - [`timeseries`]: a short per-second history of each deployment's
 //!   traffic split and per-release figures, for the dashboard's chart.
+//! - [`dashboard`]: the web dashboard (server-rendered HTML, live by SSE).
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod artifact;
+pub mod dashboard;
 pub mod engine;
 pub mod git;
 pub mod metrics;
@@ -138,7 +140,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
     let engine_task = tokio::spawn(engine::run(server.clone(), engine_rx));
     tokio::spawn(source::poll_loop(server.clone(), config.poll_interval));
     tokio::spawn(timeseries::sample_loop(server.clone()));
-    let app = api::router(server.clone());
+    let app = api::router(server.clone()).merge(dashboard::router(server.clone()));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await?;

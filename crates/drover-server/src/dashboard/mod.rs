@@ -1,0 +1,554 @@
+//! The web dashboard, served by the server at its API address: an apps
+//! overview (`/`), an app page (`/apps/{app}`: each environment's rollout,
+//! traffic, instances and live chart, releases, runs, operator actions), a
+//! run page with its live log (`/runs/{id}`) and the nodes (`/nodes`).
+//!
+//! Pages are rendered on the server by askama templates
+//! (`templates/`, checked at compile time, HTML-escaped). Each page is
+//! made of *parts* (elements with an id); a page's event stream
+//! (`/ui/events/…`, server-sent events) sends the parts whose rendering
+//! changed — at every change of the global index and once a second (for
+//! health, heartbeats, messages and the chart) — and `static/dash.js`
+//! swaps them in. Actions call the JSON API (`POST /v1/apps/{app}/…`),
+//! exactly as the CLI does.
+//!
+//! It reads through the API's own functions (`api::app_status`,
+//! `api::release_list`, `api::node_list`, `pipeline::run_info`), so the
+//! dashboard shows what `drover status` shows. Streams end when the
+//! server shuts down (graceful shutdown would otherwise wait on them).
+
+pub mod chart;
+pub mod views;
+
+use crate::api::{self, ApiErr};
+use crate::{now_ms, pipeline, Server};
+use askama::Template;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use views::*;
+
+type S = State<Arc<Server>>;
+
+/// How much of a run's log the run page shows at first (its end).
+const LOG_FIRST: u64 = 256 * 1024;
+/// The most log text sent in one event.
+const LOG_CHUNK: u64 = 64 * 1024;
+/// Streams re-render at least this often (health, heartbeats, the chart).
+const REFRESH: Duration = Duration::from_secs(1);
+
+pub fn router(server: Arc<Server>) -> Router {
+    Router::new()
+        .route("/", get(overview_page))
+        .route("/apps/{app}", get(app_page))
+        .route("/runs/{id}", get(run_page))
+        .route("/nodes", get(nodes_page))
+        .route("/ui/events/overview", get(overview_events))
+        .route("/ui/events/apps/{app}", get(app_events))
+        .route("/ui/events/runs/{id}", get(run_events))
+        .route("/ui/events/nodes", get(nodes_events))
+        .route("/ui/dash.css", get(css))
+        .route("/ui/dash.js", get(js))
+        .with_state(server)
+}
+
+/// Whether the viewer may use the operator actions. Tokens and roles do not
+/// exist yet: everyone may. When they do, this reads the caller's role
+/// (a viewer gets false, so no buttons are rendered; the API checks again).
+fn can_act(_headers: &HeaderMap) -> bool {
+    true
+}
+
+/// The pages of the dashboard and what their live parts depend on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Page {
+    Overview,
+    App(String),
+    Run(i64),
+    Nodes,
+}
+
+impl Page {
+    fn stream(&self) -> String {
+        match self {
+            Page::Overview => "/ui/events/overview".into(),
+            Page::App(app) => format!("/ui/events/apps/{}", drover_api::encode_query(app)),
+            Page::Run(id) => format!("/ui/events/runs/{id}"),
+            Page::Nodes => "/ui/events/nodes".into(),
+        }
+    }
+}
+
+fn render(t: &impl Template) -> Result<String, ApiErr> {
+    t.render()
+        .map_err(|e| ApiErr::Internal(format!("template: {e}")))
+}
+
+fn slot(id: impl Into<String>, t: &impl Template) -> Result<Slot, ApiErr> {
+    Ok(Slot {
+        id: id.into(),
+        html: render(t)?,
+    })
+}
+
+/// Release name → commit, for showing live commits.
+async fn commits(s: &Server, app: &str) -> Result<BTreeMap<String, String>, ApiErr> {
+    Ok(s.store
+        .list_releases(app)
+        .await?
+        .into_iter()
+        .map(|r| (r.name(), r.commit))
+        .collect())
+}
+
+async fn apps_part(s: &Server) -> Result<AppsPart, ApiErr> {
+    let mut apps = Vec::new();
+    for a in s.store.list_apps().await? {
+        let info = api::app_info(s, &a).await?;
+        let mut statuses = Vec::new();
+        for e in &info.environments {
+            statuses.push(api::app_status(s, &a.name, Some(&e.name)).await?);
+        }
+        apps.push(app_row(&info, &statuses, &commits(s, &a.name).await?));
+    }
+    Ok(AppsPart { apps })
+}
+
+/// The app page's parts, in page order.
+async fn app_slots(s: &Server, app: &str, can_act: bool) -> Result<AppSlots, ApiErr> {
+    let rec = s.store.get_app(app).await?;
+    let envs = api::environments(s, app).await?;
+    let commits = commits(s, app).await?;
+    let now = now_ms();
+    let mut env_slots = Vec::new();
+    let mut waiting = None;
+    for e in &envs {
+        let st = api::app_status(s, app, Some(&e.name)).await?;
+        waiting = st.waiting.clone();
+        let key = env_key(&e.name);
+        let samples = s
+            .series
+            .lock()
+            .map(|t| t.samples(app, &e.name, now.saturating_sub(chart::SPAN_MS)))
+            .unwrap_or_default();
+        env_slots.push(EnvSlots {
+            env: e.name.clone(),
+            title: env_title(&e.name),
+            state: slot(format!("env-{key}"), &env_part(&st, &commits))?,
+            actions: slot(
+                format!("actions-{key}"),
+                &ActionsPart {
+                    app: app.to_string(),
+                    env: e.name.clone(),
+                    can_act,
+                    actions: actions(app, &st),
+                },
+            )?,
+            instances: slot(format!("instances-{key}"), &instances_part(&st))?,
+            chart: slot(
+                format!("chart-{key}"),
+                &ChartPart {
+                    env: e.name.clone(),
+                    chart: chart::build(&st.traffic, &samples, now),
+                },
+            )?,
+        });
+    }
+    let runs: Vec<drover_api::RunInfo> = s
+        .store
+        .list_runs(app, 20)
+        .await?
+        .iter()
+        .map(pipeline::run_info)
+        .collect();
+    Ok(AppSlots {
+        repo: rec.repo,
+        branch: rec.branch,
+        head: slot(
+            "head",
+            &HeadPart {
+                waiting,
+                last_run: runs.first().map(run_row),
+            },
+        )?,
+        envs: env_slots,
+        releases: slot(
+            "releases",
+            &ReleasesPart {
+                releases: release_rows(&api::release_list(s, app).await?),
+            },
+        )?,
+        runs: slot(
+            "runs",
+            &RunsPart {
+                runs: runs.iter().map(run_row).collect(),
+            },
+        )?,
+    })
+}
+
+struct AppSlots {
+    repo: String,
+    branch: String,
+    head: Slot,
+    envs: Vec<EnvSlots>,
+    releases: Slot,
+    runs: Slot,
+}
+
+async fn run_slot(s: &Server, id: i64) -> Result<(drover_api::RunInfo, Slot), ApiErr> {
+    let info = pipeline::run_info(&s.store.get_run(id).await?);
+    let part = slot("run", &run_part(&info))?;
+    Ok((info, part))
+}
+
+async fn nodes_slot(s: &Server) -> Result<Slot, ApiErr> {
+    slot(
+        "nodes",
+        &NodesPart {
+            nodes: node_rows(&api::node_list(s).await?),
+        },
+    )
+}
+
+/// Every live part of a page: element id → HTML.
+async fn parts(s: &Server, page: &Page, can_act: bool) -> Result<Vec<Slot>, ApiErr> {
+    Ok(match page {
+        Page::Overview => vec![slot("apps", &apps_part(s).await?)?],
+        Page::App(app) => {
+            let a = app_slots(s, app, can_act).await?;
+            let mut out = vec![a.head];
+            for e in a.envs {
+                out.extend([e.state, e.actions, e.chart, e.instances]);
+            }
+            out.extend([a.releases, a.runs]);
+            out
+        }
+        Page::Run(id) => vec![run_slot(s, *id).await?.1],
+        Page::Nodes => vec![nodes_slot(s).await?],
+    })
+}
+
+// -------------------------------------------------------------- pages ----
+
+/// An HTML answer with headers that keep the page to itself: no framing
+/// (the action buttons must not be clickjacked), scripts and styles only
+/// from this server.
+fn html(status: StatusCode, body: String) -> Response {
+    let mut r = (status, Html(body)).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// A page, or an error page saying what went wrong (with the API's status).
+fn page(result: Result<String, ApiErr>) -> Response {
+    match result {
+        Ok(body) => html(StatusCode::OK, body),
+        Err(e) => {
+            let message = e.to_string();
+            let status = e.into_response().status();
+            let body = ErrorPage {
+                title: if status == StatusCode::NOT_FOUND {
+                    "Not found".into()
+                } else {
+                    "Error".into()
+                },
+                stream: String::new(),
+                message: message.clone(),
+            }
+            .render()
+            .unwrap_or(message);
+            html(status, body)
+        }
+    }
+}
+
+async fn overview_page(State(s): S) -> Response {
+    page(
+        async {
+            render(&OverviewPage {
+                title: "Apps".into(),
+                stream: Page::Overview.stream(),
+                apps: slot("apps", &apps_part(&s).await?)?,
+            })
+        }
+        .await,
+    )
+}
+
+async fn app_page(State(s): S, Path(app): Path<String>, headers: HeaderMap) -> Response {
+    page(
+        async {
+            let a = app_slots(&s, &app, can_act(&headers)).await?;
+            render(&AppPage {
+                title: app.clone(),
+                stream: Page::App(app.clone()).stream(),
+                app: app.clone(),
+                repo: a.repo,
+                branch: a.branch,
+                head: a.head,
+                envs: a.envs,
+                releases: a.releases,
+                runs: a.runs,
+            })
+        }
+        .await,
+    )
+}
+
+async fn run_page(State(s): S, Path(id): Path<i64>) -> Response {
+    page(
+        async {
+            let (info, run) = run_slot(&s, id).await?;
+            let bytes = read_log(&s, id).await;
+            let len = bytes.len() as u64;
+            let from = len.saturating_sub(LOG_FIRST);
+            render(&RunPage {
+                title: format!("Run {id} of {}", info.app),
+                stream: Page::Run(id).stream(),
+                app: info.app.clone(),
+                id,
+                run,
+                log: String::from_utf8_lossy(&bytes[from as usize..]).into_owned(),
+                log_offset: len,
+                log_cut: from > 0,
+            })
+        }
+        .await,
+    )
+}
+
+async fn nodes_page(State(s): S) -> Response {
+    page(
+        async {
+            render(&NodesPage {
+                title: "Nodes".into(),
+                stream: Page::Nodes.stream(),
+                nodes: nodes_slot(&s).await?,
+            })
+        }
+        .await,
+    )
+}
+
+async fn read_log(s: &Server, id: i64) -> Vec<u8> {
+    tokio::fs::read(pipeline::run_log_path(&s.data_dir, id))
+        .await
+        .unwrap_or_default()
+}
+
+async fn css() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("../../static/dash.css"),
+    )
+        .into_response()
+}
+
+async fn js() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("../../static/dash.js"),
+    )
+        .into_response()
+}
+
+// ------------------------------------------------------------- events ----
+
+async fn overview_events(State(s): S, headers: HeaderMap) -> Response {
+    events(s, Page::Overview, &headers, None).await
+}
+
+async fn app_events(State(s): S, Path(app): Path<String>, headers: HeaderMap) -> Response {
+    events(s, Page::App(app), &headers, None).await
+}
+
+#[derive(Deserialize)]
+struct LogFrom {
+    offset: Option<u64>,
+}
+
+async fn run_events(
+    State(s): S,
+    Path(id): Path<i64>,
+    Query(q): Query<LogFrom>,
+    headers: HeaderMap,
+) -> Response {
+    // A reconnecting browser says how far it got (each log event's id is
+    // the offset after it); a fresh page starts after what it was served.
+    let resumed = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let from = match resumed.or(q.offset) {
+        Some(o) => o,
+        None => read_log(&s, id).await.len() as u64,
+    };
+    events(s, Page::Run(id), &headers, Some(from)).await
+}
+
+async fn nodes_events(State(s): S, headers: HeaderMap) -> Response {
+    events(s, Page::Nodes, &headers, None).await
+}
+
+/// A page's event stream. Events: `parts` (the changed parts, JSON object
+/// id → HTML), `log` (run page: `{"text": …}`, id = log offset after it)
+/// and `failure` (`{"error": …}` when the page's data cannot be read, e.g.
+/// the app is gone).
+async fn events(
+    s: Arc<Server>,
+    page: Page,
+    headers: &HeaderMap,
+    log_offset: Option<u64>,
+) -> Response {
+    let state = Stream {
+        rx: s.index.subscribe(),
+        s,
+        page,
+        can_act: can_act(headers),
+        sent: BTreeMap::new(),
+        first: true,
+        log_offset,
+        queue: VecDeque::new(),
+        failed: None,
+    };
+    let stream = futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(ev) = st.queue.pop_front() {
+                return Some((Ok::<_, Infallible>(ev), st));
+            }
+            if !st.first && !st.wait().await {
+                return None;
+            }
+            st.first = false;
+            st.refresh().await;
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+struct Stream {
+    s: Arc<Server>,
+    rx: tokio::sync::watch::Receiver<u64>,
+    page: Page,
+    can_act: bool,
+    /// What the browser has of each part.
+    sent: BTreeMap<String, String>,
+    first: bool,
+    log_offset: Option<u64>,
+    queue: VecDeque<Event>,
+    /// The last failure sent (not repeated every second).
+    failed: Option<String>,
+}
+
+impl Stream {
+    /// Waits for a change of the index or the refresh interval; false once
+    /// the server shuts down (ending the stream, so graceful shutdown does
+    /// not wait on it).
+    async fn wait(&mut self) -> bool {
+        tokio::select! {
+            r = self.rx.changed() => {
+                if r.is_err() {
+                    return false;
+                }
+                // Several writes often follow each other: show them together.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => true,
+                    _ = self.s.shutdown.cancelled() => false,
+                }
+            }
+            _ = tokio::time::sleep(REFRESH) => true,
+            _ = self.s.shutdown.cancelled() => false,
+        }
+    }
+
+    async fn refresh(&mut self) {
+        self.rx.borrow_and_update();
+        match parts(&self.s, &self.page, self.can_act).await {
+            Ok(parts) => {
+                self.failed = None;
+                let changed: BTreeMap<String, String> = parts
+                    .into_iter()
+                    .filter(|p| self.sent.get(&p.id) != Some(&p.html))
+                    .map(|p| (p.id, p.html))
+                    .collect();
+                if !changed.is_empty() {
+                    if let Ok(ev) = Event::default().event("parts").json_data(&changed) {
+                        self.queue.push_back(ev);
+                    }
+                    self.sent.extend(changed);
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if self.failed.as_ref() != Some(&msg) {
+                    if let Ok(ev) = Event::default()
+                        .event("failure")
+                        .json_data(serde_json::json!({ "error": msg }))
+                    {
+                        self.queue.push_back(ev);
+                    }
+                    self.failed = Some(msg);
+                }
+            }
+        }
+        if let (Page::Run(id), Some(offset)) = (&self.page, self.log_offset) {
+            let bytes = read_log(&self.s, *id).await;
+            let len = bytes.len() as u64;
+            // The log never shrinks; if it did, start over from its end.
+            let mut at = offset.min(len);
+            while at < len {
+                let mut end = (at + LOG_CHUNK).min(len);
+                // Never split a UTF-8 character between two events.
+                while end > at + 1 && end < len && (bytes[end as usize] & 0xC0) == 0x80 {
+                    end -= 1;
+                }
+                let text = String::from_utf8_lossy(&bytes[at as usize..end as usize]);
+                if let Ok(ev) = Event::default()
+                    .event("log")
+                    .id(end.to_string())
+                    .json_data(serde_json::json!({ "text": text }))
+                {
+                    self.queue.push_back(ev);
+                }
+                at = end;
+            }
+            self.log_offset = Some(at);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
