@@ -127,6 +127,17 @@ async fn app_slots(s: &Server, app: &str, can_act: bool) -> Result<AppSlots, Api
     let rec = s.store.get_app(app).await?;
     let envs = api::environments(s, app).await?;
     let commits = commits(s, app).await?;
+    let runs: Vec<drover_api::RunInfo> = s
+        .store
+        .list_runs(app, 20)
+        .await?
+        .iter()
+        .map(pipeline::run_info)
+        .collect();
+    let waiting_for = runs
+        .iter()
+        .find(|r| r.state == "waiting")
+        .and_then(|r| pipeline::waiting_env(&r.steps));
     let now = now_ms();
     let mut env_slots = Vec::new();
     let mut waiting = None;
@@ -149,7 +160,7 @@ async fn app_slots(s: &Server, app: &str, can_act: bool) -> Result<AppSlots, Api
                     app: app.to_string(),
                     env: e.name.clone(),
                     can_act,
-                    actions: actions(app, &st),
+                    actions: actions(app, &st, waiting_for),
                 },
             )?,
             instances: slot(format!("instances-{key}"), &instances_part(&st))?,
@@ -162,13 +173,6 @@ async fn app_slots(s: &Server, app: &str, can_act: bool) -> Result<AppSlots, Api
             )?,
         });
     }
-    let runs: Vec<drover_api::RunInfo> = s
-        .store
-        .list_runs(app, 20)
-        .await?
-        .iter()
-        .map(pipeline::run_info)
-        .collect();
     Ok(AppSlots {
         repo: rec.repo,
         branch: rec.branch,

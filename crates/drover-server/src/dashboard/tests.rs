@@ -115,7 +115,7 @@ fn a_viewer_who_may_not_act_gets_no_buttons_and_buttons_follow_the_rollout_state
             app: "web".into(),
             env: String::new(),
             can_act,
-            actions: actions("web", &st),
+            actions: actions("web", &st, None),
         }
         .render()
         .unwrap()
@@ -129,7 +129,7 @@ fn a_viewer_who_may_not_act_gets_no_buttons_and_buttons_follow_the_rollout_state
         );
     }
     let enabled = |st: &api::AppStatus| -> Vec<&'static str> {
-        actions("web", st)
+        actions("web", st, None)
             .into_iter()
             .filter(|a| a.enabled)
             .map(|a| a.name)
@@ -140,7 +140,13 @@ fn a_viewer_who_may_not_act_gets_no_buttons_and_buttons_follow_the_rollout_state
     assert_eq!(enabled(&paused), ["promote", "resume", "abort", "rollback"]);
     let done = status(Some(rollout("succeeded", "done")));
     assert_eq!(enabled(&done), ["rollback"]);
-    let q = &actions("web", &st)[4].question;
+    // A release waiting to enter an environment: that environment's promote.
+    let mut waiting = status(Some(rollout("succeeded", "done")));
+    waiting.environment = "production".into();
+    waiting.waiting = Some("r2 (run 3) waits to enter production".into());
+    assert!(actions("web", &waiting, Some("production"))[0].enabled);
+    assert!(!actions("web", &waiting, Some("staging"))[0].enabled);
+    let q = &actions("web", &st, None)[4].question;
     assert_eq!(q, "Roll web back to r1? The rollout of r2 reverts.");
 }
 

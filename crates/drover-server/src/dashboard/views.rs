@@ -34,7 +34,7 @@ pub fn rollout_state(state: &str, reverting: bool) -> StateLabel {
     match state {
         "pending" => label("…", "pending", "idle"),
         "progressing" => label("▶", "progressing", "run"),
-        "paused" => label("⏸", "paused", "warn"),
+        "paused" => label("‖", "paused", "warn"),
         "succeeded" => label("✓", "succeeded", "ok"),
         "failed" => label("✗", "failed", "bad"),
         "rolled_back" => label("↺", "rolled back", "bad"),
@@ -59,7 +59,7 @@ pub fn run_state(state: &str) -> StateLabel {
     match state {
         "queued" => label("…", state, "idle"),
         "running" => label("▶", state, "run"),
-        "waiting" => label("⏸", state, "warn"),
+        "waiting" => label("‖", state, "warn"),
         "succeeded" => label("✓", state, "ok"),
         "failed" => label("✗", state, "bad"),
         "superseded" => label("↷", state, "idle"),
@@ -383,8 +383,9 @@ pub struct ActionsPart {
 }
 
 /// Which controls apply to the environment now (the API is the judge: a
-/// click on one that no longer applies shows its refusal).
-pub fn actions(app: &str, st: &api::AppStatus) -> Vec<Action> {
+/// click on one that no longer applies shows its refusal). `waiting_for`:
+/// the environment a release waits to be promoted into, if any.
+pub fn actions(app: &str, st: &api::AppStatus, waiting_for: Option<&str>) -> Vec<Action> {
     let active = st.rollout.as_ref().filter(|r| {
         !matches!(
             &r.state[..],
@@ -400,11 +401,16 @@ pub fn actions(app: &str, st: &api::AppStatus) -> Vec<Action> {
         format!("{app} in {}", st.environment)
     };
     let to = active.map(|r| r.to.clone()).unwrap_or_default();
+    // Promotion into the next environment is this environment's button.
+    let waiting = st
+        .waiting
+        .as_ref()
+        .filter(|_| waiting_for == Some(&st.environment[..]));
     vec![
         Action {
             name: "promote",
-            enabled: split || st.waiting.is_some(),
-            question: match (split, &st.waiting) {
+            enabled: split || waiting.is_some(),
+            question: match (split, waiting) {
                 (true, _) => format!("Promote {to} of {at} to its next step?"),
                 (false, Some(w)) => format!("Promote: {w}?"),
                 _ => format!("Promote {at}?"),
