@@ -42,6 +42,8 @@ type S = State<Arc<Server>>;
 const LOG_FIRST: u64 = 256 * 1024;
 /// The most log text sent in one event.
 const LOG_CHUNK: u64 = 64 * 1024;
+/// The most log text queued at one refresh of a stream.
+const LOG_PER_REFRESH: u64 = 1024 * 1024;
 /// Streams re-render at least this often (health, heartbeats, the chart).
 const REFRESH: Duration = Duration::from_secs(1);
 
@@ -328,17 +330,19 @@ async fn run_page(State(s): S, Path(id): Path<i64>) -> Response {
     page(
         async {
             let (info, run) = run_slot(&s, id).await?;
-            let bytes = read_log(&s, id).await;
-            let len = bytes.len() as u64;
+            let (_, len) = read_log(&s, id, 0, 0).await;
             let from = len.saturating_sub(LOG_FIRST);
+            let (bytes, _) = read_log(&s, id, from, LOG_FIRST).await;
+            let shown = from + bytes.len() as u64;
             render(&RunPage {
                 title: format!("Run {id} of {}", info.app),
-                stream: Page::Run(id).stream(),
+                // The live log goes on from where this page's copy ends.
+                stream: format!("{}?offset={shown}", Page::Run(id).stream()),
                 app: info.app.clone(),
                 id,
                 run,
-                log: String::from_utf8_lossy(&bytes[from as usize..]).into_owned(),
-                log_offset: len,
+                log: String::from_utf8_lossy(&bytes).into_owned(),
+                log_offset: shown,
                 log_cut: from > 0,
             })
         }
@@ -359,10 +363,25 @@ async fn nodes_page(State(s): S) -> Response {
     )
 }
 
-async fn read_log(s: &Server, id: i64) -> Vec<u8> {
-    tokio::fs::read(pipeline::run_log_path(&s.data_dir, id))
-        .await
-        .unwrap_or_default()
+/// Up to `max` bytes of a run's log from byte `from`, cut before a UTF-8
+/// character that is not complete yet; and the log's length (0 before the
+/// log exists).
+async fn read_log(s: &Server, id: i64, from: u64, max: u64) -> (Vec<u8>, u64) {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let Ok(mut f) = tokio::fs::File::open(pipeline::run_log_path(&s.data_dir, id)).await else {
+        return (Vec::new(), 0);
+    };
+    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let mut buf = Vec::new();
+    if from < len && f.seek(std::io::SeekFrom::Start(from)).await.is_ok() {
+        let _ = f.take(max).read_to_end(&mut buf).await;
+    }
+    if let Err(e) = std::str::from_utf8(&buf) {
+        if e.error_len().is_none() {
+            buf.truncate(e.valid_up_to());
+        }
+    }
+    (buf, len)
 }
 
 async fn css() -> Response {
@@ -416,7 +435,7 @@ async fn run_events(
         .and_then(|v| v.parse().ok());
     let from = match resumed.or(q.offset) {
         Some(o) => o,
-        None => read_log(&s, id).await.len() as u64,
+        None => read_log(&s, id, 0, 0).await.1,
     };
     events(s, Page::Run(id), &headers, Some(from)).await
 }
@@ -529,25 +548,24 @@ impl Stream {
             }
         }
         if let (Page::Run(id), Some(offset)) = (&self.page, self.log_offset) {
-            let bytes = read_log(&self.s, *id).await;
-            let len = bytes.len() as u64;
-            // The log never shrinks; if it did, start over from its end.
-            let mut at = offset.min(len);
-            while at < len {
-                let mut end = (at + LOG_CHUNK).min(len);
-                // Never split a UTF-8 character between two events.
-                while end > at + 1 && end < len && (bytes[end as usize] & 0xC0) == 0x80 {
-                    end -= 1;
+            // New output, in events of at most LOG_CHUNK, at most
+            // LOG_PER_REFRESH now (the rest follows at the next refresh).
+            let mut at = offset;
+            while at < offset + LOG_PER_REFRESH {
+                let (bytes, len) = read_log(&self.s, *id, at, LOG_CHUNK).await;
+                if bytes.is_empty() {
+                    // Nothing new (or the log shrank: go on from its end).
+                    at = at.min(len);
+                    break;
                 }
-                let text = String::from_utf8_lossy(&bytes[at as usize..end as usize]);
+                at += bytes.len() as u64;
                 if let Ok(ev) = Event::default()
                     .event("log")
-                    .id(end.to_string())
-                    .json_data(serde_json::json!({ "text": text }))
+                    .id(at.to_string())
+                    .json_data(serde_json::json!({ "text": String::from_utf8_lossy(&bytes) }))
                 {
                     self.queue.push_back(ev);
                 }
-                at = end;
             }
             self.log_offset = Some(at);
         }
