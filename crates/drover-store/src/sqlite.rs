@@ -57,6 +57,18 @@ fn app_from_row(r: &sqlx::sqlite::SqliteRow) -> AppRecord {
     }
 }
 
+fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> TokenRecord {
+    TokenRecord {
+        id: r.get("id"),
+        name: r.get("name"),
+        role: r.get("role"),
+        secret_hash: r.get("secret_hash"),
+        created_at: r.get::<i64, _>("created_at") as u64,
+        expires_at: r.get::<Option<i64>, _>("expires_at").map(|v| v as u64),
+        revoked_at: r.get::<Option<i64>, _>("revoked_at").map(|v| v as u64),
+    }
+}
+
 fn deployment_from_row(r: &sqlx::sqlite::SqliteRow) -> DeploymentRecord {
     DeploymentRecord {
         app: r.get("app"),
@@ -581,6 +593,56 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn insert_token(&self, t: &TokenRecord) -> Result<()> {
+        let res = sqlx::query("INSERT INTO tokens (id, name, role, secret_hash, created_at, expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(&t.id)
+            .bind(&t.name)
+            .bind(&t.role)
+            .bind(&t.secret_hash)
+            .bind(t.created_at as i64)
+            .bind(t.expires_at.map(|v| v as i64))
+            .bind(t.revoked_at.map(|v| v as i64))
+            .execute(&self.pool)
+            .await;
+        match res {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::Conflict(format!("token {}", t.id)))
+            }
+            Err(e) => Err(e.into()),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    async fn get_token(&self, id: &str) -> Result<TokenRecord> {
+        let row = sqlx::query("SELECT * FROM tokens WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref()
+            .map(token_from_row)
+            .ok_or_else(|| StoreError::NotFound(format!("token {id}")))
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
+        let rows = sqlx::query("SELECT * FROM tokens ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(token_from_row).collect())
+    }
+
+    async fn revoke_token(&self, id: &str, now: Millis) -> Result<()> {
+        let res =
+            sqlx::query("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+                .bind(now as i64)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("token {id}")));
+        }
+        Ok(())
     }
 
     async fn upsert_proxy(&self, p: &ProxyRecord) -> Result<()> {

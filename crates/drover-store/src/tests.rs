@@ -334,3 +334,38 @@ async fn concurrent_writers_wait_for_each_other_instead_of_failing_busy() {
     assert_eq!(numbers, (1..=120).collect(), "every release numbered once");
     assert_eq!(s.list_instances("a").await.unwrap().len(), 120);
 }
+
+#[tokio::test]
+async fn tokens_are_stored_by_id_listed_and_revoked_once() {
+    let (_d, s) = open().await;
+    let t = TokenRecord {
+        id: "abc123".into(),
+        name: "ci".into(),
+        role: "deployer".into(),
+        secret_hash: "00ff".into(),
+        created_at: 5,
+        expires_at: Some(100),
+        revoked_at: None,
+    };
+    s.insert_token(&t).await.unwrap();
+    assert!(matches!(
+        s.insert_token(&t).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(s.get_token("abc123").await.unwrap(), t);
+    assert!(matches!(
+        s.get_token("nope").await,
+        Err(StoreError::NotFound(_))
+    ));
+    s.revoke_token("abc123", 7).await.unwrap();
+    s.revoke_token("abc123", 9).await.unwrap();
+    assert_eq!(s.get_token("abc123").await.unwrap().revoked_at, Some(7));
+    assert!(matches!(
+        s.revoke_token("nope", 9).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(s.list_tokens().await.unwrap().len(), 1);
+    // The hash never leaves in JSON.
+    let json = serde_json::to_string(&t).unwrap();
+    assert!(!json.contains("00ff"), "{json}");
+}
