@@ -407,7 +407,11 @@ impl<'a> Planner<'a> {
                 for id in old {
                     self.retire(&id);
                 }
-                if !self.inst.values().any(|i| !is_target(i) && i.alive()) {
+                // Start only when nothing else is alive: neither old
+                // instances nor target ones retired earlier and still
+                // draining or stopping (a rollout aborted mid-drain).
+                let busy = |i: &Instance| i.alive() && !(is_target(i) && i.desired == Desired::Run);
+                if !self.inst.values().any(busy) {
                     let new_run = self.running_of(&target);
                     self.place(&target, n.saturating_sub(new_run));
                 }
