@@ -290,6 +290,7 @@ mod known_issues {
             preview_check: None,
             partial_users: Vec::new(),
             partial_instances: 0,
+            partial_nodes: Default::default(),
         }
     }
 
@@ -313,6 +314,7 @@ mod known_issues {
             .map(|n| Node {
                 name: n.to_string(),
                 ready: true,
+                labels: Default::default(),
             })
             .collect()
     }
@@ -375,6 +377,9 @@ mod known_issues {
             min_requests: 20,
             interval_ms: 1_000,
             deadline_ms: 30_000,
+            builtin: true,
+            prometheus: None,
+            queries: Vec::new(),
         });
         // Held at its segment for two minutes (holding refreshes progress).
         let r = Rollout {

@@ -144,6 +144,7 @@ pub fn input(
         .map(|n| Node {
             name: n.name.clone(),
             ready: store.node_ready(&n.name, now),
+            labels: n.labels.iter().cloned().collect(),
         })
         .collect();
     let verdict = match settings.strategy {
@@ -195,6 +196,7 @@ fn canary_verdict(
         requests: total.0 - base.0,
         errors: total.1 - base.1,
         latency_buckets: Vec::new(),
+        latency_sum_us: 0,
     };
     Some(analysis::judge(&w, a, &[]))
 }

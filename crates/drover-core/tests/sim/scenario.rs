@@ -345,6 +345,7 @@ fn settings(g: &mut Rng, strategy: Strategy, clean: bool) -> DeploySettings {
         preview_check: None,
         partial_users: Vec::new(),
         partial_instances: 0,
+        partial_nodes: Default::default(),
     };
     match strategy {
         Strategy::Rolling | Strategy::Recreate => {}
@@ -396,5 +397,8 @@ fn analysis(g: &mut Rng) -> AnalysisSettings {
         min_requests: g.range(10, 100),
         interval_ms: g.range(1_000, 4_000),
         deadline_ms: g.range(15_000, 40_000),
+        builtin: true,
+        prometheus: None,
+        queries: Vec::new(),
     }
 }
