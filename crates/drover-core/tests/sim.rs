@@ -23,10 +23,8 @@
 //! is the cluster (store, agents, processes, proxy, traffic) and
 //! `sim/engine.rs` the engine around the planner.
 //!
-//! One deliberate difference from the engine: it writes the live release
-//! and a rollout's success in two steps, and a death between them is a
-//! known issue (below); the simulation persists them as one step unless
-//! `DROVER_SIM_LIVE_APART=1`.
+//! A rollout's success and the new live release are one step, as the
+//! engine writes them (one transaction, `Store::complete_rollout`).
 //!
 //! # Invariants
 //!
@@ -106,20 +104,18 @@
 //! - a canary or partial with `max_surge = max_unavailable = 0` (the spec
 //!   accepts it) stalls after its steps and its rollback stalls too: it
 //!   ends failed on a mixed fleet; clean seeds leave that setting out;
-//! - a server restart during a canary step or held partial that is past its
-//!   analysis deadline fails and rolls back a healthy rollout (the engine's
-//!   analysis window is in memory and starts over empty);
 //! - a rollout that supersedes a canary or an unswitched blue/green leaves
 //!   the superseded release routed: users reach a preview-only set, and the
-//!   new split runs beside both old sets;
-//! - a server death between the engine's two writes of a success (live
-//!   release, then rollout), then a rollback of that rollout, leaves the
-//!   live release at `to` while `from` runs; `from`'s instances that flap
-//!   are never routed again.
+//!   new split runs beside both old sets.
 //!
 //! Fixed: recreate aborted while its old instances drained started
 //! `instances` fresh copies beside them (`planner/tests.rs`,
-//! `recreate_aborted_while_the_old_instances_drain_waits_for_them_to_stop`).
+//! `recreate_aborted_while_the_old_instances_drain_waits_for_them_to_stop`);
+//! a server restart during a canary step or held partial past its analysis
+//! deadline failed a healthy rollout (the deadline now counts from when the
+//! engine began measuring, `a_restart_does_not_fail_…` below); a server
+//! death between the writes of a success and the new live release (now one
+//! transaction, `Store::complete_rollout`).
 //!
 //! # Running
 //!
@@ -171,7 +167,6 @@ fn env_u64(name: &str) -> Option<u64> {
 fn run_seed(seed: u64, tracing: bool) -> (Result<Stats, String>, Vec<String>) {
     let sc = generate(seed);
     let mut sim = Sim::new(&sc, tracing);
-    sim.live_apart = env_u64("DROVER_SIM_LIVE_APART").unwrap_or(0) == 1;
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.run()));
     let res = match res {
         Ok(Ok(())) => Ok(sim.stats),
@@ -354,16 +349,12 @@ mod known_issues {
 
     /// After a server restart the engine's analysis window starts over (it
     /// is kept in memory), so the first verdict of a resumed step is
-    /// "inconclusive: 0 requests". The planner measures the analysis
-    /// deadline from the persisted `step_started_at`: a partial held at its
-    /// segment (or a canary step whose pause outlasts its deadline) whose
-    /// analysis was passing fails at once and rolls back — a restart turns
-    /// a healthy rollout around (ARCHITECTURE: *Resumable*; SCENARIOS 1).
-    /// A fix needs the window's start (or "it passed") to survive the
-    /// restart: persisted in `CanaryProgress`, or the deadline counted from
-    /// when the engine's window began.
+    /// "inconclusive: 0 requests". The engine tells the planner when it
+    /// began measuring (`CanaryProgress::window_started_at`) and the
+    /// analysis deadline counts from then, so a partial held at its segment
+    /// (or a canary step whose pause outlasts its deadline) is not turned
+    /// around by the restart (ARCHITECTURE: *Resumable*; SCENARIOS 1).
     #[test]
-    #[ignore = "known issue: a restart fails a long canary/partial step past its analysis deadline"]
     fn a_restart_does_not_fail_a_held_partial_whose_analysis_passed() {
         let mut s = settings(Strategy::Partial, 2, 1, 0);
         s.partial_instances = 1;
@@ -391,6 +382,7 @@ mod known_issues {
                 weight: 10,
                 step_started_at: Some(1_000),
                 analysis: Some("passed: error rate 0.00% (0/5000)".into()),
+                window_started_at: Some(1_000),
             }),
             ..Rollout::new("app", "", Some("r1".into()), "r2", 0)
         };
@@ -412,11 +404,24 @@ mod known_issues {
         let pass = Verdict::Pass("passed: error rate 0.00% (0/9000)".into());
         let held = plan(&input(Some(&pass))).rollout.expect("progress noted");
         assert!(!held.reverting, "{}", held.message);
-        // The first tick after it: the window is empty.
+        // The first tick after it: the window is empty, and the engine says
+        // it began measuring now.
         let fresh = Verdict::Inconclusive("inconclusive: 0 request(s) to the new release".into());
-        let p = plan(&input(Some(&fresh)));
-        let after = p.rollout.unwrap_or(r.clone());
+        let mut resumed = r.clone();
+        resumed.canary.as_mut().unwrap().window_started_at = Some(120_000);
+        let p = plan(&PlanInput {
+            rollout: Some(&resumed),
+            ..input(Some(&fresh))
+        });
+        let after = p.rollout.unwrap_or(resumed.clone());
         assert!(!after.reverting, "{}", after.message);
+        // Still inconclusive a full deadline after measuring began: it fails.
+        let p = plan(&PlanInput {
+            rollout: Some(&resumed),
+            now: 120_000 + 30_001,
+            ..input(Some(&fresh))
+        });
+        assert!(p.rollout.unwrap().reverting, "the deadline still applies");
     }
 
     /// A new rollout that supersedes a canary or an unswitched blue/green
@@ -467,71 +472,6 @@ mod known_issues {
         assert!(
             left_routing("c") && left_routing("d"),
             "r2 keeps serving users: {:?}",
-            p.actions
-        );
-    }
-
-    /// The engine persists a rollout's success in two writes: the live
-    /// release first, then the rollout. A server death between them leaves
-    /// the rollout active with `live` already at its `to`; if it then turns
-    /// back before a tick re-completes it (an instance flaps past its health
-    /// deadline, an operator aborts), it ends rolled back with `live` still
-    /// at `to`, which nothing sets back. From then on the steady state routes
-    /// only healthy instances of `live` — none — so each instance of `from`
-    /// that flaps or crashes is never routed again and capacity drains away;
-    /// the next deploy also starts "from" the wrong release. The simulation
-    /// persists both as one step unless `DROVER_SIM_LIVE_APART=1`
-    /// (`DROVER_SIM_LIVE_APART=1 DROVER_SIM_SEED=4221` replays one such run).
-    /// A fix is in the engine/store: both writes in one transaction, or the
-    /// live release set back to `from` when a rollout rolls back.
-    #[test]
-    #[ignore = "known issue: live set, rollout update lost, rollout rolled back: from is never re-routed"]
-    fn rolled_back_after_a_death_between_the_live_and_rollout_writes_keeps_routing_from() {
-        let s = settings(Strategy::Rolling, 1, 1, 0);
-        // r1 → r2 succeeded; `live = r2` was written, the rollout update was
-        // not. After the restart r2's instance flaps past its deadline.
-        let r = Rollout {
-            id: 2,
-            state: RolloutState::Progressing,
-            progress_at: 50_000,
-            ..Rollout::new("app", "", Some("r1".into()), "r2", 0)
-        };
-        let flapped = [Instance {
-            routed: false,
-            health: Health::Unhealthy,
-            ..serving("b", "r2", "n1")
-        }];
-        // The engine's tick with `live = r2`, as the store now says.
-        let tick = |r: &Rollout, instances: &[Instance]| {
-            plan(&PlanInput {
-                settings: &s,
-                rollout: Some(r),
-                live: Some("r2"),
-                instances,
-                nodes: &[],
-                now: 60_000,
-                verdict: None,
-            })
-        };
-        let back = tick(&r, &flapped).rollout.expect("failed");
-        assert!(back.reverting, "{}", back.message);
-        // The rollback completes on a fresh r1 instance: rolled back, and
-        // the engine sets no live release for that.
-        let done = tick(&back, &[serving("c", "r1", "n2")])
-            .rollout
-            .expect("final");
-        assert_eq!(done.state, RolloutState::RolledBack);
-        // Later c flaps (unrouted) and recovers: it must be routed again.
-        let recovered = [Instance {
-            routed: false,
-            ..serving("c", "r1", "n2")
-        }];
-        let p = tick(&done, &recovered);
-        assert!(
-            p.actions.contains(&Action::Route {
-                instance: "c".into()
-            }),
-            "r1 is what runs, but live says r2: c stays out of routing ({:?})",
             p.actions
         );
     }

@@ -240,6 +240,10 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts a rollout (its `id` is assigned) and returns it.
     async fn create_rollout(&self, rollout: &Rollout, now: Millis) -> Result<Rollout>;
     async fn update_rollout(&self, rollout: &Rollout, now: Millis) -> Result<()>;
+    /// Records a rollout that just succeeded and makes its target the live
+    /// release of its environment, in one transaction (a crash cannot leave
+    /// one without the other).
+    async fn complete_rollout(&self, rollout: &Rollout, now: Millis) -> Result<()>;
     async fn latest_rollout(&self, app: &str, env: &str) -> Result<Option<Rollout>>;
 
     /// Every instance of the app, in all its environments.

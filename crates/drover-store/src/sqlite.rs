@@ -69,6 +69,29 @@ fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> TokenRecord {
     }
 }
 
+/// Makes ?1 the live release of (?2 app, ?3 env); the previous live release
+/// becomes the default rollback target.
+const SET_LIVE: &str = "INSERT INTO deployments (app, env, live_release) VALUES (?2, ?3, ?1) ON CONFLICT (app, env) DO UPDATE SET prev_release = CASE WHEN live_release IS NOT NULL AND live_release != ?1 THEN live_release ELSE prev_release END, live_release = ?1";
+
+async fn write_rollout(
+    conn: &mut sqlx::SqliteConnection,
+    rollout: &Rollout,
+    now: Millis,
+) -> Result<()> {
+    let data = serde_json::to_string(rollout).map_err(|e| StoreError::Db(e.to_string()))?;
+    let res = sqlx::query("UPDATE rollouts SET state = ?, data = ?, updated_at = ? WHERE id = ?")
+        .bind(rollout.state.as_str())
+        .bind(data)
+        .bind(now as i64)
+        .bind(rollout.id)
+        .execute(&mut *conn)
+        .await?;
+    if res.rows_affected() == 0 {
+        return Err(StoreError::NotFound(format!("rollout {}", rollout.id)));
+    }
+    Ok(())
+}
+
 fn deployment_from_row(r: &sqlx::sqlite::SqliteRow) -> DeploymentRecord {
     DeploymentRecord {
         app: r.get("app"),
@@ -220,15 +243,12 @@ impl Store for SqliteStore {
     }
 
     async fn set_live_release(&self, app: &str, env: &str, live: &str) -> Result<()> {
-        // The previous live release becomes the default rollback target.
-        sqlx::query(
-            "INSERT INTO deployments (app, env, live_release) VALUES (?2, ?3, ?1) ON CONFLICT (app, env) DO UPDATE SET prev_release = CASE WHEN live_release IS NOT NULL AND live_release != ?1 THEN live_release ELSE prev_release END, live_release = ?1",
-        )
-        .bind(live)
-        .bind(app)
-        .bind(env)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(SET_LIVE)
+            .bind(live)
+            .bind(app)
+            .bind(env)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -404,18 +424,20 @@ impl Store for SqliteStore {
     }
 
     async fn update_rollout(&self, rollout: &Rollout, now: Millis) -> Result<()> {
-        let data = serde_json::to_string(rollout).map_err(|e| StoreError::Db(e.to_string()))?;
-        let res =
-            sqlx::query("UPDATE rollouts SET state = ?, data = ?, updated_at = ? WHERE id = ?")
-                .bind(rollout.state.as_str())
-                .bind(data)
-                .bind(now as i64)
-                .bind(rollout.id)
-                .execute(&self.pool)
-                .await?;
-        if res.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("rollout {}", rollout.id)));
-        }
+        let mut conn = self.pool.acquire().await?;
+        write_rollout(&mut conn, rollout, now).await
+    }
+
+    async fn complete_rollout(&self, rollout: &Rollout, now: Millis) -> Result<()> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(SET_LIVE)
+            .bind(&rollout.to)
+            .bind(&rollout.app)
+            .bind(&rollout.env)
+            .execute(&mut *tx)
+            .await?;
+        write_rollout(&mut tx, rollout, now).await?;
+        tx.commit().await?;
         Ok(())
     }
 

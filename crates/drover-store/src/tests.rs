@@ -369,3 +369,32 @@ async fn tokens_are_stored_by_id_listed_and_revoked_once() {
     let json = serde_json::to_string(&t).unwrap();
     assert!(!json.contains("00ff"), "{json}");
 }
+
+#[tokio::test]
+async fn completing_a_rollout_makes_its_target_live_in_the_same_write() {
+    let (_d, s) = open().await;
+    s.insert_app(&app("a")).await.unwrap();
+    s.set_live_release("a", "", "r1").await.unwrap();
+    let mut r = s
+        .create_rollout(&Rollout::new("a", "", Some("r1".into()), "r2", 1), 1)
+        .await
+        .unwrap();
+    r.state = RolloutState::Succeeded;
+    s.complete_rollout(&r, 2).await.unwrap();
+    let d = s.get_deployment("a", "").await.unwrap().unwrap();
+    assert_eq!(
+        (d.live_release.as_deref(), d.prev_release.as_deref()),
+        (Some("r2"), Some("r1"))
+    );
+    let latest = s.latest_rollout("a", "").await.unwrap().unwrap();
+    assert_eq!(latest.state, RolloutState::Succeeded);
+    // A rollout that is not stored changes nothing, live included.
+    r.id += 100;
+    r.to = "r3".into();
+    assert!(matches!(
+        s.complete_rollout(&r, 3).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let d = s.get_deployment("a", "").await.unwrap().unwrap();
+    assert_eq!(d.live_release.as_deref(), Some("r2"));
+}

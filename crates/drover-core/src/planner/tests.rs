@@ -598,6 +598,7 @@ fn a_canary_step_passes_only_after_its_pause_and_a_passing_verdict() {
         weight: 10,
         step_started_at: Some(1_000),
         analysis: None,
+        window_started_at: None,
     });
     let inst = format!("{THREE_R1}\n d r2 n1 run healthy routed");
     let pass = Verdict::Pass("passed: error rate 0.00% (0/40)".into());
@@ -632,6 +633,7 @@ fn a_failing_verdict_rolls_back_and_an_inconclusive_one_fails_at_the_deadline() 
         weight: 10,
         step_started_at: Some(1_000),
         analysis: None,
+        window_started_at: None,
     });
     let inst = format!("{THREE_R1}\n d r2 n1 run healthy routed");
     let bad =
@@ -674,6 +676,7 @@ fn after_the_last_step_the_rest_rolls_and_the_rollout_succeeds() {
         weight: 50,
         step_started_at: None,
         analysis: None,
+        window_started_at: None,
     });
     let inst = format!("{THREE_R1}\n d r2 n1 run healthy routed\n e r2 n2 run healthy routed");
     let p = canary_plan(&s, &r, &inst, 5_000, None);

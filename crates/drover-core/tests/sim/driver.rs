@@ -86,9 +86,6 @@ pub struct Sim<'a> {
     next: usize,
     /// Clean seeds: what served when each rollout phase (id, reverting) began.
     phase_serving: BTreeMap<(i64, bool), u32>,
-    /// Persist the live release and the rollout's success in two writes, as
-    /// the engine does (see `engine::tick_writes`).
-    pub live_apart: bool,
 }
 
 /// Adds a line to the trace, formatted only when tracing (the format may
@@ -121,7 +118,6 @@ impl<'a> Sim<'a> {
             lost_deploy: None,
             next: 0,
             phase_serving: BTreeMap::new(),
-            live_apart: false,
         }
     }
 
@@ -605,7 +601,7 @@ impl<'a> Sim<'a> {
                 );
             }
         }
-        let writes = engine::tick_writes(input.rollout.as_ref(), &p, self.live_apart);
+        let writes = engine::tick_writes(input.rollout.as_ref(), &p);
         let (applied, total) = self.persist(writes)?;
         if applied == total {
             if let Some(r) = p.rollout.filter(|r| r.state.is_final()) {
@@ -688,7 +684,6 @@ impl<'a> Sim<'a> {
                     }
                 }
             }
-            Write::SetLive(to) => set_live(store, to),
             Write::UpdateRollout(r) => update_rollout(store, r),
             Write::SetLiveAndRollout(to, r) => {
                 set_live(store, to);

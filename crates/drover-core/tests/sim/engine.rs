@@ -22,7 +22,7 @@ pub struct Mem {
     /// Canary analysis: the step being judged and the traffic total
     /// (requests, errors) of its release when the engine first saw the
     /// step (the window's baseline).
-    pub window: Option<(StepId, (u64, u64))>,
+    pub window: Option<(StepId, (u64, u64), Millis)>,
     /// Blue/green preview checks by rollout id: when it answers, and what.
     pub checks: BTreeMap<i64, (Millis, Verdict)>,
 }
@@ -33,7 +33,6 @@ pub struct Mem {
 #[derive(Debug, Clone)]
 pub enum Write {
     Act(Action),
-    SetLive(String),
     UpdateRollout(Rollout),
     /// The live release and the rollout that made it live, in one step.
     SetLiveAndRollout(String, Rollout),
@@ -147,10 +146,21 @@ pub fn input(
             labels: n.labels.iter().cloned().collect(),
         })
         .collect();
-    let verdict = match settings.strategy {
-        Strategy::BlueGreen => preview_verdict(sc, store, mem, active, &settings, now),
-        _ => canary_verdict(traffic, mem, active, &settings),
+    let (verdict, since) = match settings.strategy {
+        Strategy::BlueGreen => (
+            preview_verdict(sc, store, mem, active, &settings, now),
+            None,
+        ),
+        _ => match canary_verdict(traffic, mem, active, &settings, now) {
+            Some((v, since)) => (Some(v), Some(since)),
+            None => (None, None),
+        },
     };
+    // As the engine: the analysis deadline counts from when measuring began.
+    let mut rollout = rollout;
+    if let (Some(cp), Some(_)) = (rollout.as_mut().and_then(|r| r.canary.as_mut()), since) {
+        cp.window_started_at = since;
+    }
     Some(Input {
         settings,
         rollout,
@@ -167,13 +177,14 @@ pub fn input(
 pub type Totals = BTreeMap<String, (u64, u64)>;
 
 /// The analysis of the active canary step so far (`canary_verdict`): the
-/// release's traffic since the engine first saw the step.
+/// release's traffic since the engine first saw the step, and when that was.
 fn canary_verdict(
     traffic: &Totals,
     mem: &mut Mem,
     active: Option<&Rollout>,
     settings: &DeploySettings,
-) -> Option<Verdict> {
+    now: Millis,
+) -> Option<(Verdict, Millis)> {
     let (r, a) = match (active, &settings.analysis) {
         (Some(r), Some(a)) if !r.reverting => (r, a),
         _ => {
@@ -185,11 +196,12 @@ fn canary_verdict(
     let started = cp.step_started_at?;
     let step = (r.id, cp.step, started);
     let total = traffic.get(&r.to).copied().unwrap_or_default();
-    let base = match mem.window {
-        Some((s, base)) if s == step => base,
+    let (base, since) = match mem.window {
+        Some((s, base, since)) if s == step => (base, since),
         _ => {
-            mem.window = Some((step, total));
-            total
+            let since = now.max(started);
+            mem.window = Some((step, total, since));
+            (total, since)
         }
     };
     let w = Window {
@@ -198,7 +210,7 @@ fn canary_verdict(
         latency_buckets: Vec::new(),
         latency_sum_us: 0,
     };
-    Some(analysis::judge(&w, a, &[]))
+    Some((analysis::judge(&w, a, &[]), since))
 }
 
 /// Blue/green: the pre-promotion check of a ready new set
@@ -248,26 +260,15 @@ fn preview_verdict(
 }
 
 /// The writes of one tick's plan, in the engine's order: the actions, then
-/// the live release (before the rollout, so a reader between the two sees
-/// the rollout still active), the rollout, an index bump when routing must
+/// the rollout (with the live release, in one transaction, when it
+/// succeeds: `Store::complete_rollout`), an index bump when routing must
 /// follow the rollout's state or split.
-///
-/// `live_apart`: persist the live release and the rollout's success as the
-/// engine does, in two writes. A server death between them, then a
-/// rollback of that rollout, leaves the live release at `to` while `from`
-/// runs (a known issue, see `known_issues` in sim.rs); without it the two
-/// are one step, as a fix would make them.
-pub fn tick_writes(old: Option<&Rollout>, p: &Plan, live_apart: bool) -> Vec<Write> {
+pub fn tick_writes(old: Option<&Rollout>, p: &Plan) -> Vec<Write> {
     let mut w: Vec<Write> = p.actions.iter().cloned().map(Write::Act).collect();
     if let Some(new) = &p.rollout {
         let old = old.expect("an update implies a rollout");
         if new.state == RolloutState::Succeeded && old.state != RolloutState::Succeeded {
-            if live_apart {
-                w.push(Write::SetLive(new.to.clone()));
-                w.push(Write::UpdateRollout(new.clone()));
-            } else {
-                w.push(Write::SetLiveAndRollout(new.to.clone(), new.clone()));
-            }
+            w.push(Write::SetLiveAndRollout(new.to.clone(), new.clone()));
         } else {
             w.push(Write::UpdateRollout(new.clone()));
         }
