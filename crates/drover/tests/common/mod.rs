@@ -34,6 +34,13 @@ pub struct Proc {
     pub child: Child,
 }
 
+/// A role's process, killed when dropped.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 impl Proc {
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
