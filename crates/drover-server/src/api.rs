@@ -87,6 +87,12 @@ pub fn router(server: Arc<Server>) -> Router {
     use crate::auth::{Guarded, Need::*};
     Guarded::new(server.clone())
         .route("/v1/health", Public, get(|| async { "ok\n" }))
+        .route(
+            "/login",
+            Public,
+            get(crate::auth::login_page).post(crate::auth::login),
+        )
+        .route("/logout", Public, post(crate::auth::logout))
         .route("/metrics", Viewer, get(metrics))
         .route("/v1/apps", Admin, post(add_app))
         .route("/v1/apps", Viewer, get(list_apps))

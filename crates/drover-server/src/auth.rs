@@ -259,6 +259,109 @@ impl Guarded {
     }
 }
 
+// ------------------------------------------------- dashboard sign-in ----
+
+/// `GET /login`: a form for a token; the browser then carries it in an
+/// HttpOnly, SameSite=Strict cookie (so another site cannot use it).
+pub async fn login_page() -> axum::response::Html<String> {
+    axum::response::Html(login_html(""))
+}
+
+#[derive(serde::Deserialize)]
+pub struct LoginForm {
+    token: String,
+}
+
+/// `POST /login`: checks the token, sets the cookie, goes to the dashboard.
+pub async fn login(
+    State(server): State<Arc<Server>>,
+    axum::Form(form): axum::Form<LoginForm>,
+) -> Response {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    let refused = |status: StatusCode, why: &str| {
+        (status, axum::response::Html(login_html(why))).into_response()
+    };
+    match authenticate(&*server.store, form.token.trim(), now_ms()).await {
+        Ok(c) if c.role == Role::Node => refused(
+            StatusCode::FORBIDDEN,
+            "a join token is for agents and proxies; sign in with a viewer, deployer or admin token",
+        ),
+        Ok(_) => (
+            StatusCode::SEE_OTHER,
+            [
+                (header::LOCATION, "/".to_string()),
+                (
+                    header::SET_COOKIE,
+                    format!(
+                        "drover_token={}; Path=/; HttpOnly; SameSite=Strict",
+                        form.token.trim()
+                    ),
+                ),
+            ],
+        )
+            .into_response(),
+        Err(ApiErr::Internal(e)) => {
+            tracing::error!(error = %e, "sign-in failed");
+            refused(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see the server log")
+        }
+        Err(e) => refused(StatusCode::UNAUTHORIZED, &e.to_string()),
+    }
+}
+
+/// `POST /logout`: forgets the cookie.
+pub async fn logout() -> Response {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, "/login"),
+            (
+                header::SET_COOKIE,
+                "drover_token=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+            ),
+        ],
+    )
+        .into_response()
+}
+
+fn login_html(error: &str) -> String {
+    let error = match error {
+        "" => String::new(),
+        e => format!(
+            "<p role=\"alert\"><strong>Not signed in:</strong> {}</p>",
+            escape_html(e)
+        ),
+    };
+    format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>drover · sign in</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:28rem;margin:3rem auto;padding:0 1rem}}input{{width:100%;font:inherit;padding:.4rem;box-sizing:border-box}}button{{font:inherit;margin-top:.6rem;padding:.4rem 1rem}}</style>
+</head><body><h1>drover</h1>{error}
+<form method="post" action="/login"><label for="token">API token (see <code>drover tokens create</code>; the bootstrap admin token is in the server's data dir, file <code>admin-token</code>)</label>
+<input id="token" name="token" type="password" autocomplete="off" required autofocus>
+<button type="submit">Sign in</button></form></body></html>"#
+    )
+}
+
+/// Text made safe inside HTML elements and attributes.
+pub fn escape_html(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// At first start (no token at all): creates the bootstrap admin token and
 /// the join token, and writes them (mode 0600) into `data_dir`.
 pub async fn bootstrap(store: &dyn Store, data_dir: &Path) -> anyhow::Result<()> {

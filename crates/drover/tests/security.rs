@@ -18,6 +18,23 @@ fn get_as(c: &Cluster, token: &str, path: &str) -> (u16, String) {
     (code, body)
 }
 
+/// A form POST to the API; returns (status code, head, body).
+fn post_form(c: &Cluster, path: &str, body: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(&c.api_addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, head.to_string(), body.to_string())
+}
+
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -145,6 +162,37 @@ fn tokens_and_roles_decide_who_may_do_what() {
         let secret = t.rsplit('_').next().unwrap();
         assert!(!logs.contains(secret), "a token secret is in the logs");
     }
+    // The dashboard's sign-in: a token becomes an HttpOnly, SameSite=Strict
+    // cookie that the API accepts; a join token or a bad one is refused.
+    let (code, head, _) = post_form(&c, "/login", &format!("token={deployer}"));
+    assert_eq!(code, 303, "{head}");
+    let cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .unwrap_or_else(|| panic!("no cookie: {head}"));
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let (h, _) = raw_get_with(
+        &c.api_addr,
+        "x",
+        "/v1/apps",
+        &format!("Cookie: {}\r\n", cookie.split(';').next().unwrap()),
+    )
+    .unwrap();
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert_eq!(
+        post_form(&c, "/login", &format!("token={}", c.join_token)).0,
+        403
+    );
+    let (code, _, body) = post_form(&c, "/login", "token=%3Cscript%3E");
+    assert_eq!(code, 401);
+    assert!(
+        !body.contains("<script>"),
+        "the refusal page escapes what it shows"
+    );
+
     // Who did what is recorded.
     let events = c.api_get("/v1/events").unwrap().to_string();
     assert!(events.contains("revoked by bootstrap-admin"), "{events}");
