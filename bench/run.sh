@@ -24,6 +24,7 @@ UP=$!
 trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null || true; rm -rf "$D"' EXIT
 for _ in $(seq 1 300); do grep -q "press Ctrl-C" "$D/up.log" && break; sleep 0.1; done
 grep -q "press Ctrl-C" "$D/up.log" || { cat "$D/up.log"; exit 1; }
+export DROVER_TOKEN_FILE=$D/server/admin-token
 
 REPO=$D/repo
 mkdir -p "$REPO"

@@ -44,10 +44,12 @@ pub struct ControlClient {
 
 impl ControlClient {
     /// `base` is the server's URL, e.g. `http://127.0.0.1:7070`.
-    pub fn new(base: &str) -> anyhow::Result<Self> {
+    /// `token`: the join token, sent as a bearer token with every request.
+    pub fn new(base: &str, token: Option<&str>) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .no_proxy()
+            .default_headers(drover_api::bearer_headers(token))
             .build()?;
         Ok(ControlClient {
             base: base.trim_end_matches('/').to_string(),

@@ -18,6 +18,8 @@ pub struct AgentConfig {
     pub advertise_host: String,
     /// Inclusive range of ports handed to instances as `PORT`.
     pub port_range: (u16, u16),
+    /// The join token (role `node`) sent with every request to the server.
+    pub token: Option<String>,
 }
 
 impl AgentConfig {
@@ -31,6 +33,7 @@ impl AgentConfig {
             data_dir,
             advertise_host: DEFAULT_ADVERTISE_HOST.to_string(),
             port_range: DEFAULT_PORT_RANGE,
+            token: None,
         }
     }
 }

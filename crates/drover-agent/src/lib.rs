@@ -48,7 +48,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     use anyhow::Context as _;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    let client = ControlClient::new(&config.server)
+    let client = ControlClient::new(&config.server, config.token.as_deref())
         .with_context(|| format!("bad control plane URL {:?}", config.server))?;
     let artifacts = Arc::new(ArtifactStore::new(config.data_dir.clone(), client.clone()));
     // Adopt what runs before talking to anyone: supervision resumes at once.

@@ -295,6 +295,19 @@ pub struct ReleaseStats {
     pub latency_sum_us: u64,
 }
 
+/// Default headers carrying `token` as a bearer token (marked sensitive,
+/// so it never shows in debug output); empty without a token.
+pub fn bearer_headers(token: Option<&str>) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    if let Some(mut v) =
+        token.and_then(|t| http::HeaderValue::from_str(&format!("Bearer {}", t.trim())).ok())
+    {
+        v.set_sensitive(true);
+        headers.insert(http::header::AUTHORIZATION, v);
+    }
+    headers
+}
+
 /// Percent-encodes a query value (everything but unreserved characters).
 pub fn encode_query(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
@@ -306,6 +319,37 @@ pub fn encode_query(v: &str) -> String {
         }
     }
     out
+}
+
+// --------------------------------------------------------------- tokens ----
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenCreateRequest {
+    pub name: String,
+    /// admin, deployer, viewer or node.
+    pub role: String,
+    /// e.g. "30d", "12h"; none: it does not expire.
+    #[serde(default)]
+    pub expires_in: Option<String>,
+}
+
+/// A token as listed: never its secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenInfo {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub created_at: u64,
+    pub expires_at: Option<u64>,
+    pub revoked_at: Option<u64>,
+}
+
+/// The answer to creating a token: the only time its secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenCreated {
+    pub token: String,
+    #[serde(flatten)]
+    pub info: TokenInfo,
 }
 
 // ------------------------------------------------------------------ CLI ----

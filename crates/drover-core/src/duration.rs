@@ -1,4 +1,4 @@
-//! Human durations as written in `drover.toml`: `500ms`, `10s`, `2m`, `1h`,
+//! Human durations as written in `drover.toml`: `500ms`, `10s`, `2m`, `1h`, `30d`,
 //! or combinations such as `1m30s`.
 
 /// Parses a duration into milliseconds. Returns a message naming what is
@@ -14,7 +14,7 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
         let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
         if digits == 0 {
             return Err(format!(
-                "invalid duration {s:?}; write a number with a unit: ms, s, m or h (e.g. \"10s\")"
+                "invalid duration {s:?}; write a number with a unit: ms, s, m, h or d (e.g. \"10s\")"
             ));
         }
         let n: u64 = rest[..digits]
@@ -29,6 +29,7 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
             "s" => 1_000,
             "m" => 60_000,
             "h" => 3_600_000,
+            "d" => 86_400_000,
             "" => {
                 return Err(format!(
                     "duration {s:?} has no unit; write e.g. \"{n}s\" or \"{n}ms\""
@@ -36,7 +37,7 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown unit {other:?} in duration {s:?}; use ms, s, m or h"
+                    "unknown unit {other:?} in duration {s:?}; use ms, s, m, h or d"
                 ))
             }
         };
@@ -80,12 +81,13 @@ mod tests {
         assert_eq!(parse_duration_ms("2m"), Ok(120_000));
         assert_eq!(parse_duration_ms("1m30s"), Ok(90_000));
         assert_eq!(parse_duration_ms("1h"), Ok(3_600_000));
+        assert_eq!(parse_duration_ms("30d"), Ok(2_592_000_000));
     }
 
     #[test]
     fn durations_without_unit_or_with_unknown_unit_are_rejected_with_advice() {
         assert!(parse_duration_ms("10").unwrap_err().contains("no unit"));
-        assert!(parse_duration_ms("10d")
+        assert!(parse_duration_ms("10w")
             .unwrap_err()
             .contains("unknown unit"));
         assert!(parse_duration_ms("").is_err());

@@ -321,6 +321,12 @@ pub struct CanaryProgress {
     pub step_started_at: Option<Millis>,
     /// The last analysis verdict, for status.
     pub analysis: Option<String>,
+    /// When the engine began measuring the step's analysis window (its
+    /// measurements live in memory: after a server restart it measures
+    /// again from then). The analysis deadline and the shortest passing
+    /// window count from here; None: from `step_started_at`.
+    #[serde(default)]
+    pub window_started_at: Option<Millis>,
 }
 
 impl Rollout {

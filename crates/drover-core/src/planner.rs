@@ -407,7 +407,11 @@ impl<'a> Planner<'a> {
                 for id in old {
                     self.retire(&id);
                 }
-                if !self.inst.values().any(|i| !is_target(i) && i.alive()) {
+                // Start only when nothing else is alive: neither old
+                // instances nor target ones retired earlier and still
+                // draining or stopping (a rollout aborted mid-drain).
+                let busy = |i: &Instance| i.alive() && !(is_target(i) && i.desired == Desired::Run);
+                if !self.inst.values().any(busy) {
                     let new_run = self.running_of(&target);
                     self.place(&target, n.saturating_sub(new_run));
                 }
@@ -450,6 +454,7 @@ impl<'a> Planner<'a> {
             weight: 0,
             step_started_at: None,
             analysis: None,
+            window_started_at: None,
         });
         let k = cp.step as usize;
         let total = s.steps.len();
@@ -543,6 +548,9 @@ impl<'a> Planner<'a> {
         // instances that do not come up.
         r.progress_at = now;
         let elapsed = now.saturating_sub(started);
+        // The analysis window: from when its measuring began (a server
+        // restart begins it again), never before the step.
+        let measured = now.saturating_sub(cp.window_started_at.unwrap_or(started).max(started));
         let (analysis_ok, note) = match (&s.analysis, self.input.verdict) {
             (None, _) => (true, String::new()),
             (Some(_), Some(Verdict::Fail(why))) => {
@@ -552,12 +560,12 @@ impl<'a> Planner<'a> {
                     st.weight
                 ));
             }
-            (Some(a), Some(Verdict::Pass(text))) => (elapsed >= a.interval_ms, text.clone()),
+            (Some(a), Some(Verdict::Pass(text))) => (measured >= a.interval_ms, text.clone()),
             (Some(a), v) => {
                 let text = v
                     .map(|v| v.text().to_string())
                     .unwrap_or_else(|| "waiting for the first figures".into());
-                if elapsed > a.deadline_ms {
+                if measured > a.deadline_ms {
                     return Step::Failed(format!(
                         "canary analysis at step {}/{total} was still {text} after {}",
                         k + 1,
@@ -574,6 +582,7 @@ impl<'a> Planner<'a> {
             cp.step += 1;
             cp.step_started_at = None;
             cp.analysis = None;
+            cp.window_started_at = None;
         } else {
             let mut waits = Vec::new();
             if partial {

@@ -57,6 +57,8 @@ pub struct ProxyConfig {
     /// This proxy's labels (e.g. region=eu): a partial deployment by node
     /// label sends the users of proxies with its labels to the new release.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The join token (role `node`) sent with every request to the server.
+    pub token: Option<String>,
 }
 
 impl Default for ProxyConfig {
@@ -68,6 +70,7 @@ impl Default for ProxyConfig {
             threads: 2,
             grace_period_secs: 5,
             labels: Default::default(),
+            token: None,
         }
     }
 }
@@ -124,7 +127,7 @@ pub fn run(config: ProxyConfig) -> anyhow::Result<()> {
         labels: config.labels.clone(),
         ..ProxyState::new(config.name.clone())
     });
-    start_control_loop(server_url.clone(), state.clone())?;
+    start_control_loop(server_url.clone(), config.token.clone(), state.clone())?;
 
     // Give the poller a moment, so the first requests see real routes.
     let deadline = Instant::now() + FIRST_TABLE_WAIT;
@@ -156,8 +159,13 @@ pub fn run(config: ProxyConfig) -> anyhow::Result<()> {
 
 /// Starts the route poller and the reporter on a dedicated thread with a
 /// small tokio runtime of its own (pingora's runtimes are its business).
-pub fn start_control_loop(server: String, state: Arc<ProxyState>) -> anyhow::Result<()> {
+pub fn start_control_loop(
+    server: String,
+    token: Option<String>,
+    state: Arc<ProxyState>,
+) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
+        .default_headers(drover_api::bearer_headers(token.as_deref()))
         .connect_timeout(Duration::from_secs(2))
         .pool_idle_timeout(Duration::from_secs(60))
         .build()

@@ -31,6 +31,9 @@ pub enum ApiErr {
     NotFound(String),
     #[error("{0}")]
     Unauthorized(String),
+    /// Authenticated, but the token's role does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Conflict(String),
     /// The operation ran and failed (build failed, …).
@@ -59,6 +62,7 @@ impl IntoResponse for ApiErr {
             ApiErr::BadInput(_) => StatusCode::BAD_REQUEST,
             ApiErr::NotFound(_) => StatusCode::NOT_FOUND,
             ApiErr::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiErr::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiErr::Conflict(_) => StatusCode::CONFLICT,
             ApiErr::Failed(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiErr::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -80,39 +84,156 @@ impl IntoResponse for ApiErr {
 type R<T> = Result<Json<T>, ApiErr>;
 
 pub fn router(server: Arc<Server>) -> Router {
-    Router::new()
-        .route("/v1/health", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
-        .route("/v1/apps", post(add_app).get(list_apps))
-        .route("/v1/apps/{app}/deploy", post(deploy))
-        .route("/v1/apps/{app}/rollback", post(rollback))
-        .route("/v1/apps/{app}/promote", post(promote))
-        .route("/v1/apps/{app}/plan", get(plan_dry_run))
-        .route("/v1/apps/{app}/pause", post(pause))
-        .route("/v1/apps/{app}/resume", post(resume))
-        .route("/v1/apps/{app}/abort", post(abort))
-        .route("/v1/apps/{app}/status", get(status))
-        .route("/v1/apps/{app}/releases", get(releases))
-        .route("/v1/apps/{app}/logs", get(app_logs))
-        .route("/v1/apps/{app}/runs", get(runs))
-        .route("/v1/runs/{id}", get(run))
-        .route("/v1/runs/{id}/cancel", post(cancel_run))
-        .route("/v1/runs/{id}/log", get(run_log))
-        .route("/v1/nodes", get(nodes))
-        .route("/v1/events", get(events))
-        .route("/v1/agent/register", post(agent_register))
-        .route("/v1/agent/report", post(agent_report))
-        .route("/v1/agent/assignments", get(agent_assignments))
-        .route("/v1/agent/logs", post(agent_logs))
-        .route("/v1/routes", get(routes))
-        .route("/v1/proxy/report", post(proxy_report))
-        .route("/v1/artifacts/{sha256}", get(artifact))
+    use crate::auth::{Guarded, Need::*};
+    Guarded::new(server.clone())
+        .route("/v1/health", Public, get(|| async { "ok\n" }))
+        .route(
+            "/login",
+            Public,
+            get(crate::auth::login_page).post(crate::auth::login),
+        )
+        .route("/logout", Public, post(crate::auth::logout))
+        .route("/metrics", Viewer, get(metrics))
+        .route("/v1/apps", Admin, post(add_app))
+        .route("/v1/apps", Viewer, get(list_apps))
+        .route("/v1/apps/{app}/deploy", Deployer, post(deploy))
+        .route("/v1/apps/{app}/rollback", Deployer, post(rollback))
+        .route("/v1/apps/{app}/promote", Deployer, post(promote))
+        .route("/v1/apps/{app}/plan", Viewer, get(plan_dry_run))
+        .route("/v1/apps/{app}/pause", Deployer, post(pause))
+        .route("/v1/apps/{app}/resume", Deployer, post(resume))
+        .route("/v1/apps/{app}/abort", Deployer, post(abort))
+        .route("/v1/apps/{app}/status", Viewer, get(status))
+        .route("/v1/apps/{app}/releases", Viewer, get(releases))
+        .route("/v1/apps/{app}/logs", Viewer, get(app_logs))
+        .route("/v1/apps/{app}/runs", Viewer, get(runs))
+        .route("/v1/runs/{id}", Viewer, get(run))
+        .route("/v1/runs/{id}/cancel", Deployer, post(cancel_run))
+        .route("/v1/runs/{id}/log", Viewer, get(run_log))
+        .route("/v1/nodes", Viewer, get(nodes))
+        .route("/v1/events", Viewer, get(events))
+        .route("/v1/tokens", Admin, post(create_token).get(list_tokens))
+        .route("/v1/tokens/{id}/revoke", Admin, post(revoke_token))
+        .route("/v1/agent/register", Node, post(agent_register))
+        .route("/v1/agent/report", Node, post(agent_report))
+        .route("/v1/agent/assignments", Node, get(agent_assignments))
+        .route("/v1/agent/logs", Node, post(agent_logs))
+        .route("/v1/routes", Node, get(routes))
+        .route("/v1/proxy/report", Node, post(proxy_report))
+        .route("/v1/artifacts/{sha256}", Node, get(artifact))
+        // Webhooks prove themselves with their HMAC signature.
         .route(
             "/v1/hooks/{app}",
+            Public,
             post(hook).layer(DefaultBodyLimit::max(crate::source::HOOK_BODY_LIMIT)),
         )
+        .into_router()
         .layer(DefaultBodyLimit::max(1024 * 1024))
         .with_state(server)
+}
+
+// --------------------------------------------------------------- tokens ----
+
+async fn create_token(
+    State(s): S,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
+    Json(req): Json<api::TokenCreateRequest>,
+) -> R<api::TokenCreated> {
+    use crate::auth::Role;
+    let name = req.name.trim();
+    if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+        return Err(ApiErr::BadInput(
+            "a token needs a name of 1-64 characters without control characters, e.g. --name ci"
+                .into(),
+        ));
+    }
+    let role = Role::parse(&req.role).ok_or_else(|| {
+        ApiErr::BadInput(format!(
+            "{:?} is not a role; use admin, deployer, viewer or node",
+            req.role
+        ))
+    })?;
+    let now = now_ms();
+    let expires_at = match req.expires_in.as_deref() {
+        None => None,
+        Some(d) => {
+            let ms = drover_core::duration::parse_duration_ms(d)
+                .map_err(|e| ApiErr::BadInput(format!("expires_in: {e}")))?;
+            if ms == 0 {
+                return Err(ApiErr::BadInput("expires_in must be longer than 0s".into()));
+            }
+            Some(now.saturating_add(ms))
+        }
+    };
+    let (token, rec) = crate::auth::new_token(name, role, expires_at, now);
+    s.store.insert_token(&rec).await?;
+    s.store
+        .add_event(
+            None,
+            "token.created",
+            &format!(
+                "token {} ({}, role {}) created by {}",
+                rec.id, rec.name, rec.role, caller.name
+            ),
+            now,
+        )
+        .await?;
+    Ok(Json(api::TokenCreated {
+        token,
+        info: token_info(&rec),
+    }))
+}
+
+fn token_info(t: &drover_store::TokenRecord) -> api::TokenInfo {
+    api::TokenInfo {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        role: t.role.clone(),
+        created_at: t.created_at,
+        expires_at: t.expires_at,
+        revoked_at: t.revoked_at,
+    }
+}
+
+async fn list_tokens(State(s): S) -> R<Vec<api::TokenInfo>> {
+    Ok(Json(
+        s.store
+            .list_tokens()
+            .await?
+            .iter()
+            .map(token_info)
+            .collect(),
+    ))
+}
+
+async fn revoke_token(
+    State(s): S,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
+    Path(id): Path<String>,
+) -> R<api::TokenInfo> {
+    let now = now_ms();
+    let tokens = s.store.list_tokens().await?;
+    let usable_admin = |t: &&drover_store::TokenRecord| {
+        t.role == "admin" && t.revoked_at.is_none() && t.expires_at.is_none_or(|e| e > now)
+    };
+    let target = tokens.iter().find(|t| t.id == id).ok_or_else(|| {
+        ApiErr::NotFound(format!("token {id} not found (see `drover tokens list`)"))
+    })?;
+    if usable_admin(&target) && tokens.iter().filter(usable_admin).count() == 1 {
+        return Err(ApiErr::Conflict(format!(
+            "token {id} is the last usable admin token; create another admin token first, or nobody could manage drover"
+        )));
+    }
+    s.store.revoke_token(&id, now).await?;
+    s.store
+        .add_event(
+            None,
+            "token.revoked",
+            &format!("token {id} ({}) revoked by {}", target.name, caller.name),
+            now,
+        )
+        .await?;
+    Ok(Json(token_info(&s.store.get_token(&id).await?)))
 }
 
 // ------------------------------------------------------------------ CLI ----

@@ -180,7 +180,7 @@ struct Engine {
     /// Canary analysis: per deployment, the step being judged (rollout id,
     /// step index, its start) and the traffic total of the new release when
     /// the engine first saw it — the window's baseline.
-    windows: HashMap<(String, String), (StepId, Window)>,
+    windows: HashMap<(String, String), (StepId, Window, u64)>,
     /// Canary analysis by Prometheus queries, per deployment.
     queries: Arc<std::sync::Mutex<HashMap<(String, String), QueryRun>>>,
     prom: reqwest::Client,
@@ -364,6 +364,7 @@ impl Engine {
                 cp.step = if full { total } else { cp.step + 1 };
                 cp.step_started_at = None;
                 cp.analysis = None;
+                cp.window_started_at = None;
                 r.progress_at = now;
                 if full {
                     "promote --full"
@@ -452,14 +453,16 @@ impl Engine {
     }
 
     /// The analysis of the active canary step of (app, env) so far, judged
-    /// on the proxies' figures for the new release since the step began.
+    /// on the proxies' figures for the new release since the engine began
+    /// measuring the step, and when that was (after a server restart it
+    /// measures again: the planner counts the analysis deadline from then).
     fn canary_verdict(
         &mut self,
         app: &str,
         env: &str,
         active: Option<&Rollout>,
         spec: &AppSpec,
-    ) -> Option<Verdict> {
+    ) -> Option<(Verdict, u64)> {
         let key = (app.to_string(), env.to_string());
         let (r, analysis) = match (active, &spec.deploy.analysis) {
             (Some(r), Some(a)) if !r.reverting => (r, a),
@@ -481,11 +484,13 @@ impl Engine {
             .lock()
             .map(|t| t.total(app, env, &r.to))
             .unwrap_or_default();
-        let base = match self.windows.get(&key) {
-            Some((s, base)) if *s == step => base.clone(),
+        let (base, since) = match self.windows.get(&key) {
+            Some((s, base, since)) if *s == step => (base.clone(), *since),
             _ => {
-                self.windows.insert(key, (step, total.clone()));
-                total.clone()
+                // Never before the step began (it may have begun this tick).
+                let since = now_ms().max(started);
+                self.windows.insert(key, (step, total.clone(), since));
+                (total.clone(), since)
             }
         };
         let window = traffic::since(&total, &base);
@@ -494,9 +499,9 @@ impl Engine {
             parts.push(analysis::judge(&window, analysis, &LATENCY_BUCKETS_MS));
         }
         if !analysis.queries.is_empty() {
-            parts.push(self.query_verdict(r, step, analysis));
+            parts.push(self.query_verdict(r, step, since, analysis));
         }
-        analysis::combine(parts)
+        analysis::combine(parts).map(|v| (v, since))
     }
 
     /// The Prometheus part of a canary step's analysis: the last round of
@@ -505,10 +510,11 @@ impl Engine {
         &mut self,
         r: &Rollout,
         step: StepId,
+        since: u64,
         a: &drover_core::AnalysisSettings,
     ) -> Verdict {
         let now = now_ms();
-        let elapsed = now.saturating_sub(step.2);
+        let elapsed = now.saturating_sub(since);
         if elapsed < a.interval_ms {
             return Verdict::Inconclusive(format!(
                 "Prometheus is asked once the step has run {}",
@@ -558,7 +564,7 @@ impl Engine {
                             env: &vars.1,
                             release: &vars.2,
                             stable: &vars.3,
-                            window_ms: now_ms().saturating_sub(step.2),
+                            window_ms: now_ms().saturating_sub(since),
                         },
                     );
                     let outcome = crate::prom::query(&client, &base, &promql).await;
@@ -686,10 +692,23 @@ impl Engine {
             .collect();
         // The nodes this environment may run on: every label of its selector.
         let nodes = view::env_nodes(&spec, env, &cluster.nodes, &cluster.ready);
-        let verdict = match spec.deploy.strategy {
-            Strategy::BlueGreen => self.preview_verdict(active, &spec, &records, &cluster.ready),
-            _ => self.canary_verdict(app, env, active, &spec),
+        let (verdict, window_since) = match spec.deploy.strategy {
+            Strategy::BlueGreen => (
+                self.preview_verdict(active, &spec, &records, &cluster.ready),
+                None,
+            ),
+            _ => match self.canary_verdict(app, env, active, &spec) {
+                Some((v, since)) => (Some(v), Some(since)),
+                None => (None, None),
+            },
         };
+        // The planner counts the analysis deadline from when measuring began.
+        let mut rollout = rollout;
+        if let Some(cp) = rollout.as_mut().and_then(|r| r.canary.as_mut()) {
+            if window_since.is_some() {
+                cp.window_started_at = window_since;
+            }
+        }
         let p = plan(&PlanInput {
             settings: &spec.deploy,
             rollout: rollout.as_ref(),
@@ -749,12 +768,12 @@ impl Engine {
         }
         if let Some(new) = p.rollout {
             let old = rollout.as_ref().expect("an update implies a rollout");
-            // Live first: a reader between the two writes sees the rollout
-            // still active (routing by its target), never no release at all.
+            // Success and the new live release: one transaction.
             if new.state == RolloutState::Succeeded && old.state != RolloutState::Succeeded {
-                self.store().set_live_release(app, env, &new.to).await?;
+                self.store().complete_rollout(&new, now).await?;
+            } else {
+                self.store().update_rollout(&new, now).await?;
             }
-            self.store().update_rollout(&new, now).await?;
             let split = |r: &Rollout| {
                 (
                     r.reverting,

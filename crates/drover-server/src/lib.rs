@@ -2,6 +2,7 @@
 //!
 //! - [`api`]: the HTTP/JSON API (CLI, agents, proxies) and the one place
 //!   where errors become HTTP statuses.
+//! - [`auth`]: API tokens, roles and the per-route access check.
 //! - [`engine`]: the rollout engine. It alone writes rollouts and instance
 //!   placement: every tick it feeds persisted + observed state to the pure
 //!   planner (`drover_core::planner`) and applies the actions.
@@ -21,6 +22,7 @@
 
 pub mod api;
 pub mod artifact;
+pub mod auth;
 pub mod dashboard;
 pub mod engine;
 pub mod git;
@@ -110,6 +112,9 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         .await
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     let store: Arc<dyn Store> = Arc::new(store);
+    auth::bootstrap(&*store, &config.data_dir)
+        .await
+        .context("cannot create the bootstrap tokens")?;
     let index = store.index().await?;
     let interrupted = store.fail_interrupted_runs(now_ms()).await?;
     if interrupted > 0 {

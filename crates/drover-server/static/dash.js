@@ -19,10 +19,20 @@
   }
 
   var stream = document.body.dataset.stream;
-  if (stream && window.EventSource) {
-    var es = new EventSource(stream);
+  var es = null;
+
+  function connect() {
+    es = new EventSource(stream);
     es.onopen = function () { setLive(true); };
-    es.onerror = function () { setLive(false); };
+    es.onerror = function () {
+      setLive(false);
+      // The server refused the stream (signed out, token revoked): the
+      // browser does not retry that; say so.
+      if (es.readyState === EventSource.CLOSED) {
+        live.textContent = '○ stopped';
+        say('Live updates stopped: the server refused them (signed out?). Reload, or sign in again at /login.', true);
+      }
+    };
     // {"<element id>": "<html>"}: the parts that changed.
     es.addEventListener('parts', function (e) {
       var parts = JSON.parse(e.data);
@@ -48,6 +58,15 @@
     es.addEventListener('failure', function (e) {
       say(JSON.parse(e.data).error, true);
     });
+  }
+
+  if (stream && window.EventSource) {
+    connect();
+    // Leaving the page closes its stream at once (a browser allows only a
+    // few connections per server; a page kept in the back/forward cache
+    // must not hold one). Coming back from that cache: fresh content.
+    window.addEventListener('pagehide', function () { if (es) es.close(); });
+    window.addEventListener('pageshow', function (e) { if (e.persisted) location.reload(); });
   }
 
   document.addEventListener('click', function (e) {

@@ -1,7 +1,8 @@
-//! The dashboard served by a real server on 127.0.0.1: pages answer HTML
-//! with a strict content security policy, unknown things get an escaped
-//! error page, a page's event stream sends its parts, and an open stream
-//! does not hold up the server's graceful shutdown.
+//! The dashboard served by a real server on 127.0.0.1: pages need a token
+//! (a browser without one is sent to /login), answer HTML with a strict
+//! content security policy, unknown things get an escaped error page, a
+//! page's event stream sends its parts and ends when its token is revoked,
+//! and an open stream does not hold up the server's graceful shutdown.
 
 use drover_server::{run, ServerConfig};
 use std::time::Duration;
@@ -57,25 +58,52 @@ async fn pages_render_streams_send_parts_and_an_open_stream_ends_at_shutdown() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let r = http.get(format!("{base}/")).send().await.unwrap();
+    let admin = std::fs::read_to_string(dir.path().join("server").join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let get = |path: &str, token: &str| {
+        http.get(format!("{base}{path}"))
+            .header("authorization", format!("Bearer {token}"))
+            .send()
+    };
+
+    // Without a token: a page sends the browser to sign in; a stream is refused.
+    let no_redirect = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = no_redirect.get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/login");
+    let r = http
+        .get(format!("{base}/ui/events/nodes"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.get(format!("{base}/ui/dash.js")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the script is public");
+
+    let r = get("/", &admin).await.unwrap();
     assert_eq!(r.status(), 200);
     let csp = r.headers()["content-security-policy"].to_str().unwrap();
     assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
     let body = r.text().await.unwrap();
     assert!(body.contains("No apps yet"), "{body}");
     assert!(
+        body.contains("bootstrap-admin (admin)"),
+        "who is signed in: {body}"
+    );
+    assert!(
         body.contains(r#"data-stream="/ui/events/overview""#),
         "{body}"
     );
     for path in ["/ui/dash.js", "/ui/dash.css", "/nodes"] {
-        let r = http.get(format!("{base}{path}")).send().await.unwrap();
+        let r = get(path, &admin).await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }
-    let r = http
-        .get(format!("{base}/apps/%3Cb%3Enope"))
-        .send()
-        .await
-        .unwrap();
+    let r = get("/apps/%3Cb%3Enope", &admin).await.unwrap();
     assert_eq!(r.status(), 404);
     let body = r.text().await.unwrap();
     assert!(
@@ -83,12 +111,41 @@ async fn pages_render_streams_send_parts_and_an_open_stream_ends_at_shutdown() {
         "{body}"
     );
 
-    // A page's stream: its parts first.
-    let mut stream = http
-        .get(format!("{base}/ui/events/nodes"))
+    // A page's stream, for a viewer: its parts first.
+    let created: serde_json::Value = http
+        .post(format!("{base}/v1/tokens"))
+        .header("authorization", format!("Bearer {admin}"))
+        .json(&serde_json::json!({"name": "dash", "role": "viewer"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (viewer, viewer_id) = (
+        created["token"].as_str().unwrap().to_string(),
+        created["id"].as_str().unwrap().to_string(),
+    );
+    let mut revoked = get("/ui/events/nodes", &viewer).await.unwrap();
+    let first = read_until(&mut revoked, "\n\n").await;
+    assert!(first.starts_with("event: parts\n"), "{first}");
+    // Revoked, its stream says so and ends.
+    let r = http
+        .post(format!("{base}/v1/tokens/{viewer_id}/revoke"))
+        .header("authorization", format!("Bearer {admin}"))
         .send()
         .await
         .unwrap();
+    assert_eq!(r.status(), 200);
+    let last = read_until(&mut revoked, "was revoked").await;
+    assert!(last.contains("event: failure"), "{last}");
+    let end = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(_)) = revoked.chunk().await {}
+    })
+    .await;
+    assert!(end.is_ok(), "the stream of a revoked token did not end");
+
+    let mut stream = get("/ui/events/nodes", &admin).await.unwrap();
     assert_eq!(
         stream.headers()["content-type"].to_str().unwrap(),
         "text/event-stream"
@@ -99,11 +156,7 @@ async fn pages_render_streams_send_parts_and_an_open_stream_ends_at_shutdown() {
         "{first}"
     );
     assert!(first.contains("No nodes yet"), "{first}");
-    let mut gone = http
-        .get(format!("{base}/ui/events/apps/nope"))
-        .send()
-        .await
-        .unwrap();
+    let mut gone = get("/ui/events/apps/nope", &admin).await.unwrap();
     let failure = read_until(&mut gone, "\n\n").await;
     assert!(failure.starts_with("event: failure\n"), "{failure}");
 

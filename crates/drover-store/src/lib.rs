@@ -125,6 +125,22 @@ pub struct ProxyRecord {
     pub last_seen: Millis,
 }
 
+/// An API token. The secret itself is never stored: only its sha256.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Public id, part of the token string (`drv_<id>_<secret>`).
+    pub id: String,
+    pub name: String,
+    /// admin, deployer, viewer or node.
+    pub role: String,
+    /// Hex sha256 of the secret part.
+    #[serde(skip_serializing)]
+    pub secret_hash: String,
+    pub created_at: Millis,
+    pub expires_at: Option<Millis>,
+    pub revoked_at: Option<Millis>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventRecord {
     pub id: i64,
@@ -224,6 +240,10 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts a rollout (its `id` is assigned) and returns it.
     async fn create_rollout(&self, rollout: &Rollout, now: Millis) -> Result<Rollout>;
     async fn update_rollout(&self, rollout: &Rollout, now: Millis) -> Result<()>;
+    /// Records a rollout that just succeeded and makes its target the live
+    /// release of its environment, in one transaction (a crash cannot leave
+    /// one without the other).
+    async fn complete_rollout(&self, rollout: &Rollout, now: Millis) -> Result<()>;
     async fn latest_rollout(&self, app: &str, env: &str) -> Result<Option<Rollout>>;
 
     /// Every instance of the app, in all its environments.
@@ -265,6 +285,15 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> Result<()>;
     async fn list_events(&self, app: Option<&str>, limit: u32) -> Result<Vec<EventRecord>>;
+
+    /// Conflict when the id exists.
+    async fn insert_token(&self, t: &TokenRecord) -> Result<()>;
+    /// NotFound when there is no such token.
+    async fn get_token(&self, id: &str) -> Result<TokenRecord>;
+    /// Oldest first, revoked ones included.
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
+    /// NotFound when there is no such token; revoking twice keeps the first time.
+    async fn revoke_token(&self, id: &str, now: Millis) -> Result<()>;
 }
 
 pub fn desired_str(d: Desired) -> &'static str {

@@ -57,6 +57,41 @@ fn app_from_row(r: &sqlx::sqlite::SqliteRow) -> AppRecord {
     }
 }
 
+fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> TokenRecord {
+    TokenRecord {
+        id: r.get("id"),
+        name: r.get("name"),
+        role: r.get("role"),
+        secret_hash: r.get("secret_hash"),
+        created_at: r.get::<i64, _>("created_at") as u64,
+        expires_at: r.get::<Option<i64>, _>("expires_at").map(|v| v as u64),
+        revoked_at: r.get::<Option<i64>, _>("revoked_at").map(|v| v as u64),
+    }
+}
+
+/// Makes ?1 the live release of (?2 app, ?3 env); the previous live release
+/// becomes the default rollback target.
+const SET_LIVE: &str = "INSERT INTO deployments (app, env, live_release) VALUES (?2, ?3, ?1) ON CONFLICT (app, env) DO UPDATE SET prev_release = CASE WHEN live_release IS NOT NULL AND live_release != ?1 THEN live_release ELSE prev_release END, live_release = ?1";
+
+async fn write_rollout(
+    conn: &mut sqlx::SqliteConnection,
+    rollout: &Rollout,
+    now: Millis,
+) -> Result<()> {
+    let data = serde_json::to_string(rollout).map_err(|e| StoreError::Db(e.to_string()))?;
+    let res = sqlx::query("UPDATE rollouts SET state = ?, data = ?, updated_at = ? WHERE id = ?")
+        .bind(rollout.state.as_str())
+        .bind(data)
+        .bind(now as i64)
+        .bind(rollout.id)
+        .execute(&mut *conn)
+        .await?;
+    if res.rows_affected() == 0 {
+        return Err(StoreError::NotFound(format!("rollout {}", rollout.id)));
+    }
+    Ok(())
+}
+
 fn deployment_from_row(r: &sqlx::sqlite::SqliteRow) -> DeploymentRecord {
     DeploymentRecord {
         app: r.get("app"),
@@ -208,15 +243,12 @@ impl Store for SqliteStore {
     }
 
     async fn set_live_release(&self, app: &str, env: &str, live: &str) -> Result<()> {
-        // The previous live release becomes the default rollback target.
-        sqlx::query(
-            "INSERT INTO deployments (app, env, live_release) VALUES (?2, ?3, ?1) ON CONFLICT (app, env) DO UPDATE SET prev_release = CASE WHEN live_release IS NOT NULL AND live_release != ?1 THEN live_release ELSE prev_release END, live_release = ?1",
-        )
-        .bind(live)
-        .bind(app)
-        .bind(env)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(SET_LIVE)
+            .bind(live)
+            .bind(app)
+            .bind(env)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -392,18 +424,20 @@ impl Store for SqliteStore {
     }
 
     async fn update_rollout(&self, rollout: &Rollout, now: Millis) -> Result<()> {
-        let data = serde_json::to_string(rollout).map_err(|e| StoreError::Db(e.to_string()))?;
-        let res =
-            sqlx::query("UPDATE rollouts SET state = ?, data = ?, updated_at = ? WHERE id = ?")
-                .bind(rollout.state.as_str())
-                .bind(data)
-                .bind(now as i64)
-                .bind(rollout.id)
-                .execute(&self.pool)
-                .await?;
-        if res.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("rollout {}", rollout.id)));
-        }
+        let mut conn = self.pool.acquire().await?;
+        write_rollout(&mut conn, rollout, now).await
+    }
+
+    async fn complete_rollout(&self, rollout: &Rollout, now: Millis) -> Result<()> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(SET_LIVE)
+            .bind(&rollout.to)
+            .bind(&rollout.app)
+            .bind(&rollout.env)
+            .execute(&mut *tx)
+            .await?;
+        write_rollout(&mut tx, rollout, now).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -581,6 +615,56 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn insert_token(&self, t: &TokenRecord) -> Result<()> {
+        let res = sqlx::query("INSERT INTO tokens (id, name, role, secret_hash, created_at, expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(&t.id)
+            .bind(&t.name)
+            .bind(&t.role)
+            .bind(&t.secret_hash)
+            .bind(t.created_at as i64)
+            .bind(t.expires_at.map(|v| v as i64))
+            .bind(t.revoked_at.map(|v| v as i64))
+            .execute(&self.pool)
+            .await;
+        match res {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::Conflict(format!("token {}", t.id)))
+            }
+            Err(e) => Err(e.into()),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    async fn get_token(&self, id: &str) -> Result<TokenRecord> {
+        let row = sqlx::query("SELECT * FROM tokens WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref()
+            .map(token_from_row)
+            .ok_or_else(|| StoreError::NotFound(format!("token {id}")))
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
+        let rows = sqlx::query("SELECT * FROM tokens ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(token_from_row).collect())
+    }
+
+    async fn revoke_token(&self, id: &str, now: Millis) -> Result<()> {
+        let res =
+            sqlx::query("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+                .bind(now as i64)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("token {id}")));
+        }
+        Ok(())
     }
 
     async fn upsert_proxy(&self, p: &ProxyRecord) -> Result<()> {

@@ -334,3 +334,67 @@ async fn concurrent_writers_wait_for_each_other_instead_of_failing_busy() {
     assert_eq!(numbers, (1..=120).collect(), "every release numbered once");
     assert_eq!(s.list_instances("a").await.unwrap().len(), 120);
 }
+
+#[tokio::test]
+async fn tokens_are_stored_by_id_listed_and_revoked_once() {
+    let (_d, s) = open().await;
+    let t = TokenRecord {
+        id: "abc123".into(),
+        name: "ci".into(),
+        role: "deployer".into(),
+        secret_hash: "00ff".into(),
+        created_at: 5,
+        expires_at: Some(100),
+        revoked_at: None,
+    };
+    s.insert_token(&t).await.unwrap();
+    assert!(matches!(
+        s.insert_token(&t).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(s.get_token("abc123").await.unwrap(), t);
+    assert!(matches!(
+        s.get_token("nope").await,
+        Err(StoreError::NotFound(_))
+    ));
+    s.revoke_token("abc123", 7).await.unwrap();
+    s.revoke_token("abc123", 9).await.unwrap();
+    assert_eq!(s.get_token("abc123").await.unwrap().revoked_at, Some(7));
+    assert!(matches!(
+        s.revoke_token("nope", 9).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(s.list_tokens().await.unwrap().len(), 1);
+    // The hash never leaves in JSON.
+    let json = serde_json::to_string(&t).unwrap();
+    assert!(!json.contains("00ff"), "{json}");
+}
+
+#[tokio::test]
+async fn completing_a_rollout_makes_its_target_live_in_the_same_write() {
+    let (_d, s) = open().await;
+    s.insert_app(&app("a")).await.unwrap();
+    s.set_live_release("a", "", "r1").await.unwrap();
+    let mut r = s
+        .create_rollout(&Rollout::new("a", "", Some("r1".into()), "r2", 1), 1)
+        .await
+        .unwrap();
+    r.state = RolloutState::Succeeded;
+    s.complete_rollout(&r, 2).await.unwrap();
+    let d = s.get_deployment("a", "").await.unwrap().unwrap();
+    assert_eq!(
+        (d.live_release.as_deref(), d.prev_release.as_deref()),
+        (Some("r2"), Some("r1"))
+    );
+    let latest = s.latest_rollout("a", "").await.unwrap().unwrap();
+    assert_eq!(latest.state, RolloutState::Succeeded);
+    // A rollout that is not stored changes nothing, live included.
+    r.id += 100;
+    r.to = "r3".into();
+    assert!(matches!(
+        s.complete_rollout(&r, 3).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let d = s.get_deployment("a", "").await.unwrap().unwrap();
+    assert_eq!(d.live_release.as_deref(), Some("r2"));
+}

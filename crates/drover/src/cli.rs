@@ -2,7 +2,7 @@
 //! and dispatch. Roles (`server`, `agent`, `proxy`, `up`) run long; client
 //! commands talk to the API at `DROVER_SERVER`.
 
-use crate::client::{Client, Fail};
+use crate::client::{fail, Client, Fail};
 use crate::{output, up};
 use clap::{Parser, Subcommand};
 use drover_core::spec::in_env;
@@ -31,6 +31,54 @@ pub struct ServerArg {
         global = true
     )]
     pub server: String,
+    /// API token (see `drover tokens`). Without it, the token in
+    /// DROVER_TOKEN_FILE, else in .drover/server/admin-token (what
+    /// `drover up` writes) when that file exists.
+    #[arg(long, env = "DROVER_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+}
+
+/// How agents and proxies prove they belong to the cluster.
+#[derive(clap::Args, Clone)]
+pub struct JoinArg {
+    /// The cluster's join token (the server writes it to its data dir, file
+    /// join-token, at first start).
+    #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+}
+
+impl JoinArg {
+    fn token(self) -> anyhow::Result<String> {
+        self.join_token
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                fail(
+                    2,
+                    "no join token: pass --join-token or set DROVER_JOIN_TOKEN (the server writes it to <server data dir>/join-token at first start)",
+                )
+            })
+    }
+}
+
+impl ServerArg {
+    /// A client of the server with the caller's token.
+    pub fn client(&self) -> Client {
+        Client::new(&self.server, self.resolve_token().as_deref())
+    }
+
+    fn resolve_token(&self) -> Option<String> {
+        if let Some(t) = self.token.as_ref().filter(|t| !t.trim().is_empty()) {
+            return Some(t.trim().to_string());
+        }
+        let file = std::env::var_os("DROVER_TOKEN_FILE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(".drover/server/admin-token"));
+        std::fs::read_to_string(file)
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+    }
 }
 
 #[derive(Subcommand)]
@@ -85,6 +133,8 @@ enum Cmd {
         /// Ports handed to instances, e.g. 20000-29999.
         #[arg(long, default_value = "20000-29999", value_parser = parse_range)]
         ports: (u16, u16),
+        #[command(flatten)]
+        join: JoinArg,
     },
     /// Run the traffic layer (proxy).
     Proxy {
@@ -103,11 +153,18 @@ enum Cmd {
         /// with `nodes = { region = "eu" }` sends its users to the new release.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        #[command(flatten)]
+        join: JoinArg,
     },
     /// Manage apps.
     Apps {
         #[command(subcommand)]
         cmd: AppsCmd,
+    },
+    /// Manage API tokens (admin).
+    Tokens {
+        #[command(subcommand)]
+        cmd: TokensCmd,
     },
     /// Build a commit into a release and roll it out.
     Deploy {
@@ -286,6 +343,37 @@ enum AppsCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum TokensCmd {
+    /// Create a token; prints it once, on stdout.
+    Create {
+        /// Who or what it is for, e.g. ci.
+        #[arg(long)]
+        name: String,
+        /// admin, deployer, viewer, or node (agents and proxies).
+        #[arg(long)]
+        role: String,
+        /// It stops working after this long, e.g. 30d or 12h.
+        #[arg(long)]
+        expires: Option<String>,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+    /// Revoke a token by its id.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     if s == "0" {
         return Ok(std::time::Duration::ZERO);
@@ -423,9 +511,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             labels,
             advertise_host,
             ports,
+            join,
         } => {
             init_logs();
             let mut cfg = drover_agent::AgentConfig::new(s.server, name, data_dir);
+            cfg.token = Some(join.token()?);
             cfg.labels = labels.into_iter().collect::<BTreeMap<_, _>>();
             cfg.advertise_host = advertise_host;
             cfg.port_range = ports;
@@ -442,7 +532,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads,
             grace,
             labels,
+            join,
         } => {
+            let token = Some(join.token()?);
             init_logs();
             drover_proxy::run(drover_proxy::ProxyConfig {
                 listen,
@@ -451,13 +543,59 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 threads,
                 grace_period_secs: grace,
                 labels: labels.into_iter().collect(),
+                token,
             })
+        }
+        Cmd::Tokens {
+            cmd:
+                TokensCmd::Create {
+                    name,
+                    role,
+                    expires,
+                    s,
+                },
+        } => {
+            let t: drover_api::TokenCreated = s.client().post(
+                "/v1/tokens",
+                &drover_api::TokenCreateRequest {
+                    name,
+                    role,
+                    expires_in: expires,
+                },
+            )?;
+            eprintln!(
+                "created token {} ({}, role {}); it is shown only now:",
+                t.info.id,
+                output::escape_terminal(&t.info.name),
+                t.info.role
+            );
+            println!("{}", t.token);
+            Ok(())
+        }
+        Cmd::Tokens {
+            cmd: TokensCmd::List { json, s },
+        } => {
+            let t: Vec<drover_api::TokenInfo> = s.client().get("/v1/tokens")?;
+            output::tokens(&t, json)
+        }
+        Cmd::Tokens {
+            cmd: TokensCmd::Revoke { id, s },
+        } => {
+            let t: drover_api::TokenInfo = s
+                .client()
+                .post(&format!("/v1/tokens/{id}/revoke"), &serde_json::json!({}))?;
+            println!(
+                "revoked token {} ({})",
+                t.id,
+                output::escape_terminal(&t.name)
+            );
+            Ok(())
         }
         Cmd::Apps {
             cmd: AppsCmd::Add { repo, branch, s },
         } => {
             let repo = absolutize(&repo);
-            let c = Client::new(&s.server);
+            let c = s.client();
             let app: drover_api::AppInfo =
                 c.post("/v1/apps", &drover_api::AddAppRequest { repo, branch })?;
             println!(
@@ -481,7 +619,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Apps {
             cmd: AppsCmd::List { json, s },
         } => {
-            let apps: Vec<drover_api::AppInfo> = Client::new(&s.server).get("/v1/apps")?;
+            let apps: Vec<drover_api::AppInfo> = s.client().get("/v1/apps")?;
             output::apps(&apps, json)
         }
         Cmd::Deploy {
@@ -490,7 +628,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             wait,
             s,
         } => {
-            let c = Client::new(&s.server);
+            let c = s.client();
             eprintln!(
                 "building {app} ({})…",
                 git_ref.as_deref().unwrap_or("branch tip")
@@ -533,7 +671,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             let path = format!("/v1/apps/{app}/plan?{}", q.join("&"));
-            let p: drover_api::PlanInfo = Client::new(&s.server).get(&path)?;
+            let p: drover_api::PlanInfo = s.client().get(&path)?;
             output::plan(&p, json)
         }
         Cmd::Pause { app, env, s } => control(
@@ -561,7 +699,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             wait,
             s,
         } => {
-            let c = Client::new(&s.server);
+            let c = s.client();
             let d: drover_api::DeployResponse = c.post(
                 &format!("/v1/apps/{app}/rollback"),
                 &drover_api::RollbackRequest { to, env },
@@ -595,30 +733,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Status { app, env, json, s } => {
             let st: drover_api::AppStatus =
-                Client::new(&s.server).get(&output::status_path(&app, env.as_deref()))?;
+                s.client().get(&output::status_path(&app, env.as_deref()))?;
             output::status(&st, json)
         }
-        Cmd::Watch { app, env, s } => {
-            output::follow(&Client::new(&s.server), &app, env.as_deref(), None)
-        }
+        Cmd::Watch { app, env, s } => output::follow(&s.client(), &app, env.as_deref(), None),
         Cmd::Releases { app, json, s } => {
             let r: Vec<drover_api::ReleaseInfo> =
-                Client::new(&s.server).get(&format!("/v1/apps/{app}/releases"))?;
+                s.client().get(&format!("/v1/apps/{app}/releases"))?;
             output::releases(&r, json)
         }
         Cmd::Runs { app, json, s } => {
-            let r: Vec<drover_api::RunInfo> =
-                Client::new(&s.server).get(&format!("/v1/apps/{app}/runs"))?;
+            let r: Vec<drover_api::RunInfo> = s.client().get(&format!("/v1/apps/{app}/runs"))?;
             output::runs(&r, json)
         }
         Cmd::Cancel { run, s } => {
-            let r: drover_api::RunInfo = Client::new(&s.server)
+            let r: drover_api::RunInfo = s
+                .client()
                 .post(&format!("/v1/runs/{run}/cancel"), &serde_json::json!({}))?;
             eprintln!("run {} of {}: {}", r.id, r.app, r.state);
             Ok(())
         }
         Cmd::Nodes { json, s } => {
-            let n: Vec<drover_api::NodeInfo> = Client::new(&s.server).get("/v1/nodes")?;
+            let n: Vec<drover_api::NodeInfo> = s.client().get("/v1/nodes")?;
             output::nodes(&n, json)
         }
         Cmd::Logs {
@@ -627,7 +763,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             follow,
             s,
             ..
-        } => output::run_log(&Client::new(&s.server), &app, id, follow),
+        } => output::run_log(&s.client(), &app, id, follow),
         Cmd::Logs {
             app,
             instance,
@@ -647,10 +783,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(i) = instance {
                 path.push_str(&format!("&instance={i}"));
             }
-            print!(
-                "{}",
-                output::escape_terminal(&Client::new(&s.server).get_text(&path)?)
-            );
+            print!("{}", output::escape_terminal(&s.client().get_text(&path)?));
             Ok(())
         }
         Cmd::Events { app, json, s } => {
@@ -658,7 +791,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(a) => format!("/v1/events?app={a}"),
                 None => "/v1/events".to_string(),
             };
-            let ev: Vec<drover_api::EventInfo> = Client::new(&s.server).get(&path)?;
+            let ev: Vec<drover_api::EventInfo> = s.client().get(&path)?;
             output::events(&ev, json)
         }
     }
@@ -682,7 +815,7 @@ fn control(
     req: drover_api::ControlRequest,
 ) -> anyhow::Result<()> {
     let r: drover_api::ControlResponse =
-        Client::new(&s.server).post(&format!("/v1/apps/{app}/{verb}"), &req)?;
+        s.client().post(&format!("/v1/apps/{app}/{verb}"), &req)?;
     eprintln!("{}{}", r.message, in_env(&r.env));
     Ok(())
 }

@@ -35,9 +35,11 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(base: &str) -> Self {
+    /// A client of the server at `base`, sending `token` as a bearer token.
+    pub fn new(base: &str, token: Option<&str>) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            .default_headers(drover_api::bearer_headers(token))
             .build()
             .expect("http client");
         let rt = tokio::runtime::Builder::new_current_thread()

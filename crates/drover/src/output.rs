@@ -282,6 +282,37 @@ pub fn nodes(ns: &[api::NodeInfo], as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn tokens(ts: &[api::TokenInfo], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(&ts);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut t = table(&["ID", "NAME", "ROLE", "STATE", "EXPIRES IN"]);
+    for k in ts {
+        let state = match (k.revoked_at, k.expires_at) {
+            (Some(_), _) => "revoked",
+            (None, Some(e)) if e <= now => "expired",
+            _ => "active",
+        };
+        t.add_row(vec![
+            k.id.clone(),
+            escape_terminal(&k.name),
+            k.role.clone(),
+            state.to_string(),
+            match k.expires_at {
+                None => "never".to_string(),
+                Some(e) if e <= now => "-".to_string(),
+                Some(e) => drover_core::duration::format_ms(e - now),
+            },
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
 pub fn events(ev: &[api::EventInfo], as_json: bool) -> anyhow::Result<()> {
     if as_json {
         return json(&ev);

@@ -28,12 +28,24 @@ struct Role {
     child: Child,
 }
 
-fn spawn(exe: &Path, logs: &Path, name: &str, args: &[String]) -> anyhow::Result<Role> {
+/// Starts a role; `join_token` goes in its environment, never in its
+/// arguments (which any user can list).
+fn spawn(
+    exe: &Path,
+    logs: &Path,
+    name: &str,
+    args: &[String],
+    join_token: Option<&str>,
+) -> anyhow::Result<Role> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(logs.join(format!("{name}.log")))?;
-    let child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    if let Some(t) = join_token {
+        cmd.env("DROVER_JOIN_TOKEN", t);
+    }
+    let child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -90,14 +102,29 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 "--poll-interval".into(),
                 format!("{}ms", args.poll_interval.as_millis()),
             ],
+            None,
         )?);
-        let client = Client::new(&api_url);
+        let health = Client::new(&api_url, None);
         wait_until(
             Duration::from_secs(30),
-            || client.get_text("/v1/health").is_ok(),
+            || health.get_text("/v1/health").is_ok(),
             &mut roles,
         )
         .context("the server did not come up; see logs/server.log")?;
+        // The server wrote its bootstrap tokens before it began to listen.
+        let admin_file = data.join("server").join("admin-token");
+        let read = |f: &Path| {
+            std::fs::read_to_string(f)
+                .map(|t| t.trim().to_string())
+                .with_context(|| {
+                    format!(
+                        "cannot read {} (written by the server at its first start)",
+                        f.display()
+                    )
+                })
+        };
+        let client = Client::new(&api_url, Some(&read(&admin_file)?));
+        let join = read(&data.join("server").join("join-token"))?;
         for i in 1..=args.nodes {
             let base = 20000 + (i - 1) * 1000;
             roles.push(spawn(
@@ -120,6 +147,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                     "--label".into(),
                     "role=web".into(),
                 ],
+                Some(&join),
             )?);
         }
         roles.push(spawn(
@@ -135,6 +163,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 "--grace".into(),
                 "1".into(),
             ],
+            Some(&join),
         )?);
         let want = args.nodes as usize;
         wait_until(
@@ -187,7 +216,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 args.proxy_addr
             );
         }
-        println!("use the CLI with:  export DROVER_SERVER={api_url}; drover status hello");
+        println!(
+            "use the CLI with:  export DROVER_SERVER={api_url} DROVER_TOKEN_FILE={}; drover status hello",
+            admin_file.display()
+        );
         println!("press Ctrl-C to stop");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -1,9 +1,10 @@
 //! The web dashboard in a real browser: Debian's Chromium driven through
 //! WebDriver (chromedriver, fantoccini) against a cluster of real
-//! processes with load through the proxy. While a canary progresses the app
-//! page updates itself (no reload), its chart shows the split `drover
-//! status` reports, the run page's log grows live, and a click on rollback
-//! (confirmed) rolls the rollout back.
+//! processes with load through the proxy. Signed in with a viewer token
+//! the app page has no action buttons; with a deployer token, while a
+//! canary progresses the app page updates itself (no reload), its chart
+//! shows the split `drover status` reports, the run page's log grows live,
+//! and a click on rollback (confirmed) rolls the rollout back.
 //!
 //! Screenshots of the main pages are written as PNG files to
 //! `target/screenshots/` (or `$DROVER_SCREENSHOTS`); the test prints where.
@@ -225,6 +226,15 @@ fn the_app_page_follows_a_canary_live_its_chart_shows_the_split_and_rollback_rol
     let repo = Repo::create(c.dir.path(), &sp, &Behavior::ok("v1"));
     c.cli_ok(&["apps", "add", &repo.path.to_string_lossy()]);
     c.cli_ok(&["deploy", "web", "--wait"]);
+    let token = |name: &str, role: &str| {
+        c.cli_ok(&["tokens", "create", "--name", name, "--role", role])
+            .trim()
+            .to_string()
+    };
+    let (viewer, deployer) = (
+        token("dash-viewer", "viewer"),
+        token("dash-deployer", "deployer"),
+    );
     let driver = Driver::start(&c.dir.path().join("logs"));
     let profile = c.dir.path().join("chromium-profile");
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -236,7 +246,34 @@ fn the_app_page_follows_a_canary_live_its_chart_shows_the_split_and_rollback_rol
         let began = Instant::now();
         let b = browser(&driver, &profile).await;
         let app_url = format!("{}/apps/web", c.api);
+        // Not signed in: sent to sign in.
         b.goto(&app_url).await.unwrap();
+        assert_eq!(b.current_url().await.unwrap().path(), "/login");
+
+        println!("{:>6.1?} viewer", began.elapsed());
+        // A viewer sees everything but no action buttons.
+        sign_in(&b, &c.api, &viewer).await;
+        b.goto(&app_url).await.unwrap();
+        let seen = wait_js(&b, "the app page, for a viewer", 30, ROLLOUT, |v| v["state"] == "succeeded").await;
+        assert_eq!(seen["to"], "r1");
+        let who = js(&b, "return document.querySelector('form.who').textContent").await;
+        assert!(who.as_str().unwrap().contains("dash-viewer (viewer)"), "{who}");
+        let buttons = js(&b, "return document.querySelectorAll('button[data-action]').length").await;
+        assert_eq!(buttons, 0, "a viewer gets no action buttons");
+        b.find(fantoccini::Locator::Css("form.who button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_js(&b, "signed out", 30, "return location.pathname", |v| v == "/login").await;
+
+        println!("{:>6.1?} deployer", began.elapsed());
+        // A deployer gets them.
+        sign_in(&b, &c.api, &deployer).await;
+        b.goto(&app_url).await.unwrap();
+        let buttons = js(&b, "return document.querySelectorAll('button[data-action]').length").await;
+        assert_eq!(buttons, 5, "promote, pause, resume, abort, rollback");
         let first = wait_js(&b, "the first rollout, succeeded", 30, ROLLOUT, |v| {
             v["state"] == "succeeded" && v["to"] == "r1"
         })
@@ -246,6 +283,7 @@ fn the_app_page_follows_a_canary_live_its_chart_shows_the_split_and_rollback_rol
         // A reload would lose this.
         js(&b, "window.__same_page = 'yes'; return true").await;
 
+        println!("{:>6.1?} canary starts", began.elapsed());
         // The canary starts while the page is open.
         let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(240));
         repo.commit(&sp, &Behavior::ok("v2"));
@@ -274,6 +312,7 @@ fn the_app_page_follows_a_canary_live_its_chart_shows_the_split_and_rollback_rol
         .await;
         println!("instances on the page: {}", with_r2["instances"]);
 
+        println!("{:>6.1?} step 2", began.elapsed());
         // The chart shows the split `drover status` reports (step 2 holds:
         // both stay put), and traffic reaching both releases.
         let st = status_json(&c);
@@ -296,6 +335,7 @@ fn the_app_page_follows_a_canary_live_its_chart_shows_the_split_and_rollback_rol
         println!("chart later: {grown}");
         screenshot(&b, "app-mid-canary").await;
 
+        println!("{:>6.1?} phone", began.elapsed());
         // At phone width the layout does not scroll sideways.
         b.set_window_size(390, 844).await.unwrap();
         let overflow = wait_js(
@@ -310,6 +350,7 @@ fn the_app_page_follows_a_canary_live_its_chart_shows_the_split_and_rollback_rol
         screenshot(&b, "app-mid-canary-phone").await;
         b.set_window_size(1280, 1800).await.unwrap();
 
+        println!("{:>6.1?} run tab", began.elapsed());
         // The run of r2, in a tab of its own: its log grows when the rollout ends.
         let run_id = c.runs("web")[0]["id"].as_i64().unwrap();
         let app_tab = b.window().await.unwrap();
@@ -323,6 +364,7 @@ fn the_app_page_follows_a_canary_live_its_chart_shows_the_split_and_rollback_rol
         js(&b, "window.__same_page = 'run'; return true").await;
         screenshot(&b, "run").await;
 
+        println!("{:>6.1?} rollback", began.elapsed());
         // Roll back from the app page: the dialog asks first; dismissed,
         // nothing happens; accepted, the rollout reverts.
         b.switch_to_window(app_tab).await.unwrap();
@@ -353,6 +395,7 @@ fn the_app_page_follows_a_canary_live_its_chart_shows_the_split_and_rollback_rol
         )
         .await;
 
+        println!("{:>6.1?} rolled back", began.elapsed());
         // The run page followed along: the rollout's end is in its log.
         b.switch_to_window(run_tab.handle).await.unwrap();
         let after = wait_js(&b, "the run page, failed with the rollout's end", 30, run_js, |v| {
@@ -364,6 +407,7 @@ fn the_app_page_follows_a_canary_live_its_chart_shows_the_split_and_rollback_rol
         .await;
         assert_eq!(after["marker"], "run", "the run page was not reloaded");
 
+        println!("{:>6.1?} other pages", began.elapsed());
         // The other pages.
         b.goto(&format!("{}/", c.api)).await.unwrap();
         let overview = wait_js(
@@ -397,6 +441,24 @@ fn the_app_page_follows_a_canary_live_its_chart_shows_the_split_and_rollback_rol
         );
         assert_eq!(stats.failed, 0, "{:?}", stats.failures);
     });
+}
+
+/// Signs in on the dashboard's sign-in page with `token`.
+async fn sign_in(b: &Client, api: &str, token: &str) {
+    b.goto(&format!("{api}/login")).await.unwrap();
+    b.find(fantoccini::Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys(token)
+        .await
+        .unwrap();
+    b.find(fantoccini::Locator::Css("form[action='/login'] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_js(b, "signed in", 30, "return location.pathname", |v| v == "/").await;
 }
 
 /// Clicks the element (found again if a live update replaced it meanwhile).

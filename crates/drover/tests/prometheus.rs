@@ -29,7 +29,16 @@ fn prom_spec(prometheus: &str) -> String {
 fn prometheus_queries_judge_the_canary_a_bad_one_is_rolled_back_a_good_one_passes() {
     let _g = serial();
     let c = Cluster::start(3);
-    let prom = Prometheus::start(&[&c.api_addr]);
+    // Prometheus scrapes with a token of its own that can only read.
+    let token = c.cli_ok(&[
+        "tokens",
+        "create",
+        "--name",
+        "prometheus",
+        "--role",
+        "viewer",
+    ]);
+    let prom = Prometheus::start(&[&c.api_addr], token.trim());
     let sp = prom_spec(&prom.url);
     let repo = Repo::create(c.dir.path(), &sp, &Behavior::ok("v1"));
     c.cli_ok(&["apps", "add", &repo.path.to_string_lossy()]);

@@ -196,7 +196,7 @@ pub fn prepare_release(data_dir: &Path, a: &Assignment) -> PathBuf {
 /// A supervisor whose artifact server is `server` (default: nothing
 /// listening), ports from `range`.
 pub fn supervisor(data_dir: &Path, range: (u16, u16), server: Option<&str>) -> Supervisor {
-    let client = ControlClient::new(server.unwrap_or("http://127.0.0.1:9")).unwrap();
+    let client = ControlClient::new(server.unwrap_or("http://127.0.0.1:9"), None).unwrap();
     let store = ArtifactStore::new(data_dir.to_path_buf(), client)
         .with_retry_delays(vec![Duration::from_millis(50), Duration::from_millis(50)]);
     Supervisor::start(

@@ -419,6 +419,36 @@ fn recreate_retires_all_old_then_places_all_new() {
 }
 
 #[test]
+fn recreate_aborted_while_the_old_instances_drain_waits_for_them_to_stop() {
+    // Found by the simulation (tests/sim.rs): r1 → r2 retired all of r1,
+    // then the operator aborted. Reverting to r1 must not start three
+    // fresh r1 beside the three still draining (6 alive > instances +
+    // max_surge); it starts them once those have stopped.
+    let s = settings(Strategy::Recreate, 3, 0, 0);
+    let mut r = rollout(Some("r1"), "r2");
+    r.reverting = true;
+    r.reverted_at = Some(1);
+    let draining = "
+        a r1 n1 drain healthy
+        b r1 n2 drain healthy
+        c r1 n3 stop unhealthy";
+    check(&s, Some(&r), draining, 2, &[], None);
+    check(
+        &s,
+        Some(&r),
+        "c r1 n3 stop stopped",
+        2,
+        &[
+            "forget c",
+            "place r1 on n1",
+            "place r1 on n2",
+            "place r1 on n3",
+        ],
+        None,
+    );
+}
+
+#[test]
 fn a_rollout_without_progress_fails_at_its_progress_deadline() {
     let s = settings(Strategy::Rolling, 3, 1, 0);
     // No ready nodes: nothing can be placed.
@@ -568,6 +598,7 @@ fn a_canary_step_passes_only_after_its_pause_and_a_passing_verdict() {
         weight: 10,
         step_started_at: Some(1_000),
         analysis: None,
+        window_started_at: None,
     });
     let inst = format!("{THREE_R1}\n d r2 n1 run healthy routed");
     let pass = Verdict::Pass("passed: error rate 0.00% (0/40)".into());
@@ -602,6 +633,7 @@ fn a_failing_verdict_rolls_back_and_an_inconclusive_one_fails_at_the_deadline() 
         weight: 10,
         step_started_at: Some(1_000),
         analysis: None,
+        window_started_at: None,
     });
     let inst = format!("{THREE_R1}\n d r2 n1 run healthy routed");
     let bad =
@@ -644,6 +676,7 @@ fn after_the_last_step_the_rest_rolls_and_the_rollout_succeeds() {
         weight: 50,
         step_started_at: None,
         analysis: None,
+        window_started_at: None,
     });
     let inst = format!("{THREE_R1}\n d r2 n1 run healthy routed\n e r2 n2 run healthy routed");
     let p = canary_plan(&s, &r, &inst, 5_000, None);

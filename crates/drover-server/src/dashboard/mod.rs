@@ -21,9 +21,10 @@ pub mod chart;
 pub mod views;
 
 use crate::api::{self, ApiErr};
+use crate::auth::{Caller, Need};
 use crate::{now_ms, pipeline, Server};
 use askama::Template;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
@@ -47,26 +48,53 @@ const LOG_PER_REFRESH: u64 = 1024 * 1024;
 /// Streams re-render at least this often (health, heartbeats, the chart).
 const REFRESH: Duration = Duration::from_secs(1);
 
+/// The dashboard's routes, each with the role it needs (like the API's):
+/// pages and their streams need a viewer token (the `drover_token` cookie
+/// set by `/login`, or a bearer token); the script and style sheet are
+/// public. A page asked for without a valid token sends the browser to
+/// `/login`.
 pub fn router(server: Arc<Server>) -> Router {
-    Router::new()
-        .route("/", get(overview_page))
-        .route("/apps/{app}", get(app_page))
-        .route("/runs/{id}", get(run_page))
-        .route("/nodes", get(nodes_page))
-        .route("/ui/events/overview", get(overview_events))
-        .route("/ui/events/apps/{app}", get(app_events))
-        .route("/ui/events/runs/{id}", get(run_events))
-        .route("/ui/events/nodes", get(nodes_events))
-        .route("/ui/dash.css", get(css))
-        .route("/ui/dash.js", get(js))
+    use crate::auth::{Guarded, Need::*};
+    Guarded::new(server.clone())
+        .route("/", Viewer, get(overview_page))
+        .route("/apps/{app}", Viewer, get(app_page))
+        .route("/runs/{id}", Viewer, get(run_page))
+        .route("/nodes", Viewer, get(nodes_page))
+        .route("/ui/events/overview", Viewer, get(overview_events))
+        .route("/ui/events/apps/{app}", Viewer, get(app_events))
+        .route("/ui/events/runs/{id}", Viewer, get(run_events))
+        .route("/ui/events/nodes", Viewer, get(nodes_events))
+        .route("/ui/dash.css", Public, get(css))
+        .route("/ui/dash.js", Public, get(js))
+        .into_router()
+        .layer(axum::middleware::from_fn(sign_in_first))
         .with_state(server)
 }
 
-/// Whether the viewer may use the operator actions. Tokens and roles do not
-/// exist yet: everyone may. When they do, this reads the caller's role
-/// (a viewer gets false, so no buttons are rendered; the API checks again).
-fn can_act(_headers: &HeaderMap) -> bool {
-    true
+/// A page refused for want of a (valid) token: go and sign in. Streams and
+/// assets keep their status (an event stream's script says what happened).
+async fn sign_in_first(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let page = !req.uri().path().starts_with("/ui/");
+    let resp = next.run(req).await;
+    if page && resp.status() == StatusCode::UNAUTHORIZED {
+        return (StatusCode::SEE_OTHER, [(header::LOCATION, "/login")]).into_response();
+    }
+    resp
+}
+
+/// The signed-in caller, as the access check found them.
+type Who = Extension<Caller>;
+
+/// Whether the caller may use the operator actions (promote, pause,
+/// resume, abort, rollback): a deployer or admin. A viewer gets no
+/// buttons; the API checks the role again on every action.
+fn can_act(who: &Caller) -> bool {
+    who.role.allows(Need::Deployer)
+}
+
+/// "ci (deployer)", for the page header.
+fn who_text(who: &Caller) -> String {
+    format!("{} ({})", who.name, who.role.as_str())
 }
 
 /// The pages of the dashboard and what their live parts depend on.
@@ -254,7 +282,7 @@ fn html(status: StatusCode, body: String) -> Response {
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
-            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
         ),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
@@ -271,7 +299,7 @@ fn html(status: StatusCode, body: String) -> Response {
 }
 
 /// A page, or an error page saying what went wrong (with the API's status).
-fn page(result: Result<String, ApiErr>) -> Response {
+fn page(who: &Caller, result: Result<String, ApiErr>) -> Response {
     match result {
         Ok(body) => html(StatusCode::OK, body),
         Err(e) => {
@@ -284,6 +312,7 @@ fn page(result: Result<String, ApiErr>) -> Response {
                     "Error".into()
                 },
                 stream: String::new(),
+                who: who_text(who),
                 message: message.clone(),
             }
             .render()
@@ -293,11 +322,13 @@ fn page(result: Result<String, ApiErr>) -> Response {
     }
 }
 
-async fn overview_page(State(s): S) -> Response {
+async fn overview_page(State(s): S, Extension(who): Who) -> Response {
     page(
+        &who,
         async {
             render(&OverviewPage {
                 title: "Apps".into(),
+                who: who_text(&who),
                 stream: Page::Overview.stream(),
                 apps: slot("apps", &apps_part(&s).await?)?,
             })
@@ -306,12 +337,14 @@ async fn overview_page(State(s): S) -> Response {
     )
 }
 
-async fn app_page(State(s): S, Path(app): Path<String>, headers: HeaderMap) -> Response {
+async fn app_page(State(s): S, Path(app): Path<String>, Extension(who): Who) -> Response {
     page(
+        &who,
         async {
-            let a = app_slots(&s, &app, can_act(&headers)).await?;
+            let a = app_slots(&s, &app, can_act(&who)).await?;
             render(&AppPage {
                 title: app.clone(),
+                who: who_text(&who),
                 stream: Page::App(app.clone()).stream(),
                 app: app.clone(),
                 repo: a.repo,
@@ -326,8 +359,9 @@ async fn app_page(State(s): S, Path(app): Path<String>, headers: HeaderMap) -> R
     )
 }
 
-async fn run_page(State(s): S, Path(id): Path<i64>) -> Response {
+async fn run_page(State(s): S, Path(id): Path<i64>, Extension(who): Who) -> Response {
     page(
+        &who,
         async {
             let (info, run) = run_slot(&s, id).await?;
             let (_, len) = read_log(&s, id, 0, 0).await;
@@ -336,6 +370,7 @@ async fn run_page(State(s): S, Path(id): Path<i64>) -> Response {
             let shown = from + bytes.len() as u64;
             render(&RunPage {
                 title: format!("Run {id} of {}", info.app),
+                who: who_text(&who),
                 // The live log goes on from where this page's copy ends.
                 stream: format!("{}?offset={shown}", Page::Run(id).stream()),
                 app: info.app.clone(),
@@ -350,11 +385,13 @@ async fn run_page(State(s): S, Path(id): Path<i64>) -> Response {
     )
 }
 
-async fn nodes_page(State(s): S) -> Response {
+async fn nodes_page(State(s): S, Extension(who): Who) -> Response {
     page(
+        &who,
         async {
             render(&NodesPage {
                 title: "Nodes".into(),
+                who: who_text(&who),
                 stream: Page::Nodes.stream(),
                 nodes: nodes_slot(&s).await?,
             })
@@ -408,12 +445,12 @@ async fn js() -> Response {
 
 // ------------------------------------------------------------- events ----
 
-async fn overview_events(State(s): S, headers: HeaderMap) -> Response {
-    events(s, Page::Overview, &headers, None).await
+async fn overview_events(State(s): S, Extension(who): Who) -> Response {
+    events(s, Page::Overview, who, None).await
 }
 
-async fn app_events(State(s): S, Path(app): Path<String>, headers: HeaderMap) -> Response {
-    events(s, Page::App(app), &headers, None).await
+async fn app_events(State(s): S, Path(app): Path<String>, Extension(who): Who) -> Response {
+    events(s, Page::App(app), who, None).await
 }
 
 #[derive(Deserialize)]
@@ -425,6 +462,7 @@ async fn run_events(
     State(s): S,
     Path(id): Path<i64>,
     Query(q): Query<LogFrom>,
+    Extension(who): Who,
     headers: HeaderMap,
 ) -> Response {
     // A reconnecting browser says how far it got (each log event's id is
@@ -437,30 +475,28 @@ async fn run_events(
         Some(o) => o,
         None => read_log(&s, id, 0, 0).await.1,
     };
-    events(s, Page::Run(id), &headers, Some(from)).await
+    events(s, Page::Run(id), who, Some(from)).await
 }
 
-async fn nodes_events(State(s): S, headers: HeaderMap) -> Response {
-    events(s, Page::Nodes, &headers, None).await
+async fn nodes_events(State(s): S, Extension(who): Who) -> Response {
+    events(s, Page::Nodes, who, None).await
 }
 
 /// A page's event stream. Events: `parts` (the changed parts, JSON object
 /// id → HTML), `log` (run page: `{"text": …}`, id = log offset after it)
 /// and `failure` (`{"error": …}` when the page's data cannot be read, e.g.
-/// the app is gone).
-async fn events(
-    s: Arc<Server>,
-    page: Page,
-    headers: &HeaderMap,
-    log_offset: Option<u64>,
-) -> Response {
+/// the app is gone, or the caller's token was revoked or expired, which
+/// also ends the stream).
+async fn events(s: Arc<Server>, page: Page, who: Caller, log_offset: Option<u64>) -> Response {
     let state = Stream {
         rx: s.index.subscribe(),
         s,
         page,
-        can_act: can_act(headers),
+        can_act: can_act(&who),
+        who,
         sent: BTreeMap::new(),
         first: true,
+        ended: false,
         log_offset,
         queue: VecDeque::new(),
         failed: None,
@@ -470,15 +506,19 @@ async fn events(
             if let Some(ev) = st.queue.pop_front() {
                 return Some((Ok::<_, Infallible>(ev), st));
             }
-            if !st.first && !st.wait().await {
+            if st.ended || (!st.first && !st.wait().await) {
                 return None;
             }
             st.first = false;
-            st.refresh().await;
+            if st.still_allowed().await {
+                st.refresh().await;
+            }
         }
     });
+    // Frequent keep-alives also find closed connections soon (a stream
+    // with nothing new writes nothing else).
     Sse::new(stream)
-        .keep_alive(KeepAlive::default())
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(5)))
         .into_response()
 }
 
@@ -486,7 +526,11 @@ struct Stream {
     s: Arc<Server>,
     rx: tokio::sync::watch::Receiver<u64>,
     page: Page,
+    /// Who watches: their token is checked again at every refresh.
+    who: Caller,
     can_act: bool,
+    /// The caller's token no longer holds: the stream ends.
+    ended: bool,
     /// What the browser has of each part.
     sent: BTreeMap<String, String>,
     first: bool,
@@ -515,6 +559,32 @@ impl Stream {
             _ = tokio::time::sleep(REFRESH) => true,
             _ = self.s.shutdown.cancelled() => false,
         }
+    }
+
+    /// Whether the caller's token still holds (not revoked, not expired);
+    /// otherwise queues a last `failure` and ends the stream.
+    async fn still_allowed(&mut self) -> bool {
+        let now = now_ms();
+        let why = match self.s.store.get_token(&self.who.token_id).await {
+            Ok(t) if t.revoked_at.is_some() => "was revoked",
+            Ok(t) if t.expires_at.is_some_and(|e| e <= now) => "has expired",
+            Ok(_) => return true,
+            Err(drover_store::StoreError::NotFound(_)) => "no longer exists",
+            // The store is unavailable: keep the stream, try again later.
+            Err(_) => return false,
+        };
+        let msg = format!(
+            "your token {} ({}) {why}: sign in again",
+            self.who.token_id, self.who.name
+        );
+        if let Ok(ev) = Event::default()
+            .event("failure")
+            .json_data(serde_json::json!({ "error": msg }))
+        {
+            self.queue.push_back(ev);
+        }
+        self.ended = true;
+        false
     }
 
     async fn refresh(&mut self) {

@@ -260,6 +260,7 @@ fn a_page_names_its_event_stream_and_holds_its_parts() {
     let html = NodesPage {
         title: "Nodes <&>".into(),
         stream: super::Page::Nodes.stream(),
+        who: "ci <x> (viewer)".into(),
         nodes: Slot {
             id: "nodes".into(),
             html: "<table></table>".into(),
@@ -277,4 +278,9 @@ fn a_page_names_its_event_stream_and_holds_its_parts() {
         "{html}"
     );
     assert!(html.contains(r#"<script src="/ui/dash.js" defer></script>"#));
+    assert!(html.contains("ci &#60;x&#62; (viewer)"), "{html}");
+    assert!(
+        html.contains(r#"<form class="who" method="post" action="/logout">"#),
+        "{html}"
+    );
 }

@@ -375,9 +375,8 @@ pub struct Action {
 pub struct ActionsPart {
     pub app: String,
     pub env: String,
-    /// Whether the viewer may act. Tokens and roles are not built yet, so
-    /// this is always true for now; once they are, a viewer-only token
-    /// gets false and no buttons are rendered (the API refuses them anyway).
+    /// Whether the caller may act (a deployer or admin token); a viewer
+    /// gets no buttons (and the API would refuse them anyway).
     pub can_act: bool,
     pub actions: Vec<Action>,
 }
@@ -646,6 +645,8 @@ pub struct Slot {
 pub struct OverviewPage {
     pub title: String,
     pub stream: String,
+    /// Who is signed in, e.g. "ci (deployer)".
+    pub who: String,
     pub apps: Slot,
 }
 
@@ -663,6 +664,8 @@ pub struct EnvSlots {
 pub struct AppPage {
     pub title: String,
     pub stream: String,
+    /// Who is signed in, e.g. "ci (deployer)".
+    pub who: String,
     pub app: String,
     pub repo: String,
     pub branch: String,
@@ -677,6 +680,8 @@ pub struct AppPage {
 pub struct RunPage {
     pub title: String,
     pub stream: String,
+    /// Who is signed in, e.g. "ci (deployer)".
+    pub who: String,
     pub app: String,
     pub id: i64,
     pub run: Slot,
@@ -692,6 +697,8 @@ pub struct RunPage {
 pub struct NodesPage {
     pub title: String,
     pub stream: String,
+    /// Who is signed in, e.g. "ci (deployer)".
+    pub who: String,
     pub nodes: Slot,
 }
 
@@ -700,5 +707,7 @@ pub struct NodesPage {
 pub struct ErrorPage {
     pub title: String,
     pub stream: String,
+    /// Who is signed in, e.g. "ci (deployer)".
+    pub who: String,
     pub message: String,
 }

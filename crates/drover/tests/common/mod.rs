@@ -34,6 +34,13 @@ pub struct Proc {
     pub child: Child,
 }
 
+/// A role's process, killed when dropped.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 impl Proc {
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
@@ -46,6 +53,10 @@ impl Proc {
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// The server's bootstrap admin token (the CLI runs with it).
+    pub admin_token: String,
+    /// The join token agents and proxies run with.
+    pub join_token: String,
     pub api: String,
     pub api_addr: String,
     pub proxy_addr: String,
@@ -105,7 +116,14 @@ impl Cluster {
             .collect::<Vec<_>>(),
         );
         wait_http(dir.path(), &api, "/v1/health");
-        let proxy = spawn_role(
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.path().join("server").join(f))
+                .unwrap_or_else(|e| panic!("the server did not write {f}: {e}"))
+                .trim()
+                .to_string()
+        };
+        let (admin_token, join_token) = (read("admin-token"), read("join-token"));
+        let proxy = spawn_role_env(
             dir.path(),
             "proxy",
             &[
@@ -119,8 +137,11 @@ impl Cluster {
                 "--grace",
                 "1",
             ],
+            &[("DROVER_JOIN_TOKEN", &join_token)],
         );
         let mut c = Cluster {
+            admin_token,
+            join_token,
             api: api.clone(),
             api_addr,
             proxy_addr,
@@ -172,7 +193,12 @@ impl Cluster {
             args.extend(["--label".to_string(), l.clone()]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        spawn_role(self.dir.path(), &format!("agent-{i}"), &args)
+        spawn_role_env(
+            self.dir.path(),
+            &format!("agent-{i}"),
+            &args,
+            &[("DROVER_JOIN_TOKEN", &self.join_token)],
+        )
     }
 
     /// Another proxy of this cluster, with labels ("key=value" each);
@@ -185,7 +211,12 @@ impl Cluster {
         for l in labels {
             args.extend(["--label", l]);
         }
-        let p = spawn_role(self.dir.path(), name, &args);
+        let p = spawn_role_env(
+            self.dir.path(),
+            name,
+            &args,
+            &[("DROVER_JOIN_TOKEN", &self.join_token)],
+        );
         (p, addr)
     }
 
@@ -215,7 +246,7 @@ impl Cluster {
     }
 
     pub fn api_get(&self, path: &str) -> Result<Value, String> {
-        let body = http_get(&self.api, path)?;
+        let body = http_get_auth(&self.api, path, Some(&self.admin_token))?;
         serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))
     }
 
@@ -233,11 +264,18 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("status: {e}"))
     }
 
-    /// Runs the CLI against this cluster.
+    /// Runs the CLI against this cluster, as admin.
     pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_as(&self.admin_token, args)
+    }
+
+    /// Runs the CLI against this cluster with `token` ("": none).
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
         Command::new(BIN)
             .args(args)
             .env("DROVER_SERVER", &self.api)
+            .env("DROVER_TOKEN", token)
+            .env("DROVER_TOKEN_FILE", "/nonexistent")
             .stdin(Stdio::null())
             .output()
             .unwrap()
@@ -330,6 +368,11 @@ fn wait_http(dir: &Path, api: &str, path: &str) {
 }
 
 fn spawn_role(dir: &Path, name: &str, args: &[&str]) -> Proc {
+    spawn_role_env(dir, name, args, &[])
+}
+
+/// Starts a role with extra environment (secrets go there, not in args).
+fn spawn_role_env(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -337,6 +380,7 @@ fn spawn_role(dir: &Path, name: &str, args: &[&str]) -> Proc {
         .unwrap();
     let child = Command::new(BIN)
         .args(args)
+        .envs(env.iter().copied())
         .env(
             "DROVER_LOG",
             "info,drover_server=debug,pingora=warn,pingora_core=warn,pingora_proxy=warn,sqlx=warn",
@@ -380,10 +424,18 @@ pub fn raw_get_with(
     Ok((head.to_string(), body.to_string()))
 }
 
-/// GET on the API; Err unless 2xx. Handles chunked bodies.
+/// GET without a token; Err unless 2xx. Handles chunked bodies.
 pub fn http_get(base: &str, path: &str) -> Result<String, String> {
+    http_get_auth(base, path, None)
+}
+
+/// GET with a bearer token; Err unless 2xx. Handles chunked bodies.
+pub fn http_get_auth(base: &str, path: &str, token: Option<&str>) -> Result<String, String> {
     let addr = base.trim_start_matches("http://");
-    let (head, body) = raw_get(addr, addr, path)?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let (head, body) = raw_get_with(addr, addr, path, &auth)?;
     let body = body.as_str();
     if !head.starts_with("HTTP/1.1 2") {
         return Err(head.lines().next().unwrap_or("").to_string());
@@ -700,7 +752,7 @@ pub fn get_version(proxy: &str, host: &str) -> Result<String, String> {
 // ---------------------------------------------------------- prometheus ----
 
 /// A real Prometheus (Debian's `prometheus`) scraping the given targets
-/// every 500 ms, with its data in a temporary directory.
+/// every 500 ms with a bearer token, its data in a temporary directory.
 pub struct Prometheus {
     pub url: String,
     _proc: Proc,
@@ -708,7 +760,7 @@ pub struct Prometheus {
 }
 
 impl Prometheus {
-    pub fn start(targets: &[&str]) -> Prometheus {
+    pub fn start(targets: &[&str], token: &str) -> Prometheus {
         let bin = std::env::var("DROVER_TEST_PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -717,11 +769,14 @@ impl Prometheus {
             .map(|t| format!("'{t}'"))
             .collect::<Vec<_>>()
             .join(", ");
+        let credentials = dir.path().join("token");
+        std::fs::write(&credentials, token).unwrap();
         let config = dir.path().join("prometheus.yml");
         std::fs::write(
             &config,
             format!(
-                "global:\n  scrape_interval: 500ms\n  evaluation_interval: 500ms\nscrape_configs:\n  - job_name: drover\n    scrape_interval: 500ms\n    static_configs:\n      - targets: [{list}]\n"
+                "global:\n  scrape_interval: 500ms\n  evaluation_interval: 500ms\nscrape_configs:\n  - job_name: drover\n    scrape_interval: 500ms\n    authorization:\n      type: Bearer\n      credentials_file: {}\n    static_configs:\n      - targets: [{list}]\n",
+                credentials.display()
             ),
         )
         .unwrap();

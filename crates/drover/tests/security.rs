@@ -1,0 +1,199 @@
+//! Tokens and roles end to end: deny by default, a role check before every
+//! handler, hashed tokens with expiry and revocation, bootstrap tokens only
+//! their owner can read, secrets never in logs.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+/// The status code and body of a GET on the API with `token` ("": none).
+fn get_as(c: &Cluster, token: &str, path: &str) -> (u16, String) {
+    let auth = match token {
+        "" => String::new(),
+        t => format!("Authorization: Bearer {t}\r\n"),
+    };
+    let (head, body) = raw_get_with(&c.api_addr, &c.api_addr, path, &auth).unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, body)
+}
+
+/// A form POST to the API; returns (status code, head, body).
+fn post_form(c: &Cluster, path: &str, body: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(&c.api_addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, head.to_string(), body.to_string())
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn tokens_and_roles_decide_who_may_do_what() {
+    let _g = serial();
+    let c = Cluster::start(1);
+    let repo = Repo::create(c.dir.path(), &spec("web", 1, "30s"), &Behavior::ok("v1"));
+
+    // The bootstrap tokens: only their owner can read the files.
+    for f in ["admin-token", "join-token"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(c.dir.path().join("server").join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+
+    // No token: refused, and told what to do.
+    let out = c.cli_as("", &["apps", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no token") && stderr(&out).contains("DROVER_TOKEN"),
+        "{}",
+        stderr(&out)
+    );
+    let (code, _) = get_as(&c, "", "/v1/apps");
+    assert_eq!(code, 401);
+    let (code, body) = get_as(&c, "drv_000000000000_nonsense", "/v1/apps");
+    assert_eq!(code, 401, "{body}");
+    // Health and the signed webhooks need none.
+    assert_eq!(get_as(&c, "", "/v1/health").0, 200);
+
+    let make = |name: &str, role: &str, extra: &[&str]| -> String {
+        let mut args = vec!["tokens", "create", "--name", name, "--role", role];
+        args.extend(extra);
+        c.cli_ok(&args).trim().to_string()
+    };
+    let viewer = make("dash", "viewer", &[]);
+    let deployer = make("ci", "deployer", &["--expires", "30d"]);
+
+    // An admin registers the app; a deployer may not.
+    let path = repo.path.to_string_lossy().to_string();
+    let out = c.cli_as(&deployer, &["apps", "add", &path]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("has role deployer; this needs admin"),
+        "{}",
+        stderr(&out)
+    );
+    c.cli_ok(&["apps", "add", &path]);
+
+    // A viewer reads but cannot deploy; nothing is built.
+    let out = c.cli_as(&viewer, &["status", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = c.cli_as(&viewer, &["deploy", "web"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("has role viewer; this needs deployer"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(c.runs("web").is_empty(), "a refused deploy starts no run");
+    // A viewer cannot make tokens either.
+    let out = c.cli_as(
+        &viewer,
+        &["tokens", "create", "--name", "x", "--role", "admin"],
+    );
+    assert!(
+        stderr(&out).contains("this needs admin"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A deployer deploys.
+    let out = c.cli_as(&deployer, &["deploy", "web", "--wait"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The agents' and proxies' endpoints take only the join token.
+    assert_eq!(get_as(&c, &c.admin_token, "/v1/routes").0, 403);
+    assert_eq!(
+        get_as(&c, &viewer, "/v1/agent/assignments?node=node-1").0,
+        403
+    );
+    assert_eq!(get_as(&c, &c.join_token, "/v1/routes").0, 200);
+    // …and the join token nothing else.
+    assert_eq!(get_as(&c, &c.join_token, "/v1/apps").0, 403);
+
+    // Listing shows ids, names and roles, never a secret.
+    let list = c.cli_ok(&["tokens", "list", "--json"]);
+    for t in [&viewer, &deployer, &c.admin_token, &c.join_token] {
+        let secret = t.rsplit('_').next().unwrap();
+        assert!(!list.contains(secret), "a secret is listed: {list}");
+    }
+    let tokens: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(tokens.as_array().unwrap().len(), 4);
+
+    // Revoked: refused from then on.
+    let viewer_id = viewer.split('_').nth(1).unwrap();
+    c.cli_ok(&["tokens", "revoke", viewer_id]);
+    let out = c.cli_as(&viewer, &["status", "web"]);
+    assert!(stderr(&out).contains("was revoked"), "{}", stderr(&out));
+
+    // Expired: refused.
+    let short = make("short", "viewer", &["--expires", "1s"]);
+    c.wait_until("the short token expires", Duration::from_secs(10), |c| {
+        stderr(&c.cli_as(&short, &["status", "web"])).contains("has expired")
+    });
+
+    // The last admin token cannot be revoked (nobody could manage drover).
+    let admin_id = c.admin_token.split('_').nth(1).unwrap().to_string();
+    let out = c.cli(&["tokens", "revoke", &admin_id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("last usable admin token"),
+        "{}",
+        stderr(&out)
+    );
+
+    // No secret in any log.
+    let logs = c.logs();
+    for t in [&viewer, &deployer, &short, &c.admin_token, &c.join_token] {
+        let secret = t.rsplit('_').next().unwrap();
+        assert!(!logs.contains(secret), "a token secret is in the logs");
+    }
+    // The dashboard's sign-in: a token becomes an HttpOnly, SameSite=Strict
+    // cookie that the API accepts; a join token or a bad one is refused.
+    let (code, head, _) = post_form(&c, "/login", &format!("token={deployer}"));
+    assert_eq!(code, 303, "{head}");
+    let cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .unwrap_or_else(|| panic!("no cookie: {head}"));
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let (h, _) = raw_get_with(
+        &c.api_addr,
+        "x",
+        "/v1/apps",
+        &format!("Cookie: {}\r\n", cookie.split(';').next().unwrap()),
+    )
+    .unwrap();
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert_eq!(
+        post_form(&c, "/login", &format!("token={}", c.join_token)).0,
+        403
+    );
+    let (code, _, body) = post_form(&c, "/login", "token=%3Cscript%3E");
+    assert_eq!(code, 401);
+    assert!(
+        !body.contains("<script>"),
+        "the refusal page escapes what it shows"
+    );
+
+    // Who did what is recorded.
+    let events = c.api_get("/v1/events").unwrap().to_string();
+    assert!(events.contains("revoked by bootstrap-admin"), "{events}");
+}
