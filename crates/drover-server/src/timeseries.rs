@@ -153,25 +153,38 @@ impl Series {
 pub async fn sample_loop(server: Arc<Server>) {
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut splits: Option<Splits> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = server.shutdown.cancelled() => return,
         }
-        if let Err(e) = sample(&server).await {
+        if let Err(e) = sample(&server, &mut splits).await {
             tracing::debug!(error = %e, "traffic sample skipped");
         }
     }
 }
 
-/// One sample of every deployment.
-async fn sample(s: &Server) -> Result<(), crate::api::ApiErr> {
-    let now = crate::now_ms();
+/// How long the split of every deployment, once read, is used while the
+/// index stays put (a node's lease running out changes what serves without
+/// a bump; everything else that changes the split bumps it).
+const SPLITS_MAX_AGE_MS: u64 = 5_000;
+
+/// The percent of users per release of every deployment, as read from the
+/// store at `index`: rollouts and routing are not read again every second.
+struct Splits {
+    index: u64,
+    at_ms: u64,
+    /// (app, env) → release → percent.
+    shares: Vec<((String, String), BTreeMap<String, u32>)>,
+}
+
+/// The split of every deployment now (what `drover status` shows).
+async fn read_splits(s: &Server, index: u64, now: u64) -> Result<Splits, crate::api::ApiErr> {
     let deployments = s.store.list_deployments().await?;
     let ready = view::nodes_ready(&s.store.list_nodes().await?, now);
-    let all = s.traffic.lock().map(|t| t.all()).unwrap_or_default();
     let mut instances: HashMap<String, Vec<drover_store::InstanceRecord>> = HashMap::new();
-    let mut rows = Vec::new();
+    let mut shares = Vec::new();
     for d in &deployments {
         if !instances.contains_key(&d.app) {
             instances.insert(d.app.clone(), s.store.list_instances(&d.app).await?);
@@ -187,19 +200,47 @@ async fn sample(s: &Server) -> Result<(), crate::api::ApiErr> {
                 .and_then(|spec| view::rollout_split(&r, &spec)),
             None => None,
         };
-        let shares = view::traffic(&statuses, split.as_ref());
+        shares.push((
+            (d.app.clone(), d.env.clone()),
+            view::traffic(&statuses, split.as_ref()),
+        ));
+    }
+    Ok(Splits {
+        index,
+        at_ms: now,
+        shares,
+    })
+}
+
+/// One sample of every deployment.
+async fn sample(s: &Server, splits: &mut Option<Splits>) -> Result<(), crate::api::ApiErr> {
+    let now = crate::now_ms();
+    let index = *s.index.borrow();
+    let fresh = splits
+        .as_ref()
+        .is_some_and(|c| c.index == index && now.saturating_sub(c.at_ms) < SPLITS_MAX_AGE_MS);
+    if !fresh {
+        *splits = Some(read_splits(s, index, now).await?);
+    }
+    let Some(splits) = splits.as_ref() else {
+        return Ok(());
+    };
+    let all = s.traffic.lock().map(|t| t.all()).unwrap_or_default();
+    let mut series = s.series.lock().unwrap_or_else(|p| p.into_inner());
+    for ((app, env), shares) in &splits.shares {
         let totals: BTreeMap<String, Window> = all
             .iter()
-            .filter(|((a, e, _), _)| *a == d.app && *e == d.env)
+            .filter(|((a, e, _), _)| a == app && e == env)
             .map(|((_, _, r), w)| (r.clone(), w.clone()))
             .collect();
-        rows.push((d.app.clone(), d.env.clone(), totals, shares));
+        series.record(app, env, now, totals, shares);
     }
-    let mut series = s.series.lock().unwrap_or_else(|p| p.into_inner());
-    for (app, env, totals, shares) in rows {
-        series.record(&app, &env, now, totals, &shares);
-    }
-    series.retain(|a, e| deployments.iter().any(|d| d.app == a && d.env == e));
+    series.retain(|a, e| {
+        splits
+            .shares
+            .iter()
+            .any(|((app, env), _)| app == a && env == e)
+    });
     Ok(())
 }
 
