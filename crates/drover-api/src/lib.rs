@@ -14,6 +14,8 @@
 #![forbid(unsafe_code)]
 
 use serde::{Deserialize, Serialize};
+pub mod metrics;
+
 use std::collections::BTreeMap;
 
 /// Latency histogram bucket upper bounds in milliseconds, shared by the proxy

@@ -59,6 +59,9 @@ pub struct ProxyConfig {
     pub labels: std::collections::BTreeMap<String, String>,
     /// The join token (role `node`) sent with every request to the server.
     pub token: Option<String>,
+    /// Where to serve `GET /metrics` (per-release traffic of this proxy, in
+    /// the Prometheus text format); None: nowhere.
+    pub metrics_addr: Option<String>,
 }
 
 impl Default for ProxyConfig {
@@ -71,6 +74,7 @@ impl Default for ProxyConfig {
             grace_period_secs: 5,
             labels: Default::default(),
             token: None,
+            metrics_addr: None,
         }
     }
 }
@@ -127,6 +131,9 @@ pub fn run(config: ProxyConfig) -> anyhow::Result<()> {
         labels: config.labels.clone(),
         ..ProxyState::new(config.name.clone())
     });
+    if let Some(addr) = &config.metrics_addr {
+        serve_metrics(addr, state.clone())?;
+    }
     start_control_loop(server_url.clone(), config.token.clone(), state.clone())?;
 
     // Give the poller a moment, so the first requests see real routes.
@@ -155,6 +162,53 @@ pub fn run(config: ProxyConfig) -> anyhow::Result<()> {
         "drover proxy starting"
     );
     server.run_forever()
+}
+
+/// Serves `GET /metrics` on `addr` from a thread of its own: this proxy's
+/// per-release counters as `drover_proxy_release_*` series.
+pub fn serve_metrics(addr: &str, state: Arc<ProxyState>) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("drover-proxy-metrics")
+        .build()
+        .context("building the metrics runtime")?;
+    std::thread::Builder::new()
+        .name("drover-proxy-metrics".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let app = axum::Router::new().route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let state = state.clone();
+                        async move {
+                            (
+                                [(
+                                    http::header::CONTENT_TYPE,
+                                    drover_api::metrics::CONTENT_TYPE,
+                                )],
+                                drover_api::metrics::encode_release_traffic(
+                                    "drover_proxy_release",
+                                    state.stats.snapshot(),
+                                ),
+                            )
+                        }
+                    }),
+                );
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => {
+                        if let Err(e) = axum::serve(l, app).await {
+                            tracing::error!(error = %e, "metrics listener stopped");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "metrics listener"),
+                }
+            });
+        })
+        .context("spawning the metrics thread")?;
+    Ok(())
 }
 
 /// Starts the route poller and the reporter on a dedicated thread with a

@@ -153,6 +153,10 @@ enum Cmd {
         /// with `nodes = { region = "eu" }` sends its users to the new release.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Serve GET /metrics (this proxy's per-release traffic, Prometheus
+        /// text format) on this address, e.g. 127.0.0.1:9101.
+        #[arg(long)]
+        metrics_addr: Option<String>,
         #[command(flatten)]
         join: JoinArg,
     },
@@ -532,6 +536,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads,
             grace,
             labels,
+            metrics_addr,
             join,
         } => {
             let token = Some(join.token()?);
@@ -544,6 +549,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 grace_period_secs: grace,
                 labels: labels.into_iter().collect(),
                 token,
+                metrics_addr,
             })
         }
         Cmd::Tokens {

@@ -392,7 +392,7 @@ fn a_partial_deployment_by_node_label_runs_on_those_nodes_and_serves_the_users_o
     c.cli_ok(&["apps", "add", &repo.path.to_string_lossy()]);
     c.cli_ok(&["deploy", "web", "--wait"]);
     // The cluster's proxy has no labels; this one is the EU edge.
-    let (_eu, eu_addr) = c.spawn_proxy("proxy-eu", &["region=eu"]);
+    let (_eu, eu_addr) = c.spawn_proxy("proxy-eu", &["region=eu"], &[]);
     c.wait_until("the EU proxy serves", Duration::from_secs(30), |_| {
         raw_get(&eu_addr, "web.localhost", "/").is_ok_and(|(h, _)| h.starts_with("HTTP/1.1 200"))
     });

@@ -29,7 +29,11 @@ fn prom_spec(prometheus: &str) -> String {
 fn prometheus_queries_judge_the_canary_a_bad_one_is_rolled_back_a_good_one_passes() {
     let _g = serial();
     let c = Cluster::start(3);
-    // Prometheus scrapes with a token of its own that can only read.
+    // A proxy that serves its own /metrics.
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let (_p2, p2_addr) = c.spawn_proxy("proxy-2", &[], &["--metrics-addr", &metrics_addr]);
+    // Prometheus scrapes the server and that proxy, with a token of its own
+    // that can only read.
     let token = c.cli_ok(&[
         "tokens",
         "create",
@@ -38,7 +42,7 @@ fn prometheus_queries_judge_the_canary_a_bad_one_is_rolled_back_a_good_one_passe
         "--role",
         "viewer",
     ]);
-    let prom = Prometheus::start(&[&c.api_addr], token.trim());
+    let prom = Prometheus::start(&[&c.api_addr, &metrics_addr], token.trim());
     let sp = prom_spec(&prom.url);
     let repo = Repo::create(c.dir.path(), &sp, &Behavior::ok("v1"));
     c.cli_ok(&["apps", "add", &repo.path.to_string_lossy()]);
@@ -65,6 +69,22 @@ fn prometheus_queries_judge_the_canary_a_bad_one_is_rolled_back_a_good_one_passe
     let buckets =
         prom.query("drover_release_request_duration_seconds_bucket{release=\"r1\",le=\"+Inf\"}");
     assert_eq!(buckets.as_array().map(Vec::len), Some(1), "{buckets}");
+    // The proxy's own series, parsed by Prometheus: exactly the requests
+    // sent through it.
+    for _ in 0..25 {
+        let (head, _) = raw_get(&p2_addr, "web.localhost", "/").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    c.wait_until(
+        "Prometheus has the proxy's 25 requests",
+        Duration::from_secs(30),
+        |_| {
+            let r = prom.query("drover_proxy_release_requests_total{app=\"web\",release=\"r1\"}");
+            r[0]["value"][1].as_str() == Some("25")
+        },
+    );
+    let count = prom.query("drover_proxy_release_request_duration_seconds_count{release=\"r1\"}");
+    assert_eq!(count[0]["value"][1].as_str(), Some("25"), "{count}");
 
     // r2 answers 5% of requests with 500: the query's ratio fails the step.
     repo.commit(

@@ -201,9 +201,9 @@ impl Cluster {
         )
     }
 
-    /// Another proxy of this cluster, with labels ("key=value" each);
-    /// returns it and its listen address.
-    pub fn spawn_proxy(&self, name: &str, labels: &[&str]) -> (Proc, String) {
+    /// Another proxy of this cluster, with labels ("key=value" each) and
+    /// extra flags; returns it and its listen address.
+    pub fn spawn_proxy(&self, name: &str, labels: &[&str], extra: &[&str]) -> (Proc, String) {
         let addr = format!("127.0.0.1:{}", free_port());
         let mut args = vec![
             "proxy", "--server", &self.api, "--listen", &addr, "--name", name, "--grace", "1",
@@ -211,6 +211,7 @@ impl Cluster {
         for l in labels {
             args.extend(["--label", l]);
         }
+        args.extend(extra);
         let p = spawn_role_env(
             self.dir.path(),
             name,
