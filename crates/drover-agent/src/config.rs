@@ -20,6 +20,8 @@ pub struct AgentConfig {
     pub port_range: (u16, u16),
     /// The join token (role `node`) sent with every request to the server.
     pub token: Option<String>,
+    /// Where to serve `GET /metrics` (this node's instances); None: nowhere.
+    pub metrics_addr: Option<String>,
 }
 
 impl AgentConfig {
@@ -34,6 +36,7 @@ impl AgentConfig {
             advertise_host: DEFAULT_ADVERTISE_HOST.to_string(),
             port_range: DEFAULT_PORT_RANGE,
             token: None,
+            metrics_addr: None,
         }
     }
 }

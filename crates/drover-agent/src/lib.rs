@@ -21,6 +21,7 @@ pub mod config;
 pub mod health;
 pub mod logs;
 pub mod logship;
+pub mod metrics;
 pub mod ports;
 pub mod process;
 pub mod session;
@@ -62,6 +63,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     )?);
     tracing::info!(node = %config.node, server = %config.server,
         data_dir = %config.data_dir.display(), "agent started");
+    let metrics = match &config.metrics_addr {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+            Some(tokio::spawn(metrics::serve(l, sup.clone())))
+        }
+        None => None,
+    };
     let request = drover_api::RegisterRequest {
         node: config.node.clone(),
         labels: config.labels.clone(),
@@ -80,6 +90,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         let _ = poll.await;
         let _ = report.await;
         let _ = ship.await;
+    }
+    if let Some(m) = metrics {
+        m.abort();
+        let _ = m.await;
     }
     match Arc::try_unwrap(sup) {
         Ok(sup) => sup.detach().await,

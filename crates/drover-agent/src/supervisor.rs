@@ -406,6 +406,24 @@ impl Supervisor {
             .collect()
     }
 
+    /// (app, release, instance, state, restarts) of every known instance,
+    /// for `/metrics`.
+    pub fn metric_rows(&self) -> Vec<(String, String, String, InstanceState, u32)> {
+        let b = self.shared.book();
+        b.instances
+            .values()
+            .map(|e| {
+                (
+                    e.rec.assignment.app.clone(),
+                    e.rec.assignment.release.clone(),
+                    e.rec.instance.clone(),
+                    e.status.state,
+                    e.rec.restarts,
+                )
+            })
+            .collect()
+    }
+
     /// Ticks whenever an instance changes state (for prompt reports).
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.shared.changed.subscribe()

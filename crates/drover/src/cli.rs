@@ -133,6 +133,10 @@ enum Cmd {
         /// Ports handed to instances, e.g. 20000-29999.
         #[arg(long, default_value = "20000-29999", value_parser = parse_range)]
         ports: (u16, u16),
+        /// Serve GET /metrics (this node's instances by app, release and
+        /// state, Prometheus text format) on this address.
+        #[arg(long)]
+        metrics_addr: Option<String>,
         #[command(flatten)]
         join: JoinArg,
     },
@@ -515,11 +519,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             labels,
             advertise_host,
             ports,
+            metrics_addr,
             join,
         } => {
             init_logs();
             let mut cfg = drover_agent::AgentConfig::new(s.server, name, data_dir);
             cfg.token = Some(join.token()?);
+            cfg.metrics_addr = metrics_addr;
             cfg.labels = labels.into_iter().collect::<BTreeMap<_, _>>();
             cfg.advertise_host = advertise_host;
             cfg.port_range = ports;

@@ -42,7 +42,10 @@ fn prometheus_queries_judge_the_canary_a_bad_one_is_rolled_back_a_good_one_passe
         "--role",
         "viewer",
     ]);
-    let prom = Prometheus::start(&[&c.api_addr, &metrics_addr], token.trim());
+    let agents: Vec<String> = (1..=3).map(|i| c.agent_metrics_addr(i)).collect();
+    let mut targets = vec![c.api_addr.as_str(), metrics_addr.as_str()];
+    targets.extend(agents.iter().map(String::as_str));
+    let prom = Prometheus::start(&targets, token.trim());
     let sp = prom_spec(&prom.url);
     let repo = Repo::create(c.dir.path(), &sp, &Behavior::ok("v1"));
     c.cli_ok(&["apps", "add", &repo.path.to_string_lossy()]);
@@ -85,6 +88,16 @@ fn prometheus_queries_judge_the_canary_a_bad_one_is_rolled_back_a_good_one_passe
     );
     let count = prom.query("drover_proxy_release_request_duration_seconds_count{release=\"r1\"}");
     assert_eq!(count[0]["value"][1].as_str(), Some("25"), "{count}");
+    // The agents' series: the three healthy instances of r1.
+    c.wait_until(
+        "Prometheus has the agents' instances",
+        Duration::from_secs(30),
+        |_| {
+            let r = prom
+                .query("sum(drover_agent_instances{app=\"web\",release=\"r1\",state=\"healthy\"})");
+            r[0]["value"][1].as_str() == Some("3")
+        },
+    );
 
     // r2 answers 5% of requests with 500: the query's ratio fails the step.
     repo.commit(

@@ -187,7 +187,9 @@ impl Cluster {
             "--data-dir".into(),
             self.agent_dir(i).to_string_lossy().into_owned(),
             "--ports".into(),
-            format!("{base}-{}", base + 99),
+            format!("{base}-{}", base + 98),
+            "--metrics-addr".into(),
+            self.agent_metrics_addr(i),
         ];
         for l in self.labels.get(i as usize - 1).into_iter().flatten() {
             args.extend(["--label".to_string(), l.clone()]);
@@ -219,6 +221,11 @@ impl Cluster {
             &[("DROVER_JOIN_TOKEN", &self.join_token)],
         );
         (p, addr)
+    }
+
+    /// Where agent `i` serves its /metrics.
+    pub fn agent_metrics_addr(&self, i: u32) -> String {
+        format!("127.0.0.1:{}", self.port_base + (i as u16 - 1) * 100 + 99)
     }
 
     pub fn agent_dir(&self, i: u32) -> PathBuf {
