@@ -568,7 +568,12 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
         let max_surge = ctx.count(&d.max_surge, "deploy.max_surge", 1, 0, 1000)?;
         let max_unavailable =
             ctx.count(&d.max_unavailable, "deploy.max_unavailable", 0, 0, 1000)?;
-        if strategy == Strategy::Rolling && max_surge == 0 && max_unavailable == 0 {
+        // Canary and partial finish (and roll back) by the rolling rules too.
+        let replaces_rolling = matches!(
+            strategy,
+            Strategy::Rolling | Strategy::Canary | Strategy::Partial
+        );
+        if replaces_rolling && max_surge == 0 && max_unavailable == 0 {
             let span = d
                 .max_surge
                 .as_ref()
@@ -1129,6 +1134,13 @@ max_unavailable = 0
         assert_eq!(e.field, "deploy.partial", "two segments: {e}");
         let e = err(&GOOD.replace("\"rolling\"", "\"canary\""));
         assert_eq!(e.field, "deploy.steps", "a canary without steps");
+        // A canary finishes and rolls back by the rolling rules: with
+        // neither surge nor unavailability it could never replace the rest.
+        let stuck = GOOD
+            .replace("\"rolling\"", "\"canary\"")
+            .replace("max_surge = 1", "max_surge = 0\nsteps = [{ weight = 50 }]");
+        assert!(stuck.contains("max_unavailable = 0"), "{stuck}");
+        assert_eq!(err(&stuck).field, "deploy.max_surge");
     }
 
     #[test]

