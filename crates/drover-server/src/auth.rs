@@ -19,6 +19,7 @@
 use crate::api::ApiErr;
 use crate::{now_ms, Server};
 use axum::extract::{Request, State};
+use axum::http::Method;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::MethodRouter;
@@ -217,7 +218,14 @@ async fn check(
         )));
     };
     let caller = authenticate(&*server.store, &token, now_ms()).await?;
+    // The audit trail: every call that may change something, by whom, and
+    // how it ended (agents' and proxies' own calls aside).
+    let audited = !matches!(*req.method(), Method::GET | Method::HEAD) && need != Need::Node;
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
     if !caller.role.allows(need) {
+        if audited {
+            audit(&server, &caller, &method, &path, "refused: role too low").await;
+        }
         return Err(ApiErr::Forbidden(format!(
             "token {} ({}) has role {}; this needs {}",
             caller.token_id,
@@ -226,8 +234,32 @@ async fn check(
             need.role_name()
         )));
     }
-    req.extensions_mut().insert(caller);
-    Ok(next.run(req).await)
+    req.extensions_mut().insert(caller.clone());
+    let resp = next.run(req).await;
+    if audited {
+        let outcome = resp.status().to_string();
+        audit(&server, &caller, &method, &path, &outcome).await;
+    }
+    Ok(resp)
+}
+
+/// Records an `audit` event: who called what, and the outcome. A failure
+/// to record is logged; the call itself has happened.
+async fn audit(server: &Server, caller: &Caller, method: &Method, path: &str, outcome: &str) {
+    let app = path
+        .strip_prefix("/v1/apps/")
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(app, _)| app);
+    let path: String = path.chars().take(200).collect();
+    let msg = format!(
+        "{} ({}, token {}) {method} {path} → {outcome}",
+        caller.name,
+        caller.role.as_str(),
+        caller.token_id
+    );
+    if let Err(e) = server.store.add_event(app, "audit", &msg, now_ms()).await {
+        tracing::warn!(error = %e, "cannot record the audit event: {msg}");
+    }
 }
 
 /// The API router, where every route states the role it needs.

@@ -193,7 +193,20 @@ fn tokens_and_roles_decide_who_may_do_what() {
         "the refusal page escapes what it shows"
     );
 
-    // Who did what is recorded.
-    let events = c.api_get("/v1/events").unwrap().to_string();
+    // Who did what is recorded: token changes, and every call that may
+    // change something, allowed or refused, with its outcome.
+    let events = c.api_get("/v1/events?limit=1000").unwrap().to_string();
     assert!(events.contains("revoked by bootstrap-admin"), "{events}");
+    let deployer_id = deployer.split('_').nth(1).unwrap();
+    for line in [
+        format!("ci (deployer, token {deployer_id}) POST /v1/apps/web/deploy → 200 OK"),
+        format!("ci (deployer, token {deployer_id}) POST /v1/apps → refused: role too low"),
+        format!(
+            "dash (viewer, token {viewer_id}) POST /v1/apps/web/deploy → refused: role too low"
+        ),
+    ] {
+        assert!(events.contains(&line), "{line} not in {events}");
+    }
+    let out = c.cli_ok(&["events", "--app", "web"]);
+    assert!(out.contains("audit ci (deployer"), "{out}");
 }
