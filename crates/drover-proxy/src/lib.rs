@@ -131,10 +131,22 @@ pub fn run(config: ProxyConfig) -> anyhow::Result<()> {
         labels: config.labels.clone(),
         ..ProxyState::new(config.name.clone())
     });
-    if let Some(addr) = &config.metrics_addr {
-        serve_metrics(addr, state.clone())?;
-    }
-    start_control_loop(server_url.clone(), config.token.clone(), state.clone())?;
+    // Bound here, so a bad address fails the start.
+    let metrics = match &config.metrics_addr {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+        None => None,
+    };
+    start_control_loop(
+        server_url.clone(),
+        config.token.clone(),
+        state.clone(),
+        metrics,
+    )?;
 
     // Give the poller a moment, so the first requests see real routes.
     let deadline = Instant::now() + FIRST_TABLE_WAIT;
@@ -164,59 +176,44 @@ pub fn run(config: ProxyConfig) -> anyhow::Result<()> {
     server.run_forever()
 }
 
-/// Serves `GET /metrics` on `addr` from a thread of its own: this proxy's
-/// per-release counters as `drover_proxy_release_*` series.
-pub fn serve_metrics(addr: &str, state: Arc<ProxyState>) -> anyhow::Result<()> {
-    let listener = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
-    listener.set_nonblocking(true)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .thread_name("drover-proxy-metrics")
-        .build()
-        .context("building the metrics runtime")?;
-    std::thread::Builder::new()
-        .name("drover-proxy-metrics".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let app = axum::Router::new().route(
-                    "/metrics",
-                    axum::routing::get(move || {
-                        let state = state.clone();
-                        async move {
-                            (
-                                [(
-                                    http::header::CONTENT_TYPE,
-                                    drover_api::metrics::CONTENT_TYPE,
-                                )],
-                                drover_api::metrics::encode_release_traffic(
-                                    "drover_proxy_release",
-                                    state.stats.snapshot(),
-                                ),
-                            )
-                        }
-                    }),
-                );
-                match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => {
-                        if let Err(e) = axum::serve(l, app).await {
-                            tracing::error!(error = %e, "metrics listener stopped");
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %e, "metrics listener"),
-                }
-            });
-        })
-        .context("spawning the metrics thread")?;
-    Ok(())
+/// Serves `GET /metrics` on `listener`: this proxy's per-release counters
+/// as `drover_proxy_release_*` series.
+async fn serve_metrics(listener: std::net::TcpListener, state: Arc<ProxyState>) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let state = state.clone();
+            async move {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        drover_api::metrics::CONTENT_TYPE,
+                    )],
+                    drover_api::metrics::encode_release_traffic(
+                        "drover_proxy_release",
+                        state.stats.snapshot(),
+                    ),
+                )
+            }
+        }),
+    );
+    let served = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => axum::serve(l, app).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = served {
+        tracing::error!(error = %e, "metrics listener stopped");
+    }
 }
 
-/// Starts the route poller and the reporter on a dedicated thread with a
-/// small tokio runtime of its own (pingora's runtimes are its business).
+/// Starts the route poller, the reporter and (given a listener) the
+/// `/metrics` endpoint on a dedicated thread with a small tokio runtime of
+/// its own (pingora's runtimes are its business).
 pub fn start_control_loop(
     server: String,
     token: Option<String>,
     state: Arc<ProxyState>,
+    metrics: Option<std::net::TcpListener>,
 ) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .default_headers(drover_api::bearer_headers(token.as_deref()))
@@ -233,6 +230,9 @@ pub fn start_control_loop(
         .name("drover-proxy-control".into())
         .spawn(move || {
             runtime.block_on(async move {
+                if let Some(l) = metrics {
+                    tokio::spawn(serve_metrics(l, state.clone()));
+                }
                 tokio::join!(
                     poller::run(client.clone(), server.clone(), state.clone()),
                     reporter::run(client, server, state),

@@ -858,9 +858,10 @@ async fn run(State(s): S, Path(id): Path<i64>) -> R<api::RunInfo> {
     Ok(Json(pipeline::run_info(&s.store.get_run(id).await?)))
 }
 
+/// `?offset=N`: where in a run's log to go on from.
 #[derive(Deserialize)]
-struct OffsetQuery {
-    offset: Option<u64>,
+pub struct OffsetQuery {
+    pub offset: Option<u64>,
 }
 
 /// The run's log from byte `offset` (for `drover logs --run ID --follow`).
@@ -870,9 +871,9 @@ async fn run_log(
     Query(q): Query<OffsetQuery>,
 ) -> Result<Response, ApiErr> {
     s.store.get_run(id).await?;
-    let bytes = std::fs::read(pipeline::run_log_path(&s.data_dir, id)).unwrap_or_default();
-    let from = (q.offset.unwrap_or(0) as usize).min(bytes.len());
-    let text = String::from_utf8_lossy(&bytes[from..]).into_owned();
+    let (bytes, len) =
+        pipeline::read_run_log(&s.data_dir, id, q.offset.unwrap_or(0), u64::MAX).await;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
     Ok((
         [
             (
@@ -881,7 +882,7 @@ async fn run_log(
             ),
             (
                 header::HeaderName::from_static("x-drover-log-size"),
-                bytes.len().to_string(),
+                len.to_string(),
             ),
         ],
         text,

@@ -704,10 +704,11 @@ impl Engine {
         };
         // The planner counts the analysis deadline from when measuring began.
         let mut rollout = rollout;
-        if let Some(cp) = rollout.as_mut().and_then(|r| r.canary.as_mut()) {
-            if window_since.is_some() {
-                cp.window_started_at = window_since;
-            }
+        if let (Some(since), Some(cp)) = (
+            window_since,
+            rollout.as_mut().and_then(|r| r.canary.as_mut()),
+        ) {
+            cp.window_started_at = Some(since);
         }
         let p = plan(&PlanInput {
             settings: &spec.deploy,

@@ -188,6 +188,35 @@ pub fn run_log_path(data_dir: &Path, run_id: i64) -> PathBuf {
     data_dir.join("logs").join(format!("run-{run_id}.log"))
 }
 
+/// Up to `max` bytes of a run's log from byte `from`, cut before a UTF-8
+/// character that is not complete yet; and the log's length (0 before the
+/// log exists).
+/// The length of a run's log (0 before it exists).
+pub async fn run_log_len(data_dir: &Path, id: i64) -> u64 {
+    tokio::fs::metadata(run_log_path(data_dir, id))
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+pub async fn read_run_log(data_dir: &Path, id: i64, from: u64, max: u64) -> (Vec<u8>, u64) {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let Ok(mut f) = tokio::fs::File::open(run_log_path(data_dir, id)).await else {
+        return (Vec::new(), 0);
+    };
+    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let mut buf = Vec::new();
+    if from < len && f.seek(std::io::SeekFrom::Start(from)).await.is_ok() {
+        let _ = f.take(max).read_to_end(&mut buf).await;
+    }
+    if let Err(e) = std::str::from_utf8(&buf) {
+        if e.error_len().is_none() {
+            buf.truncate(e.valid_up_to());
+        }
+    }
+    (buf, len)
+}
+
 /// A run in progress: its record, steps and log.
 struct Running {
     server: Arc<Server>,

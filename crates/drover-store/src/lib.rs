@@ -205,9 +205,6 @@ pub trait Store: Send + Sync + 'static {
     async fn get_deployment(&self, app: &str, env: &str) -> Result<Option<DeploymentRecord>>;
     /// Every environment of every app that ever had a rollout.
     async fn list_deployments(&self) -> Result<Vec<DeploymentRecord>>;
-    /// Makes `live` the live release of (app, env); the one before becomes
-    /// the rollback target.
-    async fn set_live_release(&self, app: &str, env: &str, live: &str) -> Result<()>;
     async fn set_polled_commit(&self, app: &str, commit: &str) -> Result<()>;
 
     /// Inserts a run (its `id` is assigned). Conflict when the webhook
@@ -241,8 +238,9 @@ pub trait Store: Send + Sync + 'static {
     async fn create_rollout(&self, rollout: &Rollout, now: Millis) -> Result<Rollout>;
     async fn update_rollout(&self, rollout: &Rollout, now: Millis) -> Result<()>;
     /// Records a rollout that just succeeded and makes its target the live
-    /// release of its environment, in one transaction (a crash cannot leave
-    /// one without the other).
+    /// release of its environment (the one before becomes the rollback
+    /// target), in one transaction: a crash cannot leave one without the
+    /// other.
     async fn complete_rollout(&self, rollout: &Rollout, now: Millis) -> Result<()>;
     async fn latest_rollout(&self, app: &str, env: &str) -> Result<Option<Rollout>>;
 

@@ -242,16 +242,6 @@ impl Store for SqliteStore {
         Ok(rows.iter().map(deployment_from_row).collect())
     }
 
-    async fn set_live_release(&self, app: &str, env: &str, live: &str) -> Result<()> {
-        sqlx::query(SET_LIVE)
-            .bind(live)
-            .bind(app)
-            .bind(env)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     async fn create_release(
         &self,
         app: &str,

@@ -23,6 +23,17 @@ fn app(name: &str) -> AppRecord {
     }
 }
 
+/// Makes `release` live in (app, env) the way the engine does: a rollout
+/// that succeeds.
+async fn make_live(s: &SqliteStore, app: &str, env: &str, release: &str) {
+    let mut r = s
+        .create_rollout(&Rollout::new(app, env, None, release, 1), 1)
+        .await
+        .unwrap();
+    r.state = RolloutState::Succeeded;
+    s.complete_rollout(&r, 2).await.unwrap();
+}
+
 fn rollout() -> Rollout {
     Rollout::new("a", "", None, "r1", 1)
 }
@@ -57,8 +68,8 @@ async fn releases_are_numbered_per_app_and_live_release_remembers_the_previous()
         .await
         .unwrap();
     assert_eq!((r1.name(), r2.name()), ("r1".to_string(), "r2".to_string()));
-    s.set_live_release("a", "", "r1").await.unwrap();
-    s.set_live_release("a", "", "r2").await.unwrap();
+    make_live(&s, "a", "", "r1").await;
+    make_live(&s, "a", "", "r2").await;
     let d = s.get_deployment("a", "").await.unwrap().unwrap();
     assert_eq!(
         (d.live_release.as_deref(), d.prev_release.as_deref()),
@@ -81,8 +92,8 @@ async fn each_environment_has_its_own_live_release_and_rollouts() {
             .live_release,
         None
     );
-    s.set_live_release("a", "staging", "r2").await.unwrap();
-    s.set_live_release("a", "production", "r1").await.unwrap();
+    make_live(&s, "a", "staging", "r2").await;
+    make_live(&s, "a", "production", "r1").await;
     let all = s.list_deployments().await.unwrap();
     let live: Vec<_> = all
         .iter()
@@ -374,7 +385,7 @@ async fn tokens_are_stored_by_id_listed_and_revoked_once() {
 async fn completing_a_rollout_makes_its_target_live_in_the_same_write() {
     let (_d, s) = open().await;
     s.insert_app(&app("a")).await.unwrap();
-    s.set_live_release("a", "", "r1").await.unwrap();
+    make_live(&s, "a", "", "r1").await;
     let mut r = s
         .create_rollout(&Rollout::new("a", "", Some("r1".into()), "r2", 1), 1)
         .await

@@ -799,7 +799,7 @@ impl<'a> Sim<'a> {
     }
 }
 
-/// drover-store's `set_live_release`: the previous live release becomes the
+/// drover-store's `complete_rollout`: the previous live release becomes the
 /// default rollback target.
 fn set_live(store: &mut Store, to: String) {
     if store.live.as_ref().is_some_and(|l| *l != to) {

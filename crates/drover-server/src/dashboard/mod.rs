@@ -30,7 +30,6 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use serde::Deserialize;
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -364,9 +363,10 @@ async fn run_page(State(s): S, Path(id): Path<i64>, Extension(who): Who) -> Resp
         &who,
         async {
             let (info, run) = run_slot(&s, id).await?;
-            let (_, len) = read_log(&s, id, 0, 0).await;
-            let from = len.saturating_sub(LOG_FIRST);
-            let (bytes, _) = read_log(&s, id, from, LOG_FIRST).await;
+            let from = pipeline::run_log_len(&s.data_dir, id)
+                .await
+                .saturating_sub(LOG_FIRST);
+            let (bytes, _) = pipeline::read_run_log(&s.data_dir, id, from, LOG_FIRST).await;
             let shown = from + bytes.len() as u64;
             render(&RunPage {
                 title: format!("Run {id} of {}", info.app),
@@ -398,27 +398,6 @@ async fn nodes_page(State(s): S, Extension(who): Who) -> Response {
         }
         .await,
     )
-}
-
-/// Up to `max` bytes of a run's log from byte `from`, cut before a UTF-8
-/// character that is not complete yet; and the log's length (0 before the
-/// log exists).
-async fn read_log(s: &Server, id: i64, from: u64, max: u64) -> (Vec<u8>, u64) {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let Ok(mut f) = tokio::fs::File::open(pipeline::run_log_path(&s.data_dir, id)).await else {
-        return (Vec::new(), 0);
-    };
-    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-    let mut buf = Vec::new();
-    if from < len && f.seek(std::io::SeekFrom::Start(from)).await.is_ok() {
-        let _ = f.take(max).read_to_end(&mut buf).await;
-    }
-    if let Err(e) = std::str::from_utf8(&buf) {
-        if e.error_len().is_none() {
-            buf.truncate(e.valid_up_to());
-        }
-    }
-    (buf, len)
 }
 
 async fn css() -> Response {
@@ -453,15 +432,10 @@ async fn app_events(State(s): S, Path(app): Path<String>, Extension(who): Who) -
     events(s, Page::App(app), who, None).await
 }
 
-#[derive(Deserialize)]
-struct LogFrom {
-    offset: Option<u64>,
-}
-
 async fn run_events(
     State(s): S,
     Path(id): Path<i64>,
-    Query(q): Query<LogFrom>,
+    Query(q): Query<crate::api::OffsetQuery>,
     Extension(who): Who,
     headers: HeaderMap,
 ) -> Response {
@@ -473,7 +447,7 @@ async fn run_events(
         .and_then(|v| v.parse().ok());
     let from = match resumed.or(q.offset) {
         Some(o) => o,
-        None => read_log(&s, id, 0, 0).await.1,
+        None => pipeline::run_log_len(&s.data_dir, id).await,
     };
     events(s, Page::Run(id), who, Some(from)).await
 }
@@ -622,7 +596,8 @@ impl Stream {
             // LOG_PER_REFRESH now (the rest follows at the next refresh).
             let mut at = offset;
             while at < offset + LOG_PER_REFRESH {
-                let (bytes, len) = read_log(&self.s, *id, at, LOG_CHUNK).await;
+                let (bytes, len) =
+                    pipeline::read_run_log(&self.s.data_dir, *id, at, LOG_CHUNK).await;
                 if bytes.is_empty() {
                     // Nothing new (or the log shrank: go on from its end).
                     at = at.min(len);

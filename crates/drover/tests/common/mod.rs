@@ -825,16 +825,7 @@ impl Prometheus {
 
     /// The `data.result` of an instant query.
     pub fn query(&self, promql: &str) -> Value {
-        let enc: String = promql
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
+        let enc = drover_api::encode_query(promql);
         let body = http_get(&self.url, &format!("/api/v1/query?query={enc}"))
             .unwrap_or_else(|e| panic!("prometheus query {promql}: {e}"));
         let v: Value = serde_json::from_str(&body).unwrap();
