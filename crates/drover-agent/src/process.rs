@@ -105,6 +105,8 @@ pub struct SpawnSpec<'a> {
     pub dir: &'a Path,
     pub env: &'a BTreeMap<String, String>,
     pub port: u16,
+    /// The address the app should listen on (`HOST`).
+    pub host: &'a str,
     pub app: &'a str,
     pub release: &'a str,
     pub instance: &'a str,
@@ -130,6 +132,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<Spawned> {
         .current_dir(spec.dir)
         .envs(spec.env)
         .env("PORT", spec.port.to_string())
+        .env("HOST", spec.host)
         .env("DROVER_APP", spec.app)
         .env("DROVER_RELEASE", spec.release)
         .env("DROVER_INSTANCE", spec.instance)

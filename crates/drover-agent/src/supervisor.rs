@@ -43,6 +43,21 @@ const AFTER_KILL_WAIT: Duration = Duration::from_secs(10);
 
 /// Delay before the restart that follows `streak` consecutive crashes
 /// (0 → 500 ms, 1 → 1 s, 2 → 2 s, … capped at 30 s).
+/// What an app should listen on (its `HOST`): loopback when the proxies
+/// reach it there (one machine), every interface when the agent advertises
+/// another address (proxies on other hosts); health checks use 127.0.0.1.
+pub fn bind_host(advertise_host: &str) -> &'static str {
+    let loopback = advertise_host == "localhost"
+        || advertise_host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        "127.0.0.1"
+    } else {
+        "0.0.0.0"
+    }
+}
+
 pub fn restart_backoff(streak: u32) -> Duration {
     BACKOFF_BASE
         .saturating_mul(1u32 << streak.min(16))
@@ -735,6 +750,7 @@ impl InstanceTask {
             dir: &dir,
             env: &a.run.env,
             port,
+            host: bind_host(&self.shared.cfg.advertise_host),
             app: &a.app,
             release: &a.release,
             instance: &a.instance,

@@ -19,7 +19,14 @@
 //!   `instances - max_unavailable` serving;
 //! - only healthy instances are routed;
 //! - an instance is stopped only after it drained (out of routing, nothing in flight);
-//! - a rollout in a final state places nothing and retires nothing.
+//! - a rollout in a final state places nothing and retires nothing (but
+//!   for the steady-state rules below, and not even those after a failure).
+//!
+//! A node whose lease ran out is *lost*: whatever should run there is
+//! retired at once (out of routing; the agent stops it when it comes back)
+//! and no longer counts as alive, so the strategy — or, with no rollout
+//! active, the steady state — places replacements on ready nodes. In the
+//! steady state the live release is kept at `instances` placed instances.
 //!
 //! Canary: during its steps no old instance is retired and at most
 //! `ceil(instances × weight%)` new ones run beside them (so up to
@@ -33,7 +40,7 @@
 use crate::analysis::Verdict;
 use crate::duration::format_ms;
 use crate::model::*;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,9 +96,21 @@ pub struct Plan {
 pub fn plan(input: &PlanInput<'_>) -> Plan {
     let mut p = Planner::new(input);
     let Some(rollout) = input.rollout.filter(|r| !r.state.is_final()) else {
-        // Steady state: keep the live release's healthy instances routed.
+        // Steady state: keep the live release's healthy instances routed
+        // and as many placed as it should have (replacing a lost node's).
         if let Some(live) = input.live {
             p.route_healthy(live);
+            // A rollout that failed in place (no rollback, or the rollback
+            // failed too) is left as it is for the operator.
+            let failed = input
+                .rollout
+                .is_some_and(|r| r.state == RolloutState::Failed);
+            if !failed {
+                let s = input.settings;
+                let missing = s.instances.saturating_sub(p.running_of(live));
+                let room = (s.instances + s.max_surge).saturating_sub(p.alive_count());
+                p.place(live, missing.min(room));
+            }
         }
         return p.finish(None);
     };
@@ -151,6 +170,8 @@ struct Planner<'a> {
     housekeeping: Vec<Action>,
     actions: Vec<Action>,
     placed: Vec<(String, String)>,
+    /// Nodes whose lease ran out.
+    lost: BTreeSet<String>,
 }
 
 impl<'a> Planner<'a> {
@@ -166,6 +187,12 @@ impl<'a> Planner<'a> {
             housekeeping: Vec::new(),
             actions: Vec::new(),
             placed: Vec::new(),
+            lost: input
+                .nodes
+                .iter()
+                .filter(|n| !n.ready)
+                .map(|n| n.name.clone())
+                .collect(),
         };
         p.housekeeping();
         p.after_housekeeping = p.inst.clone();
@@ -181,6 +208,17 @@ impl<'a> Planner<'a> {
         let ids: Vec<String> = self.inst.keys().cloned().collect();
         for id in ids {
             let i = &self.inst[&id];
+            if i.desired == Desired::Run && self.lost.contains(&i.node) {
+                self.housekeeping.push(Action::Retire {
+                    instance: id.clone(),
+                });
+                let i = self.inst.get_mut(&id).expect("present");
+                i.routed = false;
+                i.desired = Desired::Drain {
+                    since: self.input.now,
+                };
+                continue;
+            }
             match (i.desired, i.health) {
                 (Desired::Stop, Health::Stopped) => {
                     self.housekeeping.push(Action::Forget {
@@ -243,8 +281,14 @@ impl<'a> Planner<'a> {
         };
     }
 
+    /// Alive and on a node that is not lost (a lost node's instances were
+    /// retired and are replaced; the agent stops them when it is back).
+    fn counts(&self, i: &Instance) -> bool {
+        i.alive() && !self.lost.contains(&i.node)
+    }
+
     fn alive_count(&self) -> u32 {
-        (self.inst.values().filter(|i| i.alive()).count() + self.placed.len()) as u32
+        (self.inst.values().filter(|i| self.counts(i)).count() + self.placed.len()) as u32
     }
 
     /// Instances of `release` that should run (placed, not retired).
@@ -296,7 +340,7 @@ impl<'a> Planner<'a> {
             for id in run {
                 self.retire(&id);
             }
-            if self.inst.values().any(|i| i.alive()) {
+            if self.inst.values().any(|i| self.counts(i)) {
                 r.message = format!(
                     "removing {}: {}",
                     r.to,
@@ -410,7 +454,8 @@ impl<'a> Planner<'a> {
                 // Start only when nothing else is alive: neither old
                 // instances nor target ones retired earlier and still
                 // draining or stopping (a rollout aborted mid-drain).
-                let busy = |i: &Instance| i.alive() && !(is_target(i) && i.desired == Desired::Run);
+                let busy =
+                    |i: &Instance| self.counts(i) && !(is_target(i) && i.desired == Desired::Run);
                 if !self.inst.values().any(busy) {
                     let new_run = self.running_of(&target);
                     self.place(&target, n.saturating_sub(new_run));
@@ -424,7 +469,7 @@ impl<'a> Planner<'a> {
         let others_alive = self
             .inst
             .values()
-            .filter(|i| !is_target(i) && i.alive())
+            .filter(|i| !is_target(i) && self.counts(i))
             .count();
         let target_run = self.running_of(&target);
         if ready == n && target_run == n && others_alive == 0 && self.placed.is_empty() {

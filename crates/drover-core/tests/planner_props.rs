@@ -202,12 +202,17 @@ fn run_sim(s: &DeploySettings, events: &[u32], good: bool) -> (World, Rollout) {
     (w, r)
 }
 
-/// The planner's answer for the world as it is now (live release r1).
+/// The planner's answer for the world as it is now (live release r1 until
+/// the rollout succeeds).
 fn plan_now(s: &DeploySettings, r: &Rollout, w: &World, nodes: &[Node]) -> Plan {
+    let live = match r.state {
+        RolloutState::Succeeded => Some(r.to.as_str()),
+        _ => r.from.as_deref(),
+    };
     plan(&PlanInput {
         settings: s,
         rollout: Some(r),
-        live: Some("r1"),
+        live,
         instances: &w.instances,
         nodes,
         now: w.now,

@@ -1038,12 +1038,16 @@ async fn agent_assignments(State(s): S, Query(q): Query<WaitQuery>) -> R<api::As
     let node = q
         .node
         .ok_or_else(|| ApiErr::BadInput("missing ?node=".into()))?;
-    wait_for_index(&s, q.index, q.wait_ms).await;
-    let index = *s.index.borrow();
+    // The request's arrival is the heartbeat, not the end of its wait: a
+    // long poll that a node cut off began earlier is answered into the void
+    // (when the index moves, e.g. because that node was found lost) and
+    // must not renew its lease.
     s.store
         .touch_node(&node, now_ms())
         .await
         .map_err(|e| unregistered(&node, e))?;
+    wait_for_index(&s, q.index, q.wait_ms).await;
+    let index = *s.index.borrow();
     let mut out = Vec::new();
     // (app, env, release) → the release and its spec as it applies there.
     let mut releases: BTreeMap<

@@ -22,7 +22,7 @@ use drover_core::planner::{plan, Action, PlanInput};
 use drover_core::spec::AppSpec;
 use drover_core::{Desired, Rollout, RolloutState, Strategy};
 use drover_store::{DeploymentRecord, InstanceChange, InstanceRecord, NodeRecord, Store};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -136,6 +136,7 @@ pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
         queries: Arc::default(),
         prom: crate::prom::client(),
         checks: Arc::default(),
+        was_ready: HashMap::new(),
     };
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -186,6 +187,8 @@ struct Engine {
     prom: reqwest::Client,
     /// Blue/green pre-promotion checks by rollout id: None while running.
     checks: Arc<std::sync::Mutex<HashMap<i64, Option<Verdict>>>>,
+    /// Each node's readiness at the last tick (to record lost / back).
+    was_ready: HashMap<String, bool>,
 }
 
 /// A canary step: (rollout id, step index, when it started).
@@ -411,6 +414,7 @@ impl Engine {
             }
         };
         let ready = view::nodes_ready(&node_records, now);
+        self.note_node_changes(&node_records, &ready, now).await;
         let cluster = Cluster {
             now,
             nodes: node_records,
@@ -448,6 +452,39 @@ impl Engine {
                         self.errors.insert(key, msg);
                     }
                 }
+            }
+        }
+    }
+
+    /// Records a node that lost its lease (its instances leave routing and
+    /// are replaced on ready nodes by the planner) and one that came back.
+    async fn note_node_changes(
+        &mut self,
+        nodes: &[drover_store::NodeRecord],
+        ready: &BTreeMap<String, bool>,
+        now: u64,
+    ) {
+        for n in nodes {
+            let is = ready.get(&n.name).copied().unwrap_or(false);
+            let Some(was) = self.was_ready.insert(n.name.clone(), is) else {
+                continue;
+            };
+            let msg = match (was, is) {
+                (true, false) => format!(
+                    "node {} lost: no heartbeat for {} ms; its instances leave routing and are replaced on ready nodes",
+                    n.name,
+                    now.saturating_sub(n.last_seen)
+                ),
+                (false, true) => format!(
+                    "node {} is back; instances replaced meanwhile are stopped there",
+                    n.name
+                ),
+                _ => continue,
+            };
+            tracing::warn!(node = %n.name, "{msg}");
+            let kind = if is { "node.back" } else { "node.lost" };
+            if let Err(e) = self.store().add_event(None, kind, &msg, now).await {
+                tracing::warn!(error = %e, "cannot record a node event");
             }
         }
     }

@@ -112,6 +112,10 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         .await
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     let store: Arc<dyn Store> = Arc::new(store);
+    // Every known node gets a fresh lease, as a new leader does in Nomad:
+    // a server back after a while must not take them all for lost (and
+    // replace their instances) before their agents had a chance to report.
+    store.renew_node_leases(now_ms()).await?;
     auth::bootstrap(&*store, &config.data_dir)
         .await
         .context("cannot create the bootstrap tokens")?;

@@ -270,6 +270,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<()>;
     /// Updates the heartbeat; NotFound when the node never registered.
     async fn touch_node(&self, name: &str, now: Millis) -> Result<()>;
+    /// Gives every node a fresh lease (at server start).
+    async fn renew_node_leases(&self, now: Millis) -> Result<()>;
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>>;
 
     async fn upsert_proxy(&self, p: &ProxyRecord) -> Result<()>;

@@ -588,6 +588,14 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn renew_node_leases(&self, now: Millis) -> Result<()> {
+        sqlx::query("UPDATE nodes SET last_seen = MAX(last_seen, ?)")
+            .bind(now as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>> {
         let rows = sqlx::query("SELECT * FROM nodes ORDER BY name")
             .fetch_all(&self.pool)

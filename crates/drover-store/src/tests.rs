@@ -205,6 +205,17 @@ async fn nodes_must_register_before_heartbeats() {
     s.touch_node("n1", 5).await.unwrap();
     let n = &s.list_nodes().await.unwrap()[0];
     assert_eq!((n.last_seen, n.labels["role"].as_str()), (5, "web"));
+    // A starting server renews every lease, never moving one back.
+    s.upsert_node("n2", &BTreeMap::new(), 50).await.unwrap();
+    s.renew_node_leases(20).await.unwrap();
+    let seen: Vec<u64> = s
+        .list_nodes()
+        .await
+        .unwrap()
+        .iter()
+        .map(|n| n.last_seen)
+        .collect();
+    assert_eq!(seen, [20, 50]);
 }
 
 #[tokio::test]

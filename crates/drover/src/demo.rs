@@ -33,7 +33,7 @@ class Server(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
 
 
-Server(("127.0.0.1", PORT), Handler).serve_forever()
+Server((os.environ.get("HOST", "127.0.0.1"), PORT), Handler).serve_forever()
 "#;
 
 pub const DROVER_TOML: &str = r#"[app]

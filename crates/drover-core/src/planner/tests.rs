@@ -98,8 +98,24 @@ fn check(
     expect: &[&str],
     state: Option<RolloutState>,
 ) -> Plan {
+    check_lost(s, r, instances, now, &[], expect, state)
+}
+
+/// [`check`] with the nodes of `lost` past their lease.
+fn check_lost(
+    s: &DeploySettings,
+    r: Option<&Rollout>,
+    instances: &str,
+    now: Millis,
+    lost: &[&str],
+    expect: &[&str],
+    state: Option<RolloutState>,
+) -> Plan {
     let inst = parse_instances(instances);
-    let ns = nodes(&["n1", "n2", "n3"]);
+    let mut ns = nodes(&["n1", "n2", "n3"]);
+    for n in ns.iter_mut() {
+        n.ready = !lost.contains(&n.name.as_str());
+    }
     let plan = plan(&PlanInput {
         settings: s,
         rollout: r,
@@ -267,8 +283,68 @@ fn steady_state_routes_healthy_instances_of_the_live_release() {
     let s = settings(Strategy::Rolling, 3, 1, 0);
     let inst = "
         a r1 n1 run healthy
-        b r1 n2 run starting";
+        b r1 n2 run starting
+        c r1 n3 run healthy routed";
     check(&s, None, inst, 1, &["route a"], None);
+}
+
+#[test]
+fn steady_state_keeps_the_live_release_at_its_instance_count() {
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    let inst = "
+        a r1 n1 run healthy routed
+        b r1 n2 run healthy routed";
+    check(&s, None, inst, 1, &["place r1 on n3"], None);
+}
+
+#[test]
+fn a_lost_nodes_instances_are_retired_and_replaced_on_ready_nodes() {
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    check_lost(
+        &s,
+        None,
+        THREE_R1,
+        1,
+        &["n2"],
+        &["retire b", "place r1 on n1"],
+        None,
+    );
+    // Retired there, it no longer counts; once drained its stop waits for
+    // the agent, and the replacement is not placed twice.
+    let inst = "
+        a r1 n1 run healthy routed
+        b r1 n2 stop unhealthy
+        c r1 n3 run healthy routed
+        d r1 n1 run starting";
+    check_lost(&s, None, inst, 2, &["n2"], &[], None);
+    // The node is back and its agent stopped the stale copy: forgotten.
+    let inst = "
+        a r1 n1 run healthy routed
+        b r1 n2 stop stopped
+        c r1 n3 run healthy routed
+        d r1 n1 run healthy";
+    check(&s, None, inst, 3, &["forget b", "route d"], None);
+}
+
+#[test]
+fn a_rollout_replaces_a_lost_nodes_instances_without_counting_them_against_surge() {
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    let r = rollout(Some("r1"), "r2");
+    // n3 lost with an old instance: it is retired and does not use up the
+    // one instance of surge.
+    let inst = "
+        a r1 n1 run healthy routed
+        b r1 n2 run healthy routed
+        c r1 n3 drain unhealthy";
+    check_lost(
+        &s,
+        Some(&r),
+        inst,
+        1,
+        &["n3"],
+        &["place r2 on n1", "place r2 on n2"],
+        None,
+    );
 }
 
 #[test]
@@ -558,10 +634,11 @@ fn a_partial_by_node_label_places_the_new_release_only_on_matching_nodes() {
             .contains("users of proxies with region=eu"),
         "the segment is named"
     );
-    // No ready node in the segment: nothing is placed, and it says why.
+    // No ready node in the segment (n3 lost: its old instance is retired):
+    // nothing is placed, and it says why.
     ns[2].ready = false;
     let p = input(&ns);
-    assert!(actions(&p).is_empty());
+    assert_eq!(actions(&p), ["retire c"]);
     let msg = p.rollout.unwrap().message;
     assert!(msg.contains("no ready node has region=eu"), "{msg}");
 }

@@ -97,7 +97,17 @@ pub fn plan(input: &Input, p: &Plan) -> Result<Notes, String> {
         .collect();
     let input_of: BTreeMap<&str, &Instance> =
         input.instances.iter().map(|i| (i.id.as_str(), i)).collect();
-    let alive = |v: &BTreeMap<String, Instance>| v.values().filter(|i| i.alive()).count() as u32;
+    // A node past its lease is lost: what should run there is retired and
+    // replaced, and no longer counts as alive.
+    let lost: BTreeSet<&str> = input
+        .nodes
+        .iter()
+        .filter(|n| !n.ready)
+        .map(|n| n.name.as_str())
+        .collect();
+    let counts = |i: &Instance| i.alive() && !lost.contains(i.node.as_str());
+    let alive = |v: &BTreeMap<String, Instance>| v.values().filter(|i| counts(i)).count() as u32;
+    let failed = old.is_some_and(|r| r.state == RolloutState::Failed);
     let serving =
         |v: &BTreeMap<String, Instance>| v.values().filter(|i| i.serving()).count() as u32;
     let before_alive = alive(&view);
@@ -107,11 +117,44 @@ pub fn plan(input: &Input, p: &Plan) -> Result<Notes, String> {
 
     for a in &p.actions {
         match a {
-            Action::Place { release, node } => {
+            Action::Place { release, node } if active.is_none() => {
+                // The steady state keeps the live release at n.
                 ensure!(
-                    active.is_some() && !paused,
-                    "{a}: placed without a progressing rollout"
+                    input.live.as_deref() == Some(release.as_str()) && !failed,
+                    "{a}: placed without a progressing rollout, not the live release {:?} (or after a failure)",
+                    input.live
                 );
+                ensure!(
+                    input.nodes.iter().any(|n| n.name == *node && n.ready),
+                    "{a}: not a ready node the environment allows"
+                );
+                let running = view
+                    .values()
+                    .filter(|i| i.release == *release && i.desired == Desired::Run)
+                    .count() as u32;
+                ensure!(
+                    running < n,
+                    "{a}: the live release already runs {running} of {n}"
+                );
+                placed += 1;
+                let id = format!("+{placed}");
+                view.insert(
+                    id.clone(),
+                    Instance {
+                        id,
+                        release: release.clone(),
+                        node: node.clone(),
+                        desired: Desired::Run,
+                        routed: false,
+                        health: Health::Pending,
+                        created_at: now,
+                        drained: false,
+                        last_check: None,
+                    },
+                );
+            }
+            Action::Place { release, node } => {
+                ensure!(!paused, "{a}: placed without a progressing rollout");
                 let r = new.expect("active");
                 ensure!(
                     target.as_deref() == Some(release.as_str()) && !r.state.is_final(),
@@ -173,20 +216,23 @@ pub fn plan(input: &Input, p: &Plan) -> Result<Notes, String> {
                 i.routed = false;
             }
             Action::Retire { instance } => {
-                ensure!(
-                    active.is_some() && !paused,
-                    "{a}: retired without a progressing rollout"
-                );
                 let i = view
                     .get_mut(instance)
                     .ok_or_else(|| format!("{a}: no such instance"))?;
+                let on_lost = lost.contains(i.node.as_str());
+                ensure!(
+                    on_lost || (active.is_some() && !paused),
+                    "{a}: retired without a progressing rollout"
+                );
                 ensure!(
                     i.desired == Desired::Run,
                     "{a}: not a running instance: {i:?}"
                 );
                 i.desired = Desired::Drain { since: now };
                 i.routed = false;
-                retired.push(instance.clone());
+                if !on_lost {
+                    retired.push(instance.clone());
+                }
             }
             Action::Stop { instance } => {
                 let i = view
@@ -377,7 +423,7 @@ pub fn plan(input: &Input, p: &Plan) -> Result<Notes, String> {
         let t = target.as_deref().unwrap_or_default();
         let others: Vec<&Instance> = view
             .values()
-            .filter(|i| i.release != t && i.alive())
+            .filter(|i| i.release != t && counts(i))
             .collect();
         ensure!(
             others.is_empty(),
@@ -391,7 +437,7 @@ pub fn plan(input: &Input, p: &Plan) -> Result<Notes, String> {
         let t = target.as_deref().unwrap_or_default();
         let others = view
             .values()
-            .filter(|i| i.release != t && i.alive())
+            .filter(|i| i.release != t && counts(i))
             .count();
         ensure!(
             target_serving(&view, t) == n && target_run(&view, t) == n && others == 0,

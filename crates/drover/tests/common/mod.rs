@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_drover");
 
+pub mod docker;
+
 /// Cluster tests share two cores: run them one at a time.
 pub fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
@@ -520,7 +522,7 @@ class H(http.server.BaseHTTPRequestHandler):
                 time.sleep(cfg["slow_ms"] / 1000.0)
             if cfg["fail_every"] and next(counter) % cfg["fail_every"] == 0:
                 status = 500
-            body = ("%s pid=%d color=%s\n" % (cfg["version"], os.getpid(), os.environ.get("COLOR", "-"))).encode()
+            body = ("%s pid=%d color=%s port=%d\n" % (cfg["version"], os.getpid(), os.environ.get("COLOR", "-"), PORT)).encode()
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -532,7 +534,7 @@ class S(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-S(("127.0.0.1", PORT), H).serve_forever()
+S((os.environ.get("HOST", "127.0.0.1"), PORT), H).serve_forever()
 "#;
 
 pub struct Repo {

@@ -1,0 +1,474 @@
+//! Faults on separate hosts (../shared/SCENARIOS.md, "Faults"): the server,
+//! three agents and the proxy each in its own container on private Docker
+//! networks (see `common/docker.rs`), driven from this process through the
+//! CLI and the API, with load through the proxy. Each test prints its
+//! figures.
+
+mod common;
+
+use common::docker::DockerCluster;
+use common::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+fn deploy_v1(c: &DockerCluster, app: &str, instances: u32) -> Repo {
+    let repo = c.repo(app, &spec(app, instances, "30s"), &Behavior::ok("v1"));
+    c.cli_ok(&["apps", "add", &repo.path.to_string_lossy()]);
+    c.cli_ok(&["deploy", app, "--wait"]);
+    c.wait_until(
+        "v1 answers through the proxy",
+        Duration::from_secs(15),
+        |c| get_version(&c.proxy_url(), &format!("{app}.localhost")).is_ok_and(|v| v == "v1"),
+    );
+    repo
+}
+
+fn instances(st: &Value) -> Vec<Value> {
+    st["instances"].as_array().cloned().unwrap_or_default()
+}
+
+/// (id, pid, restarts) of every instance, sorted.
+fn pids(c: &DockerCluster, app: &str) -> Vec<(String, u64, u64)> {
+    let mut v: Vec<_> = instances(&c.status(app))
+        .iter()
+        .map(|i| {
+            (
+                i["id"].as_str().unwrap().to_string(),
+                i["pid"].as_u64().unwrap_or(0),
+                i["restarts"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn node_info(c: &DockerCluster, node: &str) -> Value {
+    c.api_get("/v1/nodes")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == node)
+        .cloned()
+        .unwrap_or_else(|| panic!("no node {node}"))
+}
+
+/// Scenario 5: a node cut off from the control plane keeps serving until
+/// its lease runs out; then it is marked lost, its instances leave routing
+/// and are replaced on the other nodes; once healed, its stale copy stops
+/// and no duplicate remains.
+#[test]
+fn scenario_05_a_node_cut_off_is_replaced_after_its_lease_and_its_stale_copy_stops_on_heal() {
+    let _g = serial();
+    let c = DockerCluster::start(3);
+    deploy_v1(&c, "web", 3);
+    let st = c.status("web");
+    let on2 = instances(&st)
+        .into_iter()
+        .find(|i| i["node"] == "node-2")
+        .unwrap_or_else(|| panic!("an instance on node-2: {st:#}"));
+    let stale_id = on2["id"].as_str().unwrap().to_string();
+    let stale_addr = on2["address"].as_str().unwrap().to_string();
+    let stale_port = stale_addr.rsplit(':').next().unwrap().to_string();
+    // Node-2's ports are its own (22000-22999): the answer's port tells.
+    let from_node2 = |body: &str| body.contains(&format!("port={stale_port}"));
+
+    let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(500));
+    c.cut_off(c.agent(2));
+    let cut_at = Instant::now();
+    let seen_ago = node_info(&c, "node-2")["last_seen_ms_ago"]
+        .as_u64()
+        .unwrap();
+    let lease_expires =
+        cut_at + Duration::from_millis(10_000) - Duration::from_millis(seen_ago.min(10_000));
+
+    // Probe the proxy (new connection per request) for node-2's copy: it
+    // keeps being answered until the lease runs out, then not any more.
+    let mut last_from_node2: Option<Instant> = None;
+    let mut after_cut = 0;
+    while Instant::now() < lease_expires + Duration::from_secs(6) {
+        if let Ok((_, body)) = raw_get(&c.proxy_addr, "web.localhost", "/") {
+            if from_node2(&body) {
+                last_from_node2 = Some(Instant::now());
+                after_cut += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        after_cut > 0,
+        "node-2's copy ({stale_addr}) kept serving while its lease held"
+    );
+    // Signed: negative when its last answer came before the estimated
+    // expiry (the estimate is within a report interval, 1 s).
+    let removed_after_lease_ms = last_from_node2.map_or(0, |t| {
+        if t >= lease_expires {
+            (t - lease_expires).as_millis() as i64
+        } else {
+            -((lease_expires - t).as_millis() as i64)
+        }
+    });
+    // The lost node's instance was replaced on a ready node.
+    c.wait_until(
+        "3 healthy routed instances on node-1 and node-3",
+        Duration::from_secs(30),
+        |c| {
+            let st = c.status("web");
+            instances(&st)
+                .iter()
+                .filter(|i| i["node"] != "node-2" && i["routed"] == true && i["state"] == "healthy")
+                .count()
+                == 3
+        },
+    );
+    let replaced_at = cut_at.elapsed();
+    let n2 = node_info(&c, "node-2");
+    assert_eq!(n2["ready"], false, "{n2:#}\n{}", c.logs());
+    // Cut off, node-2's copy still runs there (nothing told it to stop).
+    let running_there = c
+        .sh(c.agent(2), "pgrep -f 'python3 [a]pp.py' || true")
+        .unwrap();
+    assert!(
+        !running_there.is_empty(),
+        "node-2's copy keeps running while cut off"
+    );
+    let events = c.api_get("/v1/events").unwrap();
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "node.lost"
+                && e["message"].as_str().unwrap().contains("node node-2 lost")),
+        "a node.lost event: {events:#}"
+    );
+
+    c.heal(c.agent(2));
+    let healed_at = Instant::now();
+    c.wait_until("node-2 ready again", Duration::from_secs(30), |c| {
+        node_info(c, "node-2")["ready"] == true
+    });
+    c.wait_until(
+        "the stale copy stopped on node-2 and forgotten",
+        Duration::from_secs(30),
+        |c| {
+            let gone = c
+                .sh(c.agent(2), "pgrep -f 'python3 [a]pp.py' || true")
+                .is_ok_and(|o| o.is_empty());
+            gone && !instances(&c.status("web"))
+                .iter()
+                .any(|i| i["id"] == stale_id.as_str())
+        },
+    );
+    let stale_gone = healed_at.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = load.finish();
+    let st = c.status("web");
+    let inst = instances(&st);
+    println!(
+        "scenario 5 (node cut off): {} requests sent, {} failed; node-2's copy answered {after_cut} probes after the cut; \
+         last answered {} ms after its lease expired (goal < 3000 ms); 1 instance replaced, all 3 serving again {} ms after the cut (checked after the probe window); \
+         stale copy stopped {} ms after the heal; {} instances at the end",
+        stats.sent,
+        stats.failed,
+        removed_after_lease_ms,
+        replaced_at.as_millis(),
+        stale_gone.as_millis(),
+        inst.len()
+    );
+    assert_eq!(stats.failed, 0, "{:?}\n{}", stats.failures, c.logs());
+    assert!(
+        removed_after_lease_ms < 3000,
+        "node-2's copy was still routed {removed_after_lease_ms} ms after its lease expired"
+    );
+    assert_eq!(inst.len(), 3, "no duplicates remain: {st:#}");
+    assert!(
+        inst.iter().all(|i| i["release"] == "r1"
+            && i["state"] == "healthy"
+            && i["routed"] == true
+            && i["node"] != "node-2"),
+        "{st:#}"
+    );
+}
+
+/// Scenario 2: the agent of a node is SIGKILLed ten times while its apps
+/// serve; they keep serving, are never restarted, and each new agent
+/// re-adopts them.
+#[test]
+fn scenario_02_an_agent_killed_ten_times_leaves_its_apps_serving_and_readopts_them() {
+    let _g = serial();
+    let c = DockerCluster::start(3);
+    deploy_v1(&c, "web", 3);
+    let before = pids(&c, "web");
+    let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(180));
+    let started = Instant::now();
+    for round in 1..=10 {
+        c.kill_role(c.agent(1), "agent");
+        std::thread::sleep(Duration::from_millis(300));
+        c.start_agent(1);
+        // The new agent has reported (its report carries the adopted pids).
+        c.wait_until(
+            &format!("round {round}: node-1 reports again"),
+            Duration::from_secs(20),
+            |c| {
+                node_info(c, "node-1")["last_seen_ms_ago"]
+                    .as_u64()
+                    .unwrap_or(u64::MAX)
+                    < 500
+            },
+        );
+    }
+    let killed_for = started.elapsed();
+    c.wait_until("all healthy", Duration::from_secs(20), |c| {
+        instances(&c.status("web"))
+            .iter()
+            .all(|i| i["state"] == "healthy" && i["routed"] == true)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = load.finish();
+    let after = pids(&c, "web");
+    let agents_log = std::fs::read_to_string(c.agent(1).dir.join("logs/agent.log")).unwrap();
+    let adopted = agents_log.matches("re-adopting running instance").count();
+    println!(
+        "scenario 2 (agent killed 10 times in {} ms): {} requests sent, {} failed; {adopted} re-adoptions logged; \
+         0 instances replaced; restarts {:?}",
+        killed_for.as_millis(),
+        stats.sent,
+        stats.failed,
+        after.iter().map(|a| a.2).collect::<Vec<_>>()
+    );
+    assert_eq!(stats.failed, 0, "{:?}\n{}", stats.failures, c.logs());
+    assert_eq!(after, before, "same instances, same pids, no restarts");
+    assert!(adopted >= 10, "every new agent re-adopted: {adopted}");
+}
+
+/// App processes running on each node (what max_surge bounds), summed.
+fn app_processes(c: &DockerCluster) -> usize {
+    c.agents
+        .iter()
+        .map(|h| {
+            c.sh(h, "pgrep -f 'python3 [a]pp.py' | wc -l")
+                .ok()
+                .and_then(|n| n.trim().parse::<usize>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Scenario 1: the control plane SIGKILLed at every persisted step of a
+/// rolling rollout (3 instances, max_surge 1): each time the restarted
+/// server resumes the same rollout from where it stood, the instance bound
+/// holds throughout, no request fails, and there is exactly one rollout.
+#[test]
+fn scenario_01_the_server_killed_at_every_persisted_step_resumes_the_same_rollout() {
+    let _g = serial();
+    let c = DockerCluster::start(3);
+    let repo = deploy_v1(&c, "web", 3);
+    let mut slow = Behavior::ok("v2");
+    slow.start_delay_ms = 1000;
+    repo.commit(&spec("web", 3, "60s"), &slow);
+    let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(240));
+    c.cli_ok(&["deploy", "web"]);
+    let first = c.status("web")["rollout"].clone();
+    let id = first["id"].as_i64().unwrap();
+    // A step: the rollout's step and every instance's (id, desired state,
+    // routing) as stored. Each new one is killed at.
+    let signature = |st: &Value| -> String {
+        let mut parts: Vec<String> = instances(st)
+            .iter()
+            .map(|i| format!("{}:{}:{}", i["id"], i["state"], i["routed"]))
+            .collect();
+        parts.sort();
+        format!("{} {}", st["rollout"]["step"], parts.join(","))
+    };
+    let (mut kills, mut max_procs) = (0u32, 0usize);
+    let mut last_sig = String::new();
+    let mut last_step = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the rollout did not finish\n{}",
+            c.logs()
+        );
+        let st = c.status("web");
+        assert_eq!(
+            st["rollout"]["id"].as_i64(),
+            Some(id),
+            "the same rollout: {st:#}"
+        );
+        let step = st["rollout"]["step"].as_u64().unwrap_or(0);
+        assert!(
+            step >= last_step,
+            "resumed from its step ({last_step}): {st:#}"
+        );
+        last_step = step;
+        let procs = app_processes(&c);
+        max_procs = max_procs.max(procs);
+        assert!(
+            procs <= 4,
+            "more than instances + max_surge processes: {procs}\n{st:#}"
+        );
+        if st["rollout"]["state"] == "succeeded" {
+            break;
+        }
+        let sig = signature(&st);
+        if sig != last_sig {
+            last_sig = sig;
+            c.kill_role(&c.server, "server");
+            let procs = app_processes(&c);
+            max_procs = max_procs.max(procs);
+            assert!(
+                procs <= 4,
+                "more than instances + max_surge processes: {procs}"
+            );
+            c.start_server();
+            kills += 1;
+        } else {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = load.finish();
+    let events = c.api_get("/v1/events?app=web").unwrap();
+    let started = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "rollout.started")
+        .count();
+    println!(
+        "scenario 1 (server killed at every step): {kills} kills, {kills} resumptions of rollout {id}; \
+         {} requests sent, {} failed; at most {max_procs} app processes (bound 4)",
+        stats.sent, stats.failed
+    );
+    assert!(kills >= 6, "killed at each step: {kills}");
+    assert_eq!(started, 2, "exactly one rollout per deploy: {events:#}");
+    assert_eq!(stats.failed, 0, "{:?}\n{}", stats.failures, c.logs());
+    let st = c.status("web");
+    assert_eq!(st["live_release"], "r2");
+    let inst = instances(&st);
+    assert_eq!(inst.len(), 3, "{st:#}");
+    assert!(inst
+        .iter()
+        .all(|i| i["release"] == "r2" && i["state"] == "healthy"));
+}
+
+/// A spec whose app exits 0.3 s after it starts, every time.
+fn crashing_spec(name: &str, deadline: &str) -> String {
+    spec(name, 3, deadline).replace(
+        "command = \"exec python3 app.py\"",
+        "command = \"exec python3 -c 'import time; time.sleep(0.3); raise SystemExit(3)'\"",
+    )
+}
+
+/// Scenarios 7 and 3: a release that crash-loops stops the rollout at its
+/// first batch (one new instance beside the three old ones), fails at its
+/// deadline and rolls back while the old instances keep serving. Meanwhile
+/// the agent running the crash-looping instance is killed and restarted:
+/// the restart count only grows and the backoff holds.
+#[test]
+fn scenario_07_and_03_a_crash_looping_release_rolls_back_and_an_agent_restart_keeps_its_backoff() {
+    let _g = serial();
+    let c = DockerCluster::start(3);
+    let repo = deploy_v1(&c, "web", 3);
+    let v1_pids = pids(&c, "web");
+    repo.commit(&crashing_spec("web", "25s"), &Behavior::ok("v2"));
+    let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(180));
+    let started = Instant::now();
+    c.cli_ok(&["deploy", "web"]);
+    let r2 = |st: &Value| -> Vec<Value> {
+        instances(st)
+            .into_iter()
+            .filter(|i| i["release"] == "r2")
+            .collect()
+    };
+    c.wait_until(
+        "the r2 instance restarted 3 times",
+        Duration::from_secs(30),
+        |c| {
+            r2(&c.status("web"))
+                .first()
+                .is_some_and(|i| i["restarts"].as_u64().unwrap_or(0) >= 3)
+        },
+    );
+    let st = c.status("web");
+    let new = r2(&st);
+    assert_eq!(new.len(), 1, "the rollout stops at its first batch: {st:#}");
+    let node: u32 = new[0]["node"].as_str().unwrap()["node-".len()..]
+        .parse()
+        .unwrap();
+    let before_kill = new[0]["restarts"].as_u64().unwrap();
+    c.kill_role(c.agent(node), "agent");
+    std::thread::sleep(Duration::from_millis(500));
+    c.start_agent(node);
+    let agent_back = Instant::now();
+    // Restarts only grow, carried over by the new agent; with a streak of
+    // ≥ 3 the next start waits ≥ 4 s, so within 3 s of the new agent at most
+    // one more restart happens (without backoff it would be ten), and
+    // within 12 s at least one does.
+    let mut seen = vec![before_kill];
+    let mut at_3s = before_kill;
+    let mut max_ready_r2 = 0;
+    while agent_back.elapsed() < Duration::from_secs(12) {
+        let st = c.status("web");
+        if let Some(i) = r2(&st).first() {
+            let n = i["restarts"].as_u64().unwrap_or(0);
+            seen.push(n);
+            if agent_back.elapsed() < Duration::from_secs(3) {
+                at_3s = n;
+            }
+        }
+        max_ready_r2 = max_ready_r2.max(r2(&st).len());
+        if seen.last() > Some(&before_kill) && agent_back.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.wait_until("rolled back", Duration::from_secs(60), |c| {
+        c.status("web")["rollout"]["state"] == "rolled_back"
+    });
+    let failed_after = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = load.finish();
+    let st = c.status("web");
+    println!(
+        "scenario 7 (crash-looping release): rolled back {} ms after the deploy ({}); {} requests sent, {} failed; \
+         scenario 3 (agent killed while its app crash-loops): {before_kill} restarts before the kill, {at_3s} within 3 s of the new agent, {} at the end",
+        failed_after.as_millis(),
+        st["rollout"]["message"],
+        stats.sent,
+        stats.failed,
+        seen.last().unwrap()
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "the restart count only grows: {seen:?}"
+    );
+    assert!(
+        at_3s - before_kill <= 1,
+        "the backoff holds across the agent restart: {seen:?}"
+    );
+    assert!(
+        *seen.last().unwrap() > before_kill,
+        "the new agent goes on restarting it, counting on: {seen:?}"
+    );
+    assert_eq!(max_ready_r2, 1, "never more than the first batch");
+    assert_eq!(stats.failed, 0, "{:?}\n{}", stats.failures, c.logs());
+    assert_eq!(stats.by_version.keys().collect::<Vec<_>>(), ["v1"]);
+    assert_eq!(st["live_release"], "r1");
+    assert!(
+        st["rollout"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("was not healthy within 25s"),
+        "{st:#}"
+    );
+    assert_eq!(
+        pids(&c, "web"),
+        v1_pids,
+        "the old instances stayed throughout"
+    );
+}
