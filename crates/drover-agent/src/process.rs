@@ -98,6 +98,66 @@ pub fn signal_group(pid: u32, start: u64, sig: Signal) -> bool {
     killpg(Pid::from_raw(p), sig).is_ok()
 }
 
+/// Set on every instance process: the (canonical) data dir of the agent
+/// that started it, so that an agent whose state file was lost can still
+/// find its own instances in `/proc` ([`find_orphans`]).
+pub const AGENT_DIR_ENV: &str = "DROVER_AGENT_DIR";
+
+/// An instance process found by its environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    pub instance: String,
+    pub pid: u32,
+    pub start: u64,
+    pub port: u16,
+}
+
+/// The live process group leaders that the agent with data dir `agent_dir`
+/// started (their environment names it, with their instance and port).
+pub fn find_orphans(agent_dir: &str) -> Vec<Orphan> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for pid in dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    {
+        let Some(st) = read_stat(pid) else { continue };
+        if st.pgrp as i64 != pid as i64 || matches!(st.state, 'Z' | 'X' | 'x') {
+            continue;
+        }
+        let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let mut vars: BTreeMap<&[u8], &[u8]> = BTreeMap::new();
+        for kv in env.split(|b| *b == 0) {
+            if let Some(eq) = kv.iter().position(|b| *b == b'=') {
+                vars.insert(&kv[..eq], &kv[eq + 1..]);
+            }
+        }
+        if vars.get(AGENT_DIR_ENV.as_bytes()) != Some(&agent_dir.as_bytes()) {
+            continue;
+        }
+        let text = |k: &str| {
+            vars.get(k.as_bytes())
+                .and_then(|v| std::str::from_utf8(v).ok())
+        };
+        if let (Some(instance), Some(port)) = (
+            text("DROVER_INSTANCE"),
+            text("PORT").and_then(|p| p.parse().ok()),
+        ) {
+            out.push(Orphan {
+                instance: instance.to_string(),
+                pid,
+                start: st.start_time,
+                port,
+            });
+        }
+    }
+    out
+}
+
 /// What to run for one instance.
 #[derive(Debug, Clone)]
 pub struct SpawnSpec<'a> {
@@ -107,6 +167,8 @@ pub struct SpawnSpec<'a> {
     pub port: u16,
     /// The address the app should listen on (`HOST`).
     pub host: &'a str,
+    /// The agent's canonical data dir ([`AGENT_DIR_ENV`]).
+    pub agent_dir: &'a str,
     pub app: &'a str,
     pub release: &'a str,
     pub instance: &'a str,
@@ -133,6 +195,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<Spawned> {
         .envs(spec.env)
         .env("PORT", spec.port.to_string())
         .env("HOST", spec.host)
+        .env(AGENT_DIR_ENV, spec.agent_dir)
         .env("DROVER_APP", spec.app)
         .env("DROVER_RELEASE", spec.release)
         .env("DROVER_INSTANCE", spec.instance)

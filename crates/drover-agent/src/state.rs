@@ -6,6 +6,9 @@
 //! mode 0600 (assignments carry the run environment). A corrupt, truncated,
 //! zeroed or missing file is never fatal: [`load`] returns an empty state and
 //! says what was wrong; a corrupt file is kept beside it for inspection.
+//! The running instances it listed are then found by their environment
+//! (`process::find_orphans`) and re-adopted if the control plane still
+//! assigns them.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -104,7 +107,9 @@ pub fn load(path: &Path) -> Loaded {
                 state: AgentState::default(),
                 problem: Some(format!(
                     "no agent state file at {} (first start, or it was deleted): starting with \
-                     empty state; instances will be started from the control plane's assignments",
+                     empty state; running instances of this agent are found by their environment \
+                     and re-adopted if still assigned, the rest started from the control plane's \
+                     assignments",
                     path.display()
                 )),
                 corrupt: false,
@@ -160,8 +165,9 @@ pub fn load(path: &Path) -> Loaded {
                 state: AgentState::default(),
                 problem: Some(format!(
                     "agent state file {} is corrupt ({why}){}; starting with empty state — \
-                     processes started before are not adopted, instances will be started from \
-                     the control plane's assignments",
+                     running instances of this agent are found by their environment and \
+                     re-adopted if still assigned, the rest started from the control plane's \
+                     assignments",
                     path.display(),
                     if kept {
                         format!(", kept as {}", keep.display())

@@ -147,6 +147,13 @@ struct Shared {
     save_lock: Mutex<()>,
     save_failing: AtomicBool,
     changed: watch::Sender<u64>,
+    /// The data dir, canonical: every instance process carries it
+    /// ([`process::AGENT_DIR_ENV`]).
+    agent_dir: String,
+    /// Instance processes of this agent that its state file did not list
+    /// (it was lost or damaged), found at start: adopted by the first
+    /// reconcile if still assigned to run, stopped otherwise.
+    orphans: Mutex<Option<HashMap<String, process::Orphan>>>,
 }
 
 impl Shared {
@@ -241,6 +248,22 @@ impl Supervisor {
                 warn!("{p}");
             }
         }
+        let agent_dir = std::fs::canonicalize(&cfg.data_dir)?
+            .to_string_lossy()
+            .into_owned();
+        let orphans: HashMap<String, process::Orphan> = process::find_orphans(&agent_dir)
+            .into_iter()
+            .filter(|o| !loaded.state.instances.contains_key(&o.instance))
+            .map(|o| (o.instance.clone(), o))
+            .collect();
+        if !orphans.is_empty() {
+            warn!(
+                count = orphans.len(),
+                "found running instances of this agent without a record (lost or damaged \
+                 state): each is re-adopted if the control plane still assigns it, stopped \
+                 otherwise"
+            );
+        }
         let mut instances = BTreeMap::new();
         let mut initial = Vec::new();
         for (id, mut rec) in loaded.state.instances {
@@ -300,6 +323,8 @@ impl Supervisor {
             save_lock: Mutex::new(()),
             save_failing: AtomicBool::new(false),
             changed,
+            agent_dir,
+            orphans: Mutex::new(Some(orphans)),
         });
         shared.persist();
         {
@@ -341,6 +366,13 @@ impl Supervisor {
     /// listed any more are stopped and forgotten.
     pub fn reconcile(&self, assignments: &[Assignment]) {
         let mut dirty = false;
+        let mut orphans = self
+            .shared
+            .orphans
+            .lock()
+            .expect("orphans poisoned")
+            .take()
+            .unwrap_or_default();
         {
             let mut tasks = self.shared.tasks.lock().expect("tasks poisoned");
             let mut seen = HashSet::new();
@@ -367,6 +399,7 @@ impl Supervisor {
                         dirty = true;
                     }
                 } else {
+                    let mut how = Initial::Fresh;
                     {
                         let mut b = self.shared.book();
                         let entry =
@@ -381,8 +414,21 @@ impl Supervisor {
                                     },
                                 });
                         entry.rec.assignment = a.clone();
+                        if a.desired == DesiredState::Run {
+                            if let Some(o) = orphans.remove(&a.instance) {
+                                info!(instance = %a.instance, pid = o.pid, port = o.port,
+                                    "re-adopting running instance found without a state record");
+                                entry.rec.pid = Some(o.pid);
+                                entry.rec.start_time = Some(o.start);
+                                entry.rec.port = Some(o.port);
+                                how = Initial::Adopt {
+                                    pid: o.pid,
+                                    start: o.start,
+                                };
+                            }
+                        }
                     }
-                    let slot = spawn_instance(&self.shared, a.clone(), Initial::Fresh);
+                    let slot = spawn_instance(&self.shared, a.clone(), how);
                     tasks.insert(a.instance.clone(), slot);
                     dirty = true;
                 }
@@ -391,6 +437,18 @@ impl Supervisor {
                 if !seen.contains(id) {
                     slot.tx.send_if_modified(|cur| cur.take().is_some());
                 }
+            }
+        }
+        // Found running but no longer assigned to run here: stopped.
+        for o in orphans.into_values() {
+            warn!(instance = %o.instance, pid = o.pid,
+                "stopping a running instance found without a state record: not assigned to run here");
+            process::signal_group(o.pid, o.start, Signal::SIGTERM);
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    process::signal_group(o.pid, o.start, Signal::SIGKILL);
+                });
             }
         }
         if dirty {
@@ -751,6 +809,7 @@ impl InstanceTask {
             env: &a.run.env,
             port,
             host: bind_host(&self.shared.cfg.advertise_host),
+            agent_dir: &self.shared.agent_dir,
             app: &a.app,
             release: &a.release,
             instance: &a.instance,

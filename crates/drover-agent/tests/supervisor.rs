@@ -441,3 +441,53 @@ async fn stray_instances_are_stopped_and_forgotten() {
     assert!(st.state.instances.contains_key("hello-r1-keep"));
     kill_group(pb);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_its_state_file_lost_an_agent_readopts_its_instances_from_proc_and_stops_the_rest() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let keep = assignment("hello-r1-keep", "exec sleep 30");
+    let gone = assignment("hello-r1-gone", "exec sleep 30");
+    prepare_release(dir.path(), &keep);
+    prepare_release(dir.path(), &gone);
+    let sup = supervisor(dir.path(), (30700, 30799), None);
+    sup.reconcile(&[keep.clone(), gone.clone()]);
+    let started = |sup: &drover_agent::supervisor::Supervisor, id: &str| {
+        report(sup, id).and_then(|r| r.pid.map(|p| (p, r.address)))
+    };
+    let (keep_pid, keep_addr) =
+        wait_for(10, "keep started", || started(&sup, "hello-r1-keep")).await;
+    let (gone_pid, _) = wait_for(10, "gone started", || started(&sup, "hello-r1-gone")).await;
+    sup.detach().await;
+    std::fs::remove_file(state::state_path(dir.path())).unwrap();
+
+    // Nothing in the state file, yet both are found as this agent's own.
+    let sup = supervisor(dir.path(), (30700, 30799), None);
+    assert!(sup.load_problem().unwrap().contains("no agent state file"));
+    assert!(report(&sup, "hello-r1-keep").is_none());
+    // The control plane still assigns one of them: adopted, same process
+    // and address; the other is no longer assigned: stopped.
+    sup.reconcile(std::slice::from_ref(&keep));
+    let (pid, addr) = wait_for(10, "keep adopted", || started(&sup, "hello-r1-keep")).await;
+    assert_eq!((pid, addr), (keep_pid, keep_addr));
+    wait_for(10, "the unassigned one stopped", || {
+        (!pid_exists(gone_pid)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(report(&sup, "hello-r1-keep").unwrap().pid, Some(keep_pid));
+    assert!(pid_exists(keep_pid));
+    // Another agent's data dir: its processes are not ours.
+    let other = tempfile::tempdir().unwrap();
+    let canon = std::fs::canonicalize(other.path()).unwrap();
+    assert!(process::find_orphans(&canon.to_string_lossy()).is_empty());
+    let mine = std::fs::canonicalize(dir.path()).unwrap();
+    let found = process::find_orphans(&mine.to_string_lossy());
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        (found[0].instance.as_str(), found[0].pid),
+        ("hello-r1-keep", keep_pid)
+    );
+    kill_group(keep_pid);
+    drop(sup);
+}

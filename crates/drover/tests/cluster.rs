@@ -472,3 +472,339 @@ fn scenario_07_and_03_a_crash_looping_release_rolls_back_and_an_agent_restart_ke
         "the old instances stayed throughout"
     );
 }
+
+/// Scenario 4: the agent's state file truncated, zeroed or deleted while it
+/// is down. Each time the agent starts (it never hangs), logs one clear
+/// line about its state file, finds its running app by its environment and
+/// re-adopts it as the control plane still assigns it: same process, no
+/// duplicate, no failed request.
+#[test]
+fn scenario_04_a_damaged_or_lost_agent_state_file_is_survived_and_the_apps_readopted() {
+    let _g = serial();
+    let c = DockerCluster::start(3);
+    deploy_v1(&c, "web", 3);
+    let on1 = |c: &DockerCluster| -> Vec<(String, u64)> {
+        instances(&c.status("web"))
+            .iter()
+            .filter(|i| i["node"] == "node-1")
+            .map(|i| {
+                (
+                    i["id"].as_str().unwrap().to_string(),
+                    i["pid"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    let before = on1(&c);
+    assert_eq!(before.len(), 1, "one instance on node-1");
+    let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(180));
+    let log_path = c.agent(1).dir.join("logs/agent.log");
+    let f = "/data/agent/agent-state.json";
+    let mut figures = Vec::new();
+    for (damage, cmd, expect) in [
+        (
+            "truncated",
+            format!("head -c 17 {f} > {f}.t && mv {f}.t {f}"),
+            "agent state file",
+        ),
+        (
+            "zeroed",
+            format!("n=$(wc -c < {f}); head -c $n /dev/zero > {f}.t && mv {f}.t {f}"),
+            "zero bytes",
+        ),
+        ("deleted", format!("rm {f}"), "no agent state file"),
+    ] {
+        c.kill_role(c.agent(1), "agent");
+        c.sh(c.agent(1), &cmd).unwrap();
+        let log_from = std::fs::metadata(&log_path).unwrap().len() as usize;
+        let started = Instant::now();
+        c.start_agent(1);
+        c.wait_until(
+            &format!("{damage}: node-1 reports again"),
+            Duration::from_secs(20),
+            |c| {
+                node_info(c, "node-1")["last_seen_ms_ago"]
+                    .as_u64()
+                    .unwrap_or(u64::MAX)
+                    < 500
+            },
+        );
+        let reporting = started.elapsed();
+        c.wait_until(
+            &format!("{damage}: node-1's instance healthy and routed"),
+            Duration::from_secs(20),
+            |c| {
+                instances(&c.status("web")).iter().any(|i| {
+                    i["node"] == "node-1" && i["state"] == "healthy" && i["routed"] == true
+                })
+            },
+        );
+        assert_eq!(on1(&c), before, "{damage}: the same instance and process");
+        let procs = c
+            .sh(c.agent(1), "pgrep -f 'python3 [a]pp.py' | wc -l")
+            .unwrap();
+        assert_eq!(procs.trim(), "1", "{damage}: no duplicate on node-1");
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        let new = &log[log_from..];
+        let about_state: Vec<&str> = new.lines().filter(|l| l.contains("state file")).collect();
+        assert_eq!(
+            about_state.len(),
+            1,
+            "{damage}: one line about the state file:\n{new}"
+        );
+        assert!(
+            about_state[0].contains(expect),
+            "{damage}: it says what is wrong: {}",
+            about_state[0]
+        );
+        assert!(
+            new.contains("re-adopting running instance found without a state record"),
+            "{damage}: {new}"
+        );
+        figures.push(format!(
+            "{damage}: reporting after {} ms",
+            reporting.as_millis()
+        ));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = load.finish();
+    println!(
+        "scenario 4 (agent state file damaged): {}; {} requests sent, {} failed; 0 instances replaced",
+        figures.join(", "),
+        stats.sent,
+        stats.failed
+    );
+    assert_eq!(stats.failed, 0, "{:?}\n{}", stats.failures, c.logs());
+}
+
+/// Scenario 8: an app that takes 90 s to become healthy, with a 120 s
+/// health deadline, rolls out (all three new instances at once) while the
+/// old ones serve; nothing fails.
+#[test]
+fn scenario_08_a_slow_starting_release_healthy_after_90s_succeeds_within_its_120s_deadline() {
+    let _g = serial();
+    let c = DockerCluster::start(3);
+    let repo = deploy_v1(&c, "web", 3);
+    let mut slow = Behavior::ok("v2");
+    slow.start_delay_ms = 90_000;
+    repo.commit(
+        &spec("web", 3, "120s").replace("max_surge = 1", "max_surge = 3"),
+        &slow,
+    );
+    let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(200));
+    let started = Instant::now();
+    let out = c.cli(&["deploy", "web", "--wait"]);
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = load.finish();
+    let st = c.status("web");
+    println!(
+        "scenario 8 (healthy after 90 s, deadline 120 s): live after {} ms; {} requests sent, {} failed, by version {:?}",
+        took.as_millis(),
+        stats.sent,
+        stats.failed,
+        stats.by_version
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{st:#}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    assert!(took >= Duration::from_secs(90), "{took:?}");
+    assert_eq!(st["live_release"], "r2");
+    assert_eq!(stats.failed, 0, "{:?}", stats.failures);
+    assert!(stats.by_version.contains_key("v2"));
+}
+
+/// Scenario 9: health checks that flap. Above the thresholds (2 passes, 2
+/// failures with healthy_after = unhealthy_after = 3) an instance is never
+/// healthy: the canary is never routed nor promoted and the rollout fails
+/// at its deadline. Below them (3 passes, 1 failure) an instance, once
+/// healthy, stays routed: routing never follows the flapping.
+#[test]
+fn scenario_09_a_flapping_health_check_is_never_promoted_and_routing_does_not_flap() {
+    let _g = serial();
+    let c = DockerCluster::start(3);
+    let repo = deploy_v1(&c, "web", 3);
+    let sp = spec("web", 3, "8s")
+        .replace("healthy_after = 1", "healthy_after = 3")
+        .replace("unhealthy_after = 2", "unhealthy_after = 3")
+        .replace(
+            "strategy = \"rolling\"",
+            "strategy = \"canary\"\nsteps = [{ weight = 34, pause = \"2s\" }]",
+        );
+    let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(120));
+    // Routing of the new release's instances, sampled every 50 ms: how
+    // many were ever routed, and how often one left routing again.
+    let watch = |c: &DockerCluster, release: &str, until: &dyn Fn(&Value) -> bool| {
+        let mut last: std::collections::BTreeMap<String, bool> = Default::default();
+        let mut ever: std::collections::BTreeSet<String> = Default::default();
+        let mut unroutes = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(Instant::now() < deadline, "{}", c.logs());
+            let st = c.status("web");
+            for i in instances(&st).iter().filter(|i| i["release"] == release) {
+                let id = i["id"].as_str().unwrap().to_string();
+                let routed = i["routed"] == true;
+                if routed {
+                    ever.insert(id.clone());
+                }
+                if last.insert(id, routed).is_some_and(|was| was && !routed) {
+                    unroutes += 1;
+                }
+            }
+            if until(&st) {
+                return (ever.len(), unroutes, st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let flapping = Behavior {
+        health_flap: Some((2, 2)),
+        ..Behavior::ok("v2")
+    };
+    repo.commit(&sp, &flapping);
+    c.cli_ok(&["deploy", "web"]);
+    let (ever, _, st) = watch(&c, "r2", &|st| {
+        st["rollout"]["state"] == "rolled_back" || st["rollout"]["state"] == "failed"
+    });
+    assert_eq!(st["rollout"]["state"], "rolled_back", "{st:#}");
+    assert_eq!(ever, 0, "a flapping canary is never routed");
+    let message = st["rollout"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("was not healthy within 8s"), "{message}");
+
+    let mostly_ok = Behavior {
+        health_flap: Some((3, 1)),
+        ..Behavior::ok("v3")
+    };
+    repo.commit(&sp.replace("\"8s\"", "\"30s\""), &mostly_ok);
+    c.cli_ok(&["deploy", "web"]);
+    let (routed3, unroutes3, st) = watch(&c, "r3", &|st| st["rollout"]["state"] == "succeeded");
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = load.finish();
+    println!(
+        "scenario 9 (flapping health): 2 up / 2 down: never routed, rolled back ({message}); \
+         3 up / 1 down: promoted, {routed3} instances routed, {unroutes3} left routing again; {} requests sent, {} failed",
+        stats.sent, stats.failed
+    );
+    assert_eq!(
+        unroutes3, 0,
+        "once healthy, routing ignores single failures: {st:#}"
+    );
+    assert_eq!(routed3, 3);
+    assert_eq!(st["live_release"], "r3");
+    assert_eq!(stats.failed, 0, "{:?}", stats.failures);
+    assert_eq!(
+        stats.by_version.get("v2"),
+        None,
+        "no user reached the flapping release: {:?}",
+        stats.by_version
+    );
+}
+
+/// Scenario 12: the artifact of a new release cannot be had — truncated,
+/// one byte changed (checksum mismatch), or gone (404) on the server — and
+/// the deploy fails with the cause before any old instance stops; then the
+/// server is down for a few seconds just as the agents are to download a
+/// release: they retry and the rollout succeeds.
+#[test]
+fn scenario_12_a_failing_artifact_download_fails_the_deploy_before_any_old_instance_stops() {
+    let _g = serial();
+    let c = DockerCluster::start(3);
+    let repo = deploy_v1(&c, "web", 3);
+    let v1 = pids(&c, "web");
+    let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(240));
+    // The app's own [release] command (run on the server once the artifact
+    // is packed, before any rollout) damages the newest artifact.
+    let newest = "f=$(ls -t /data/server/artifacts/*.tar.zst | head -1)";
+    let mut figures = Vec::new();
+    for (n, (damage, cmd)) in [
+        ("truncated", format!("{newest}; truncate -s 100 $f")),
+        (
+            "checksum mismatch",
+            format!("{newest}; printf X | dd of=$f bs=1 seek=60 conv=notrunc 2>/dev/null"),
+        ),
+        ("gone (404)", format!("{newest}; rm $f")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let version = format!("v{}", n + 2);
+        let sp = spec("web", 3, "10s")
+            .replace("[run]", &format!("[release]\ncommand = \"{cmd}\"\n\n[run]"));
+        repo.commit(&sp, &Behavior::ok(&version));
+        let out = c.cli(&["deploy", "web", "--wait"]);
+        let st = c.status("web");
+        let message = st["rollout"]["message"].as_str().unwrap_or("").to_string();
+        assert!(!out.status.success(), "{damage}: the deploy fails\n{st:#}");
+        assert_eq!(st["rollout"]["state"], "rolled_back", "{damage}: {st:#}");
+        assert!(
+            message.contains("artifact"),
+            "{damage}: the cause is named: {message}\n{}",
+            c.logs()
+        );
+        assert_eq!(pids(&c, "web"), v1, "{damage}: no old instance stopped");
+        figures.push(format!("{damage}: \"{message}\""));
+    }
+
+    // The server down while the agents are to download: each agent is
+    // stopped (SIGSTOP: its apps go on), the rollout is created (the
+    // assignment long poll's answer waits in the stopped agent's socket),
+    // the server is killed, the agents continue and find it gone.
+    repo.commit(&spec("web", 3, "60s"), &Behavior::ok("v9"));
+    let pause = |sig: &str| {
+        for h in &c.agents {
+            c.sh(h, &format!("kill -{sig} $(cat /data/agent.pid)"))
+                .unwrap();
+        }
+    };
+    pause("STOP");
+    c.cli_ok(&["deploy", "web"]);
+    c.wait_until(
+        "an instance of the new release placed",
+        Duration::from_secs(30),
+        |c| {
+            instances(&c.status("web"))
+                .iter()
+                .any(|i| i["release"] != "r1")
+        },
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    c.kill_role(&c.server, "server");
+    pause("CONT");
+    std::thread::sleep(Duration::from_secs(3));
+    c.start_server();
+    c.wait_until("the rollout succeeded", Duration::from_secs(90), |c| {
+        c.status("web")["rollout"]["state"] == "succeeded"
+    });
+    let retries: usize = c
+        .agents
+        .iter()
+        .map(|h| {
+            std::fs::read_to_string(h.dir.join("logs/agent.log"))
+                .unwrap_or_default()
+                .matches("artifact download failed; retrying")
+                .count()
+        })
+        .sum();
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = load.finish();
+    println!(
+        "scenario 12 (artifact download fails): {}; server down 3 s during the download: {retries} retries, then live; \
+         {} requests sent, {} failed, by version {:?}",
+        figures.join("; "),
+        stats.sent,
+        stats.failed,
+        stats.by_version
+    );
+    assert!(retries >= 1, "the download was retried\n{}", c.logs());
+    assert_eq!(c.status("web")["live_release"], "r5");
+    assert_eq!(stats.failed, 0, "{:?}", stats.failures);
+    assert!(
+        stats.by_version.keys().all(|v| v == "v1" || v == "v9"),
+        "{:?}",
+        stats.by_version
+    );
+}

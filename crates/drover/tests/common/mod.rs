@@ -484,6 +484,9 @@ pub struct Behavior {
     pub fail_every: u64,
     /// What GET /ready answers (a deeper readiness check than /healthz).
     pub ready_status: u16,
+    /// /healthz flaps: (ok, bad) answers 200 `ok` times, then 503 `bad`
+    /// times, over and over (instead of `health_status`).
+    pub health_flap: Option<(u32, u32)>,
 }
 
 impl Behavior {
@@ -495,6 +498,7 @@ impl Behavior {
             slow_ms: 300,
             fail_every: 0,
             ready_status: 200,
+            health_flap: None,
         }
     }
 }
@@ -503,6 +507,7 @@ pub const TEST_APP_PY: &str = r#"
 import http.server, itertools, json, os, time
 cfg = json.load(open("behavior.json"))
 counter = itertools.count(1)
+checks = itertools.count(0)
 time.sleep(cfg["start_delay_ms"] / 1000.0)
 PORT = int(os.environ["PORT"])
 print("started %s on port %d" % (cfg["version"], PORT), flush=True)
@@ -513,6 +518,9 @@ class H(http.server.BaseHTTPRequestHandler):
         status = 200
         if self.path == "/healthz":
             status = cfg["health_status"]
+            flap = cfg.get("health_flap")
+            if flap:
+                status = 200 if next(checks) % (flap[0] + flap[1]) < flap[0] else 503
             body = b"ok\n" if status == 200 else b"not ready\n"
         elif self.path == "/ready":
             status = cfg["ready_status"]
@@ -588,8 +596,15 @@ impl Repo {
         std::fs::write(self.path.join("app.py"), TEST_APP_PY).unwrap();
         std::fs::write(self.path.join("drover.toml"), spec).unwrap();
         let json = format!(
-            r#"{{"version": "{}", "health_status": {}, "start_delay_ms": {}, "slow_ms": {}, "fail_every": {}, "ready_status": {}}}"#,
-            b.version, b.health_status, b.start_delay_ms, b.slow_ms, b.fail_every, b.ready_status
+            r#"{{"version": "{}", "health_status": {}, "start_delay_ms": {}, "slow_ms": {}, "fail_every": {}, "ready_status": {}, "health_flap": {}}}"#,
+            b.version,
+            b.health_status,
+            b.start_delay_ms,
+            b.slow_ms,
+            b.fail_every,
+            b.ready_status,
+            b.health_flap
+                .map_or("null".to_string(), |(ok, bad)| format!("[{ok}, {bad}]"))
         );
         std::fs::write(self.path.join("behavior.json"), json).unwrap();
         git(&self.path, &["add", "-A"]);
