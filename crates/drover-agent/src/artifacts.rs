@@ -112,6 +112,17 @@ impl ArtifactStore {
     /// The unpacked release directory for `a`, downloading and unpacking
     /// it first if needed.
     pub async fn ensure_release(&self, a: &Assignment) -> Result<PathBuf, ArtifactError> {
+        self.ensure_release_reporting(a, &|_| {}).await
+    }
+
+    /// [`Self::ensure_release`], telling `retrying` why each failed
+    /// download attempt failed and when the next one is (so the instance's
+    /// status names the cause while it retries).
+    pub async fn ensure_release_reporting(
+        &self,
+        a: &Assignment,
+        retrying: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<PathBuf, ArtifactError> {
         let sha = a.artifact.sha256.to_ascii_lowercase();
         if !is_safe_name(&a.app) || !is_safe_name(&a.release) {
             return Err(ArtifactError::Invalid(format!(
@@ -137,7 +148,7 @@ impl ArtifactStore {
         if dir.is_dir() {
             return Ok(dir);
         }
-        let archive = self.ensure_archive(a, &sha).await?;
+        let archive = self.ensure_archive(a, &sha, retrying).await?;
         let releases = self.data_dir.join("releases");
         let limits = self.limits;
         let target = dir.clone();
@@ -152,7 +163,12 @@ impl ArtifactStore {
     }
 
     /// `data_dir/artifacts/<sha>.tar.zst`, downloaded and verified if absent.
-    async fn ensure_archive(&self, a: &Assignment, sha: &str) -> Result<PathBuf, ArtifactError> {
+    async fn ensure_archive(
+        &self,
+        a: &Assignment,
+        sha: &str,
+        retrying: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<PathBuf, ArtifactError> {
         let dir = self.data_dir.join("artifacts");
         let path = dir.join(format!("{sha}.tar.zst"));
         if path.is_file() {
@@ -172,6 +188,7 @@ impl ArtifactStore {
                         (true, Some(d)) => {
                             tracing::warn!(app = %a.app, release = %a.release, error = %e,
                                 "artifact download failed; retrying in {d:?}");
+                            retrying(format!("{e}; retrying in {d:?}"));
                             tokio::time::sleep(d).await;
                             attempt += 1;
                         }

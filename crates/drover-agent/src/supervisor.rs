@@ -751,8 +751,15 @@ impl InstanceTask {
             });
         }
         let artifacts = self.shared.artifacts.clone();
+        let (shared, id) = (self.shared.clone(), self.id.clone());
+        let short = a.artifact.sha256[..12.min(a.artifact.sha256.len())].to_string();
+        let retrying = move |why: String| {
+            shared.update(&id, true, |e| {
+                e.status.message = Some(format!("fetching artifact {short}: {why}"));
+            });
+        };
         let prepared = tokio::select! {
-            r = artifacts.ensure_release(a) => r,
+            r = artifacts.ensure_release_reporting(a, &retrying) => r,
             r = self.rx.changed() => return Err(if r.is_ok() { Step::Again } else { Step::Exit }),
         };
         let dir = match prepared {

@@ -423,7 +423,10 @@ async fn rollback(
     if release.status == "failed" {
         return Err(ApiErr::BadInput(format!("{to} failed its [release] command and was never deployed; pick another release (see `drover releases {app}`)")));
     }
-    let r = s.engine.start_rollout(&app, &env, &to, "rollback").await?;
+    let r = s
+        .engine
+        .start_rollout(&app, &env, &to, crate::engine::ROLLBACK)
+        .await?;
     Ok(Json(api::DeployResponse {
         release: to,
         commit: release.commit,

@@ -127,6 +127,9 @@ impl EngineHandle {
     }
 }
 
+/// The reason of a rollout started by `drover rollback` (no steps).
+pub const ROLLBACK: &str = "rollback";
+
 pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
     let mut engine = Engine {
         server: server.clone(),
@@ -264,10 +267,33 @@ impl Engine {
                 )
                 .await?;
         }
-        let r = Rollout {
+        let mut r = Rollout {
             message: format!("{} rollout to {to} queued", spec.deploy.strategy),
             ..Rollout::new(app, env, live, to, now)
         };
+        // An operator's rollback goes back at once, as Kamal's does and as
+        // Argo Rollouts' does within its rollback window: no canary steps
+        // (nor their analysis) and no wait for a blue/green promotion; the
+        // rolling rules (surge, unavailability, health) still hold.
+        if reason == ROLLBACK {
+            let steps = spec.deploy.steps.len() as u32;
+            if steps > 0 {
+                r.canary = Some(drover_core::CanaryProgress {
+                    step: steps,
+                    weight: 0,
+                    step_started_at: None,
+                    analysis: None,
+                    window_started_at: None,
+                });
+            }
+            if spec.deploy.strategy == Strategy::BlueGreen {
+                r.blue_green = Some(drover_core::BlueGreenProgress {
+                    promoted: true,
+                    switched_at: None,
+                });
+            }
+            r.message = format!("rollback to {to} queued (no canary steps, no promotion wait)");
+        }
         let r = self.store().create_rollout(&r, now).await?;
         let from = r.from.clone().unwrap_or_else(|| "nothing".into());
         self.store()

@@ -720,13 +720,18 @@ fn scenario_12_a_failing_artifact_download_fails_the_deploy_before_any_old_insta
     // is packed, before any rollout) damages the newest artifact.
     let newest = "f=$(ls -t /data/server/artifacts/*.tar.zst | head -1)";
     let mut figures = Vec::new();
-    for (n, (damage, cmd)) in [
-        ("truncated", format!("{newest}; truncate -s 100 $f")),
+    for (n, (damage, cmd, cause)) in [
+        (
+            "truncated",
+            format!("{newest}; truncate -s 100 $f"),
+            "size mismatch",
+        ),
         (
             "checksum mismatch",
             format!("{newest}; printf X | dd of=$f bs=1 seek=60 conv=notrunc 2>/dev/null"),
+            "sha256 mismatch",
         ),
-        ("gone (404)", format!("{newest}; rm $f")),
+        ("gone (404)", format!("{newest}; rm $f"), "404 Not Found"),
     ]
     .into_iter()
     .enumerate()
@@ -741,7 +746,7 @@ fn scenario_12_a_failing_artifact_download_fails_the_deploy_before_any_old_insta
         assert!(!out.status.success(), "{damage}: the deploy fails\n{st:#}");
         assert_eq!(st["rollout"]["state"], "rolled_back", "{damage}: {st:#}");
         assert!(
-            message.contains("artifact"),
+            message.contains(cause),
             "{damage}: the cause is named: {message}\n{}",
             c.logs()
         );
@@ -779,16 +784,7 @@ fn scenario_12_a_failing_artifact_download_fails_the_deploy_before_any_old_insta
     c.wait_until("the rollout succeeded", Duration::from_secs(90), |c| {
         c.status("web")["rollout"]["state"] == "succeeded"
     });
-    let retries: usize = c
-        .agents
-        .iter()
-        .map(|h| {
-            std::fs::read_to_string(h.dir.join("logs/agent.log"))
-                .unwrap_or_default()
-                .matches("artifact download failed; retrying")
-                .count()
-        })
-        .sum();
+    let retries: usize = c.in_agent_logs("artifact download failed; retrying");
     std::thread::sleep(Duration::from_millis(500));
     let stats = load.finish();
     println!(
@@ -806,5 +802,228 @@ fn scenario_12_a_failing_artifact_download_fails_the_deploy_before_any_old_insta
         stats.by_version.keys().all(|v| v == "v1" || v == "v9"),
         "{:?}",
         stats.by_version
+    );
+}
+
+/// Scenario 10: continuous load — keep-alive, a new connection per request,
+/// and slow requests in flight — through 20 cycles of deploy (a canary held
+/// at 50%), promote and rollback: no request fails. Every stopped instance
+/// was retired (out of routing, drained) before its stop (SIGTERM).
+#[test]
+fn scenario_10_twenty_deploy_canary_promote_rollback_cycles_under_load_lose_no_request() {
+    let _g = serial();
+    let c = DockerCluster::start(3);
+    let sp = spec("web", 2, "30s").replace(
+        "strategy = \"rolling\"",
+        "strategy = \"canary\"\nsteps = [{ weight = 50, pause = \"1h\" }]",
+    );
+    let repo = c.repo("web", &sp, &Behavior::ok("v1"));
+    c.cli_ok(&["apps", "add", &repo.path.to_string_lossy()]);
+    c.cli_ok(&["deploy", "web", "--wait"]);
+    let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(600));
+    let started = Instant::now();
+    let cycles = 20;
+    // Each rollback goes back to r1, the release live before each deploy.
+    let live = 1u64;
+    for k in 1..=cycles {
+        let next = k + 1;
+        let version = format!("v{}", k + 1);
+        repo.commit(&sp, &Behavior::ok(&version));
+        c.cli_ok(&["deploy", "web"]);
+        let new = format!("r{next}");
+        c.wait_until(
+            &format!("cycle {k}: the canary {new} takes 50%"),
+            Duration::from_secs(60),
+            |c| c.status("web")["traffic"][&new] == 50,
+        );
+        c.cli_ok(&["promote", "web", "--full"]);
+        c.wait_until(
+            &format!("cycle {k}: {new} live"),
+            Duration::from_secs(60),
+            |c| {
+                let st = c.status("web");
+                st["live_release"] == new.as_str() && st["rollout"]["state"] == "succeeded"
+            },
+        );
+        c.cli_ok(&["rollback", "web", "--wait"]);
+        let back = format!("r{live}");
+        assert_eq!(c.status("web")["live_release"], back.as_str(), "cycle {k}");
+    }
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = load.finish();
+    // Retired before stopped, for every instance the server stopped.
+    let server_log = std::fs::read_to_string(c.server.dir.join("logs/server.log")).unwrap();
+    let mut retired = std::collections::BTreeSet::new();
+    let mut stops = 0;
+    for line in server_log.lines() {
+        if let Some(id) = line.split("action=retire ").nth(1) {
+            retired.insert(id.trim().to_string());
+        }
+        if let Some(id) = line.split("action=stop ").nth(1) {
+            stops += 1;
+            assert!(
+                retired.contains(id.trim()),
+                "{id} was stopped without being retired first"
+            );
+        }
+    }
+    let sigterms: usize = c.in_agent_logs("SIGTERM to the process group");
+    println!(
+        "scenario 10 ({cycles} deploy/canary/promote/rollback cycles in {} s): {} requests sent \
+         (keep-alive, new connections, slow), {} failed; {stops} instances retired, drained, then stopped; \
+         {sigterms} SIGTERMs; answers by version: {} versions",
+        took.as_secs(),
+        stats.sent,
+        stats.failed,
+        stats.by_version.len()
+    );
+    assert_eq!(stats.failed, 0, "{:?}\n{}", stats.failures, c.logs());
+    assert!(stops >= 2 * cycles as usize * 2, "{stops} stops");
+    assert!(
+        stats.by_version.len() > cycles as usize,
+        "{:?}",
+        stats.by_version
+    );
+}
+
+/// Scenario 13: random operations for a minute — deploys (new versions,
+/// 2 to 4 instances), rollbacks, pauses and resumes, agents and the server
+/// SIGKILLed and restarted — then one last deploy: the cluster converges to
+/// exactly that (its release live on its instance count, all healthy and
+/// routed, nothing else left), and no request failed. The seed is printed;
+/// DROVER_CLUSTER_SEED=N replays the same operations.
+#[test]
+fn scenario_13_random_operations_converge_to_the_last_requested_state() {
+    let _g = serial();
+    let seed: u64 = std::env::var("DROVER_CLUSTER_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                % 1_000_000
+        });
+    println!("scenario 13: seed {seed} (DROVER_CLUSTER_SEED={seed} replays it)");
+    // xorshift: deterministic per seed, no dependency.
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rand = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let c = DockerCluster::start(3);
+    let repo = deploy_v1(&c, "web", 3);
+    let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(300));
+    let started = Instant::now();
+    let mut ops: Vec<String> = Vec::new();
+    let mut version = 1;
+    while started.elapsed() < Duration::from_secs(60) {
+        let op = match rand(10) {
+            0..=2 => {
+                version += 1;
+                let n = 2 + rand(3) as u32;
+                repo.commit(
+                    &spec("web", n, "30s"),
+                    &Behavior::ok(&format!("v{version}")),
+                );
+                let ok = c.cli(&["deploy", "web"]).status.success();
+                format!(
+                    "deploy v{version}×{n}{}",
+                    if ok { "" } else { " (refused)" }
+                )
+            }
+            3 => {
+                let ok = c.cli(&["rollback", "web"]).status.success();
+                format!("rollback{}", if ok { "" } else { " (refused)" })
+            }
+            4 => {
+                let ok = c.cli(&["pause", "web"]).status.success();
+                format!("pause{}", if ok { "" } else { " (nothing to pause)" })
+            }
+            5 => {
+                let ok = c.cli(&["resume", "web"]).status.success();
+                format!("resume{}", if ok { "" } else { " (nothing paused)" })
+            }
+            6..=7 => {
+                let i = 1 + rand(3) as u32;
+                c.kill_role(c.agent(i), "agent");
+                std::thread::sleep(Duration::from_millis(rand(1500)));
+                c.start_agent(i);
+                format!("kill agent node-{i}")
+            }
+            _ => {
+                c.kill_role(&c.server, "server");
+                std::thread::sleep(Duration::from_millis(rand(1500)));
+                c.start_server();
+                "kill server".to_string()
+            }
+        };
+        ops.push(op);
+        std::thread::sleep(Duration::from_millis(200 + rand(2000)));
+    }
+    // The last request: resume whatever is paused, then one more version.
+    let _ = c.cli(&["resume", "web"]);
+    version += 1;
+    let n = 2 + rand(3) as u32;
+    repo.commit(
+        &spec("web", n, "30s"),
+        &Behavior::ok(&format!("v{version}")),
+    );
+    c.cli_ok(&["deploy", "web"]);
+    ops.push(format!("last: deploy v{version}×{n}"));
+    let newest = || -> String {
+        let rel = c.api_get("/v1/apps/web/releases").unwrap();
+        rel.as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["name"].as_str()?.strip_prefix('r')?.parse::<u64>().ok())
+            .max()
+            .map(|n| format!("r{n}"))
+            .unwrap()
+    };
+    let last = newest();
+    let converge = Instant::now();
+    c.wait_until(
+        &format!("convergence to {last} × {n} after {ops:?}"),
+        Duration::from_secs(120),
+        |c| {
+            let st = c.status("web");
+            let inst = instances(&st);
+            st["live_release"] == last.as_str()
+                && st["rollout"]["state"] == "succeeded"
+                && inst.len() == n as usize
+                && inst.iter().all(|i| {
+                    i["release"] == last.as_str() && i["state"] == "healthy" && i["routed"] == true
+                })
+        },
+    );
+    let converged_in = converge.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = load.finish();
+    let procs = app_processes(&c);
+    println!(
+        "scenario 13 (seed {seed}): {} operations: {}; converged to {last} × {n} in {} ms; \
+         {} requests sent, {} failed; {procs} app processes at the end",
+        ops.len(),
+        ops.join(", "),
+        converged_in.as_millis(),
+        stats.sent,
+        stats.failed
+    );
+    assert_eq!(procs, n as usize, "no stray process");
+    assert_eq!(
+        get_version(&c.proxy_url(), "web.localhost").unwrap(),
+        format!("v{version}")
+    );
+    assert_eq!(
+        stats.failed,
+        0,
+        "seed {seed}: {:?}\n{}",
+        stats.failures,
+        c.logs()
     );
 }

@@ -538,6 +538,19 @@ impl DockerCluster {
         out
     }
 
+    /// How often `needle` occurs in the agents' logs, all nodes together.
+    pub fn in_agent_logs(&self, needle: &str) -> usize {
+        self.agents
+            .iter()
+            .map(|h| {
+                std::fs::read_to_string(h.dir.join("logs/agent.log"))
+                    .unwrap_or_default()
+                    .matches(needle)
+                    .count()
+            })
+            .sum()
+    }
+
     pub fn proxy_url(&self) -> String {
         format!("http://{}", self.proxy_addr)
     }
