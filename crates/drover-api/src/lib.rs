@@ -323,9 +323,46 @@ pub fn encode_query(v: &str) -> String {
     out
 }
 
+// -------------------------------------------------------------- secrets ----
+
+/// Sets a secret. Its Debug form leaves the value out.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+pub struct SecretSetRequest {
+    pub name: String,
+    /// The environment ("" or absent: the app has none).
+    #[serde(default)]
+    pub env: String,
+    pub value: String,
+}
+
+impl std::fmt::Debug for SecretSetRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretSetRequest")
+            .field("name", &self.name)
+            .field("env", &self.env)
+            .field("value", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecretUnsetRequest {
+    pub name: String,
+    #[serde(default)]
+    pub env: String,
+}
+
+/// A secret as listed: its name, never its value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecretInfo {
+    pub env: String,
+    pub name: String,
+    pub updated_at: u64,
+}
+
 // --------------------------------------------------------------- tokens ----
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokenCreateRequest {
     pub name: String,
     /// admin, deployer, viewer or node.

@@ -112,6 +112,9 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/runs/{id}/log", Viewer, get(run_log))
         .route("/v1/nodes", Viewer, get(nodes))
         .route("/v1/events", Viewer, get(events))
+        .route("/v1/apps/{app}/secrets", Viewer, get(list_secrets))
+        .route("/v1/apps/{app}/secrets", Deployer, post(set_secret))
+        .route("/v1/apps/{app}/secrets/unset", Deployer, post(unset_secret))
         .route("/v1/tokens", Admin, post(create_token).get(list_tokens))
         .route("/v1/tokens/{id}/revoke", Admin, post(revoke_token))
         .route("/v1/agent/register", Node, post(agent_register))
@@ -130,6 +133,137 @@ pub fn router(server: Arc<Server>) -> Router {
         .into_router()
         .layer(DefaultBodyLimit::max(1024 * 1024))
         .with_state(server)
+}
+
+// -------------------------------------------------------------- secrets ----
+
+/// The environment a secret call names: one of the app's; none only for an
+/// app without environments (a secret is never set somewhere by default).
+async fn secret_env(s: &Server, app: &str, env: &str) -> Result<String, ApiErr> {
+    let envs = environments(s, app).await?;
+    let has_envs = envs.iter().any(|e| !e.name.is_empty());
+    if env.is_empty() && has_envs {
+        return Err(ApiErr::BadInput(format!(
+            "{app} has environments ({}); secrets are per environment: pass --env",
+            envs.iter()
+                .map(|e| e.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    pick_env(app, &envs, Some(env))
+}
+
+async fn list_secrets(State(s): S, Path(app): Path<String>) -> R<Vec<api::SecretInfo>> {
+    s.store.get_app(&app).await?;
+    Ok(Json(
+        s.store
+            .list_secrets(&app)
+            .await?
+            .into_iter()
+            .map(|r| api::SecretInfo {
+                env: r.env,
+                name: r.name,
+                updated_at: r.updated_at,
+            })
+            .collect(),
+    ))
+}
+
+async fn set_secret(
+    State(s): S,
+    Path(app): Path<String>,
+    Json(req): Json<api::SecretSetRequest>,
+) -> R<api::SecretInfo> {
+    s.store.get_app(&app).await?;
+    crate::secrets::check_name(&req.name).map_err(ApiErr::BadInput)?;
+    if req.value.len() > crate::secrets::MAX_VALUE_BYTES {
+        return Err(ApiErr::BadInput(format!(
+            "the value of {} is {} bytes; a secret holds at most {} bytes",
+            req.name,
+            req.value.len(),
+            crate::secrets::MAX_VALUE_BYTES
+        )));
+    }
+    if req.value.contains('\0') {
+        return Err(ApiErr::BadInput(format!(
+            "the value of {} contains a NUL byte, which an environment variable cannot hold",
+            req.name
+        )));
+    }
+    let env = secret_env(&s, &app, &req.env).await?;
+    let now = now_ms();
+    let sealed = s.secrets.seal(&app, &env, &req.name, &req.value);
+    s.store
+        .set_secret(&drover_store::SecretRecord {
+            app: app.clone(),
+            env: env.clone(),
+            name: req.name.clone(),
+            ciphertext: sealed,
+            updated_at: now,
+        })
+        .await?;
+    let what = format!("set; releases made from now on run with it (drover deploy {app})");
+    secret_changed(&s, &app, env, req.name, "secret.set", &what, now).await
+}
+
+/// Records a secret's change as an event (its name, never its value).
+async fn secret_changed(
+    s: &Server,
+    app: &str,
+    env: String,
+    name: String,
+    kind: &str,
+    what: &str,
+    now: u64,
+) -> R<api::SecretInfo> {
+    let msg = format!("{}secret {name} {what}", view::env_tag(&env));
+    s.store.add_event(Some(app), kind, &msg, now).await?;
+    Ok(Json(api::SecretInfo {
+        env,
+        name,
+        updated_at: now,
+    }))
+}
+
+async fn unset_secret(
+    State(s): S,
+    Path(app): Path<String>,
+    Json(req): Json<api::SecretUnsetRequest>,
+) -> R<api::SecretInfo> {
+    s.store.get_app(&app).await?;
+    let env = secret_env(&s, &app, &req.env).await?;
+    s.store
+        .unset_secret(&app, &env, &req.name)
+        .await
+        .map_err(|e| match e {
+            drover_store::StoreError::NotFound(_) => ApiErr::NotFound(format!(
+                "{app} has no secret {}{}; see drover secrets list {app}",
+                req.name,
+                view::in_env(&env)
+            )),
+            e => e.into(),
+        })?;
+    let what = "removed; releases made from now on run without it";
+    secret_changed(&s, &app, env, req.name, "secret.unset", what, now_ms()).await
+}
+
+/// The secrets release `rel` runs with in `env`, opened.
+async fn release_secret_values(
+    s: &Server,
+    app: &str,
+    number: i64,
+    env: &str,
+) -> Result<Vec<(String, String)>, ApiErr> {
+    let mut out = Vec::new();
+    for r in s.store.release_secrets(app, number, env).await? {
+        let value = s
+            .secrets
+            .open(app, env, &r.name, &r.ciphertext)
+            .map_err(ApiErr::Internal)?;
+        out.push((r.name, value));
+    }
+    Ok(out)
 }
 
 // --------------------------------------------------------------- tokens ----
@@ -1053,10 +1187,13 @@ async fn agent_assignments(State(s): S, Query(q): Query<WaitQuery>) -> R<api::As
     let index = *s.index.borrow();
     let mut out = Vec::new();
     // (app, env, release) → the release and its spec as it applies there.
-    let mut releases: BTreeMap<
-        (String, String, String),
-        (drover_store::ReleaseRecord, drover_core::spec::AppSpec),
-    > = BTreeMap::new();
+    // Each release's spec as it applies there and the secrets it runs with.
+    type Prepared = (
+        drover_store::ReleaseRecord,
+        drover_core::spec::AppSpec,
+        Vec<(String, String)>,
+    );
+    let mut releases: BTreeMap<(String, String, String), Prepared> = BTreeMap::new();
     for rec in s.store.list_node_instances(&node).await? {
         let key = (rec.app.clone(), rec.env.clone(), rec.release.clone());
         if !releases.contains_key(&key) {
@@ -1064,10 +1201,13 @@ async fn agent_assignments(State(s): S, Query(q): Query<WaitQuery>) -> R<api::As
             let rel = s.store.get_release(&rec.app, n).await?;
             let spec = view::release_spec(&rel).map_err(ApiErr::Internal)?;
             let spec = spec.for_env(&rec.env).unwrap_or(spec);
-            releases.insert(key.clone(), (rel, spec));
+            let secrets = release_secret_values(&s, &rec.app, n, &rec.env).await?;
+            releases.insert(key.clone(), (rel, spec, secrets));
         }
-        let (rel, spec) = &releases[&key];
-        out.push(view::assignment(&rec, rel, spec));
+        let (rel, spec, secrets) = &releases[&key];
+        let mut a = view::assignment(&rec, rel, spec);
+        a.run.env.extend(secrets.iter().cloned());
+        out.push(a);
     }
     Ok(Json(api::AssignmentsResponse {
         index,

@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod prom;
 pub mod retention;
+pub mod secrets;
 pub mod source;
 pub mod timeseries;
 pub mod traffic;
@@ -60,6 +61,9 @@ pub struct ServerConfig {
     /// Releases per app whose artifacts are kept (besides live, rollback
     /// target and any in use).
     pub keep_releases: usize,
+    /// The key secrets are sealed with (None: `<data_dir>/secrets.key`),
+    /// created at first start; keep it apart from copies of the database.
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 /// Shared state of the control plane.
@@ -81,6 +85,8 @@ pub struct Server {
     pub traffic: std::sync::Mutex<traffic::Traffic>,
     /// A short history of the traffic per deployment (the dashboard's chart).
     pub series: std::sync::Mutex<timeseries::Series>,
+    /// Seals and opens secrets.
+    pub secrets: secrets::SecretBox,
 }
 
 impl Server {
@@ -127,6 +133,11 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
             "runs interrupted by the last shutdown were marked failed"
         );
     }
+    let key_file = config
+        .secrets_key_file
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("secrets.key"));
+    let secrets = secrets::SecretBox::load_or_create(&key_file)?;
     let (index_tx, _) = watch::channel(index);
     let (engine_handle, engine_rx) = engine::channel();
     let server = Arc::new(Server {
@@ -141,6 +152,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         run_cancels: std::sync::Mutex::new(HashMap::new()),
         traffic: std::sync::Mutex::new(traffic::Traffic::default()),
         series: std::sync::Mutex::new(timeseries::Series::default()),
+        secrets,
     });
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await

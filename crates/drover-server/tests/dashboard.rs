@@ -45,6 +45,7 @@ async fn pages_render_streams_send_parts_and_an_open_stream_ends_at_shutdown() {
             data_dir: dir.path().join("server"),
             poll_interval: Duration::ZERO,
             keep_releases: 10,
+            secrets_key_file: None,
         },
         shutdown.clone(),
     ));

@@ -125,6 +125,17 @@ pub struct ProxyRecord {
     pub last_seen: Millis,
 }
 
+/// A secret of an app in an environment ("" for none), sealed by the
+/// server: the store holds only the ciphertext.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretRecord {
+    pub app: String,
+    pub env: String,
+    pub name: String,
+    pub ciphertext: String,
+    pub updated_at: Millis,
+}
+
 /// An API token. The secret itself is never stored: only its sha256.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokenRecord {
@@ -220,7 +231,20 @@ pub trait Store: Send + Sync + 'static {
     /// Any run of this commit (any trigger)?
     async fn has_run_for_commit(&self, app: &str, commit: &str) -> Result<bool>;
 
-    /// Inserts a release with the next number; returns it.
+    /// Sets (inserts or replaces) a sealed secret.
+    async fn set_secret(&self, s: &SecretRecord) -> Result<()>;
+    /// Removes a secret; NotFound if there was none.
+    async fn unset_secret(&self, app: &str, env: &str, name: &str) -> Result<()>;
+    /// The app's current secrets, every environment, by (env, name).
+    async fn list_secrets(&self, app: &str) -> Result<Vec<SecretRecord>>;
+    /// The secrets release `number` of `app` runs with in `env` (the copy
+    /// taken when it was made), by name.
+    async fn release_secrets(&self, app: &str, number: i64, env: &str)
+        -> Result<Vec<SecretRecord>>;
+
+    /// Inserts a release with the next number and, in the same
+    /// transaction, the copy of the app's current secrets it runs with;
+    /// returns it.
     async fn create_release(
         &self,
         app: &str,

@@ -57,6 +57,16 @@ fn app_from_row(r: &sqlx::sqlite::SqliteRow) -> AppRecord {
     }
 }
 
+fn secret_from_row(r: &sqlx::sqlite::SqliteRow, updated_at: Millis) -> SecretRecord {
+    SecretRecord {
+        app: r.get("app"),
+        env: r.get("env"),
+        name: r.get("name"),
+        ciphertext: r.get("ciphertext"),
+        updated_at,
+    }
+}
+
 fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> TokenRecord {
     TokenRecord {
         id: r.get("id"),
@@ -267,6 +277,11 @@ impl Store for SqliteStore {
             .bind(now as i64)
             .execute(&mut *tx)
             .await?;
+        sqlx::query("INSERT INTO release_secrets (app, number, env, name, ciphertext) SELECT app, ?, env, name, ciphertext FROM secrets WHERE app = ?")
+            .bind(number)
+            .bind(app)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(ReleaseRecord {
             app: app.into(),
@@ -278,6 +293,59 @@ impl Store for SqliteStore {
             created_at: now,
             status: "ok".into(),
         })
+    }
+
+    async fn set_secret(&self, s: &SecretRecord) -> Result<()> {
+        sqlx::query("INSERT INTO secrets (app, env, name, ciphertext, updated_at) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(app, env, name) DO UPDATE SET ciphertext = ?4, updated_at = ?5")
+            .bind(&s.app)
+            .bind(&s.env)
+            .bind(&s.name)
+            .bind(&s.ciphertext)
+            .bind(s.updated_at as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn unset_secret(&self, app: &str, env: &str, name: &str) -> Result<()> {
+        let res = sqlx::query("DELETE FROM secrets WHERE app = ? AND env = ? AND name = ?")
+            .bind(app)
+            .bind(env)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("secret {name}")));
+        }
+        Ok(())
+    }
+
+    async fn list_secrets(&self, app: &str) -> Result<Vec<SecretRecord>> {
+        let rows = sqlx::query("SELECT * FROM secrets WHERE app = ? ORDER BY env, name")
+            .bind(app)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| secret_from_row(r, r.get::<i64, _>("updated_at") as u64))
+            .collect())
+    }
+
+    async fn release_secrets(
+        &self,
+        app: &str,
+        number: i64,
+        env: &str,
+    ) -> Result<Vec<SecretRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM release_secrets WHERE app = ? AND number = ? AND env = ? ORDER BY name",
+        )
+        .bind(app)
+        .bind(number)
+        .bind(env)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| secret_from_row(r, 0)).collect())
     }
 
     async fn get_release(&self, app: &str, number: i64) -> Result<ReleaseRecord> {

@@ -420,3 +420,78 @@ async fn completing_a_rollout_makes_its_target_live_in_the_same_write() {
     let d = s.get_deployment("a", "").await.unwrap().unwrap();
     assert_eq!(d.live_release.as_deref(), Some("r2"));
 }
+
+#[tokio::test]
+async fn a_release_keeps_the_secrets_of_when_it_was_made() {
+    let (_d, s) = open().await;
+    s.insert_app(&app("a")).await.unwrap();
+    let put = |env: &str, name: &str, ct: &str, t: u64| SecretRecord {
+        app: "a".into(),
+        env: env.into(),
+        name: name.into(),
+        ciphertext: ct.into(),
+        updated_at: t,
+    };
+    s.set_secret(&put("", "DB_URL", "sealed-1", 1))
+        .await
+        .unwrap();
+    s.set_secret(&put("staging", "DB_URL", "sealed-s", 1))
+        .await
+        .unwrap();
+    let r1 = s
+        .create_release("a", "c1", "sha", 1, "{}", 2)
+        .await
+        .unwrap();
+    s.set_secret(&put("", "DB_URL", "sealed-2", 3))
+        .await
+        .unwrap();
+    s.set_secret(&put("", "API_KEY", "sealed-k", 3))
+        .await
+        .unwrap();
+    let r2 = s
+        .create_release("a", "c2", "sha", 1, "{}", 4)
+        .await
+        .unwrap();
+    let names = |v: Vec<SecretRecord>| -> Vec<(String, String)> {
+        v.into_iter().map(|r| (r.name, r.ciphertext)).collect()
+    };
+    assert_eq!(
+        names(s.release_secrets("a", r1.number, "").await.unwrap()),
+        [("DB_URL".to_string(), "sealed-1".to_string())]
+    );
+    assert_eq!(
+        names(s.release_secrets("a", r2.number, "").await.unwrap()),
+        [
+            ("API_KEY".to_string(), "sealed-k".to_string()),
+            ("DB_URL".to_string(), "sealed-2".to_string())
+        ]
+    );
+    assert_eq!(
+        names(s.release_secrets("a", r1.number, "staging").await.unwrap()),
+        [("DB_URL".to_string(), "sealed-s".to_string())]
+    );
+    s.unset_secret("a", "", "API_KEY").await.unwrap();
+    assert!(matches!(
+        s.unset_secret("a", "", "API_KEY").await,
+        Err(StoreError::NotFound(_))
+    ));
+    let now: Vec<_> = s
+        .list_secrets("a")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.env, r.name))
+        .collect();
+    assert_eq!(
+        now,
+        [
+            ("".to_string(), "DB_URL".to_string()),
+            ("staging".to_string(), "DB_URL".to_string())
+        ]
+    );
+    // The release's copy is unchanged.
+    assert_eq!(
+        s.release_secrets("a", r2.number, "").await.unwrap().len(),
+        2
+    );
+}

@@ -114,6 +114,10 @@ enum Cmd {
         /// the rollback target are always kept).
         #[arg(long, default_value_t = 10)]
         keep_releases: usize,
+        /// The key that seals app secrets (default: <data-dir>/secrets.key,
+        /// created at first start). Keep it apart from database backups.
+        #[arg(long)]
+        secrets_key_file: Option<PathBuf>,
     },
     /// Run an agent (one per server).
     Agent {
@@ -173,6 +177,12 @@ enum Cmd {
     Tokens {
         #[command(subcommand)]
         cmd: TokensCmd,
+    },
+    /// Manage an app's secrets (environment variables kept encrypted; a
+    /// release runs with the secrets of when it was made).
+    Secrets {
+        #[command(subcommand)]
+        cmd: SecretsCmd,
     },
     /// Build a commit into a release and roll it out.
     Deploy {
@@ -382,6 +392,39 @@ enum TokensCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum SecretsCmd {
+    /// Set a secret; its value is read from stdin (never an argument, which
+    /// other users could see in the process list), e.g.
+    /// `drover secrets set web DATABASE_URL < db-url.txt`.
+    Set {
+        app: String,
+        name: String,
+        /// The environment (required when the app has environments).
+        #[arg(long)]
+        env: Option<String>,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+    /// List an app's secrets: names and when they were set, never values.
+    List {
+        app: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+    /// Remove a secret (releases made afterwards run without it).
+    Unset {
+        app: String,
+        name: String,
+        #[arg(long)]
+        env: Option<String>,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     if s == "0" {
         return Ok(std::time::Duration::ZERO);
@@ -495,6 +538,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             poll_interval,
             keep_releases,
+            secrets_key_file,
         } => {
             init_logs();
             runtime().block_on(async {
@@ -506,6 +550,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         data_dir,
                         poll_interval,
                         keep_releases,
+                        secrets_key_file,
                     },
                     token,
                 )
@@ -582,6 +627,64 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 t.info.role
             );
             println!("{}", t.token);
+            Ok(())
+        }
+        Cmd::Secrets {
+            cmd: SecretsCmd::Set { app, name, env, s },
+        } => {
+            use std::io::Read;
+            let mut value = String::new();
+            std::io::stdin().read_to_string(&mut value).map_err(|e| {
+                crate::client::fail(2, format!("cannot read the secret's value from stdin: {e}"))
+            })?;
+            // One trailing newline (from echo or a file) is not part of it.
+            if value.ends_with('\n') {
+                value.pop();
+                if value.ends_with('\r') {
+                    value.pop();
+                }
+            }
+            let r: drover_api::SecretInfo = s.client().post(
+                &format!("/v1/apps/{app}/secrets"),
+                &drover_api::SecretSetRequest {
+                    name,
+                    env: env.unwrap_or_default(),
+                    value,
+                },
+            )?;
+            println!(
+                "secret {} set for {app}{}; releases made from now on run with it (drover deploy {app})",
+                r.name,
+                if r.env.is_empty() { String::new() } else { format!(" in {}", r.env) }
+            );
+            Ok(())
+        }
+        Cmd::Secrets {
+            cmd: SecretsCmd::List { app, json, s },
+        } => {
+            let list: Vec<drover_api::SecretInfo> =
+                s.client().get(&format!("/v1/apps/{app}/secrets"))?;
+            output::secrets(&list, json)
+        }
+        Cmd::Secrets {
+            cmd: SecretsCmd::Unset { app, name, env, s },
+        } => {
+            let r: drover_api::SecretInfo = s.client().post(
+                &format!("/v1/apps/{app}/secrets/unset"),
+                &drover_api::SecretUnsetRequest {
+                    name,
+                    env: env.unwrap_or_default(),
+                },
+            )?;
+            println!(
+                "secret {} removed from {app}{}; releases made from now on run without it",
+                r.name,
+                if r.env.is_empty() {
+                    String::new()
+                } else {
+                    format!(" in {}", r.env)
+                }
+            );
             Ok(())
         }
         Cmd::Tokens {

@@ -282,14 +282,42 @@ pub fn nodes(ns: &[api::NodeInfo], as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn secrets(list: &[api::SecretInfo], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(&list);
+    }
+    let now = now_ms();
+    let mut t = table(&["ENV", "NAME", "SET"]);
+    for s in list {
+        t.add_row(vec![
+            if s.env.is_empty() {
+                "-".to_string()
+            } else {
+                escape_terminal(&s.env)
+            },
+            s.name.clone(),
+            format!(
+                "{} ago",
+                drover_core::duration::format_ms(now.saturating_sub(s.updated_at))
+            ),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
 pub fn tokens(ts: &[api::TokenInfo], as_json: bool) -> anyhow::Result<()> {
     if as_json {
         return json(&ts);
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let now = now_ms();
     let mut t = table(&["ID", "NAME", "ROLE", "STATE", "EXPIRES IN"]);
     for k in ts {
         let state = match (k.revoked_at, k.expires_at) {

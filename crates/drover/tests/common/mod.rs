@@ -522,6 +522,8 @@ class H(http.server.BaseHTTPRequestHandler):
             if flap:
                 status = 200 if next(checks) % (flap[0] + flap[1]) < flap[0] else 503
             body = b"ok\n" if status == 200 else b"not ready\n"
+        elif self.path.startswith("/env/"):
+            body = (os.environ.get(self.path[5:], "<unset>") + "\n").encode()
         elif self.path == "/ready":
             status = cfg["ready_status"]
             body = b"ready\n" if status == 200 else b"not ready\n"
