@@ -40,6 +40,12 @@ impl ClientError {
 pub struct ControlClient {
     base: String,
     http: reqwest::Client,
+    /// The join token: it registers the agent, nothing else.
+    join: Option<String>,
+    /// This node's own credential, issued at its first registration and
+    /// kept in `cred_file`: every other call carries it (shared by clones).
+    cred: std::sync::Arc<std::sync::RwLock<Option<String>>>,
+    cred_file: Option<std::path::PathBuf>,
 }
 
 impl ControlClient {
@@ -49,12 +55,57 @@ impl ControlClient {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .no_proxy()
-            .default_headers(drover_api::bearer_headers(token))
             .build()?;
         Ok(ControlClient {
             base: base.trim_end_matches('/').to_string(),
             http,
+            join: token.map(str::to_string),
+            cred: Default::default(),
+            cred_file: None,
         })
+    }
+
+    /// Keeps this node's credential in `path` (mode 0600), reading the one
+    /// a previous run got.
+    pub fn with_credential_file(mut self, path: std::path::PathBuf) -> Self {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let t = text.trim().to_string();
+            if !t.is_empty() {
+                *self.cred.write().expect("cred lock") = Some(t);
+            }
+        }
+        self.cred_file = Some(path);
+        self
+    }
+
+    fn credential(&self) -> Option<String> {
+        self.cred.read().expect("cred lock").clone()
+    }
+
+    fn set_credential(&self, token: Option<String>) {
+        if let Some(path) = &self.cred_file {
+            let res = match &token {
+                Some(t) => write_private(path, t),
+                None => match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                },
+            };
+            if let Err(e) = res {
+                tracing::error!(path = %path.display(), error = %e,
+                    "cannot keep this node's credential; a restarted agent will need the join token again");
+            }
+        }
+        *self.cred.write().expect("cred lock") = token;
+    }
+
+    /// The request with this node's credential, or the join token before
+    /// there is one.
+    fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.credential().or_else(|| self.join.clone()) {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
     }
 
     /// The server's base URL, without a trailing slash.
@@ -72,16 +123,37 @@ impl ControlClient {
     }
 
     /// `POST /v1/agent/register`.
+    /// With this node's credential if it has one; when the server no
+    /// longer knows it (401: revoked, or a new database), with the join
+    /// token. A credential in the answer is kept for every later call.
     pub async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse, ClientError> {
-        let resp = self
-            .http
-            .post(self.url("/v1/agent/register"))
-            .timeout(Duration::from_secs(10))
-            .json(req)
-            .send()
-            .await
-            .map_err(|e| unreachable(&e))?;
-        decode(resp).await
+        let send = |token: Option<String>| {
+            let rb = self
+                .http
+                .post(self.url("/v1/agent/register"))
+                .timeout(Duration::from_secs(10))
+                .json(req);
+            let rb = match token {
+                Some(t) => rb.bearer_auth(t),
+                None => rb,
+            };
+            async move { rb.send().await.map_err(|e| unreachable(&e)) }
+        };
+        let mut res: Result<RegisterResponse, ClientError> =
+            decode(send(self.credential().or_else(|| self.join.clone())).await?).await;
+        if matches!(res, Err(ClientError::Status { status: 401, .. }))
+            && self.credential().is_some()
+        {
+            tracing::warn!(node = %req.node,
+                "the control plane refused this node's credential; registering with the join token");
+            self.set_credential(None);
+            res = decode(send(self.join.clone()).await?).await;
+        }
+        let resp = res?;
+        if let Some(t) = &resp.node_token {
+            self.set_credential(Some(t.clone()));
+        }
+        Ok(resp)
     }
 
     /// `GET /v1/agent/assignments?node=N&index=I&wait_ms=W` (blocking query).
@@ -92,11 +164,10 @@ impl ControlClient {
         wait_ms: u64,
     ) -> Result<AssignmentsResponse, ClientError> {
         let resp = self
-            .http
-            .get(self.url(&format!(
+            .authed(self.http.get(self.url(&format!(
                 "/v1/agent/assignments?node={}&index={index}&wait_ms={wait_ms}",
                 drover_api::encode_query(node)
-            )))
+            ))))
             .timeout(Duration::from_millis(wait_ms) + Duration::from_secs(15))
             .send()
             .await
@@ -107,8 +178,7 @@ impl ControlClient {
     /// `POST /v1/agent/report` (also the heartbeat).
     pub async fn report(&self, report: &AgentReport) -> Result<(), ClientError> {
         let resp = self
-            .http
-            .post(self.url("/v1/agent/report"))
+            .authed(self.http.post(self.url("/v1/agent/report")))
             .timeout(Duration::from_secs(10))
             .json(report)
             .send()
@@ -120,8 +190,7 @@ impl ControlClient {
     /// `POST /v1/agent/logs`: new output of one instance.
     pub async fn ship_logs(&self, chunk: &drover_api::LogChunk) -> Result<(), ClientError> {
         let resp = self
-            .http
-            .post(self.url("/v1/agent/logs"))
+            .authed(self.http.post(self.url("/v1/agent/logs")))
             .timeout(Duration::from_secs(10))
             .json(chunk)
             .send()
@@ -134,8 +203,7 @@ impl ControlClient {
     /// No overall timeout: the caller bounds reads itself.
     pub async fn get(&self, path: &str) -> Result<reqwest::Response, ClientError> {
         let resp = self
-            .http
-            .get(self.url(path))
+            .authed(self.http.get(self.url(path)))
             .send()
             .await
             .map_err(|e| unreachable(&e))?;
@@ -162,6 +230,25 @@ async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, Clien
     let resp = check_status(resp).await?;
     let bytes = resp.bytes().await.map_err(|e| unreachable(&e))?;
     serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+}
+
+/// Writes `text` to `path` readable by its owner only (tmp file + rename).
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    writeln!(f, "{text}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 fn unreachable(e: &reqwest::Error) -> ClientError {

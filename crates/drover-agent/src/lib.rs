@@ -15,6 +15,10 @@
 //! (log files → control plane), `ports`.
 #![forbid(unsafe_code)]
 
+/// This node's credential (issued at its first registration), in the
+/// agent's data dir, mode 0600.
+pub const NODE_CREDENTIAL_FILE: &str = "node-token";
+
 pub mod artifacts;
 pub mod client;
 pub mod config;
@@ -50,7 +54,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let client = ControlClient::new(&config.server, config.token.as_deref())
-        .with_context(|| format!("bad control plane URL {:?}", config.server))?;
+        .with_context(|| format!("bad control plane URL {:?}", config.server))?
+        .with_credential_file(config.data_dir.join(NODE_CREDENTIAL_FILE));
     let artifacts = Arc::new(ArtifactStore::new(config.data_dir.clone(), client.clone()));
     // Adopt what runs before talking to anyone: supervision resumes at once.
     let sup = Arc::new(Supervisor::start(

@@ -123,7 +123,7 @@ impl Session {
                     delay = RETRY_MIN;
                     let same = resp.index == index;
                     index = resp.index;
-                    sup.reconcile(&resp.assignments);
+                    sup.reconcile_keeping(&resp.assignments, &resp.unchanged);
                     // A server that answers at once without news must not
                     // make this spin.
                     if same && started.elapsed() < Duration::from_millis(50) {

@@ -365,6 +365,12 @@ impl Supervisor {
     /// node): new ones start, changed ones are updated, and instances not
     /// listed any more are stopped and forgotten.
     pub fn reconcile(&self, assignments: &[Assignment]) {
+        self.reconcile_keeping(assignments, &[]);
+    }
+
+    /// [`Self::reconcile`], leaving the instances listed in `unchanged`
+    /// (which the server cannot describe right now) as they are.
+    pub fn reconcile_keeping(&self, assignments: &[Assignment], unchanged: &[String]) {
         let mut dirty = false;
         let mut orphans = self
             .shared
@@ -375,7 +381,7 @@ impl Supervisor {
             .unwrap_or_default();
         {
             let mut tasks = self.shared.tasks.lock().expect("tasks poisoned");
-            let mut seen = HashSet::new();
+            let mut seen: HashSet<String> = unchanged.iter().cloned().collect();
             for a in assignments {
                 seen.insert(a.instance.clone());
                 if tasks
@@ -440,7 +446,10 @@ impl Supervisor {
             }
         }
         // Found running but no longer assigned to run here: stopped.
-        for o in orphans.into_values() {
+        for o in orphans
+            .into_values()
+            .filter(|o| !unchanged.contains(&o.instance))
+        {
             warn!(instance = %o.instance, pid = o.pid,
                 "stopping a running instance found without a state record: not assigned to run here");
             process::signal_group(o.pid, o.start, Signal::SIGTERM);

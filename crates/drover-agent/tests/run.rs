@@ -37,6 +37,7 @@ fn handler(plane: Arc<Mutex<Plane>>) -> Handler {
                     node,
                     lease_ms: 10_000,
                     report_interval_ms: 200,
+                    node_token: None,
                 })
             }
             _ if p.forgotten => Resp::new(404, r#"{"error":"unknown node"}"#),
@@ -45,6 +46,7 @@ fn handler(plane: Arc<Mutex<Plane>>) -> Handler {
                 Resp::json(&AssignmentsResponse {
                     index: 7,
                     assignments: p.assignments.clone(),
+                    unchanged: Vec::new(),
                 })
             }
             ("POST", "/v1/agent/report") => {

@@ -43,6 +43,11 @@ pub struct RegisterResponse {
     pub lease_ms: u64,
     /// How often the agent should report (heartbeat).
     pub report_interval_ms: u64,
+    /// This node's own credential (a token bound to its name), issued when
+    /// it registered with the join token: every later call of the agent
+    /// carries it; the join token only registers.
+    #[serde(default)]
+    pub node_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -50,6 +55,10 @@ pub struct AssignmentsResponse {
     /// Pass back as `index` to block until something changes.
     pub index: u64,
     pub assignments: Vec<Assignment>,
+    /// Instances on this node that the server cannot describe right now
+    /// (their app's stored records are in error): keep them as they are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unchanged: Vec<String>,
 }
 
 /// One instance the server wants on this node, and whether it should run.
@@ -425,6 +434,10 @@ pub struct AppInfo {
     /// In promotion order; one unnamed ("") for an app without environments.
     #[serde(default)]
     pub environments: Vec<EnvSummary>,
+    /// Why this app's records cannot be read (e.g. stored by another
+    /// version); the rest of the list and the server are unaffected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One environment of an app at a glance.

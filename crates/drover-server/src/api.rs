@@ -446,6 +446,7 @@ pub async fn app_info(s: &Server, a: &drover_store::AppRecord) -> Result<api::Ap
         host: last.map(|e| e.host.clone()).unwrap_or_default(),
         live_release: last.and_then(|e| e.live_release.clone()),
         environments: envs,
+        error: None,
     })
 }
 
@@ -460,9 +461,30 @@ async fn add_app(State(s): S, Json(req): Json<api::AddAppRequest>) -> R<api::App
 async fn list_apps(State(s): S) -> R<Vec<api::AppInfo>> {
     let mut out = Vec::new();
     for a in s.store.list_apps().await? {
-        out.push(app_info(&s, &a).await?);
+        out.push(app_info_or_error(&s, &a).await);
     }
     Ok(Json(out))
+}
+
+/// The app's summary; one whose stored records cannot be read is listed
+/// with the reason instead, so the others still show.
+pub async fn app_info_or_error(s: &Server, a: &drover_store::AppRecord) -> api::AppInfo {
+    match app_info(s, a).await {
+        Ok(info) => info,
+        Err(e) => api::AppInfo {
+            webhook_secret: None,
+            name: a.name.clone(),
+            repo: a.repo.clone(),
+            branch: a.branch.clone(),
+            host: String::new(),
+            live_release: None,
+            environments: Vec::new(),
+            error: Some(format!(
+                "{} is in error: {e}; other apps are unaffected",
+                a.name
+            )),
+        },
+    }
 }
 
 /// Builds a commit (default: the branch tip) as a manual run and starts its
@@ -1094,32 +1116,75 @@ async fn events(State(s): S, Query(q): Query<EventsQuery>) -> R<Vec<api::EventIn
 
 // ---------------------------------------------------------------- agent ----
 
+/// Registers an agent. With its own credential: as that node again. With
+/// the join token: as a new node, or one whose lease ran out (a machine
+/// replaced), and it gets a credential of its own (the previous one is
+/// revoked); a node whose agent is alive cannot be taken over that way.
 async fn agent_register(
     State(s): S,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     Json(req): Json<api::RegisterRequest>,
 ) -> R<api::RegisterResponse> {
+    use crate::auth;
     if !drover_core::spec::valid_name(&req.node) {
         return Err(ApiErr::BadInput(format!(
             "node name {:?} is not valid; use lowercase letters, digits and '-'",
             req.node
         )));
     }
-    s.store
-        .upsert_node(&req.node, &req.labels, now_ms())
-        .await?;
-    tracing::info!(node = %req.node, "agent registered");
+    let now = now_ms();
+    let node_token = match auth::bound_node(&caller) {
+        Some(_) => {
+            auth::check_node(&caller, &req.node)?;
+            None
+        }
+        None => {
+            let cred = auth::node_credential_name(&req.node);
+            let tokens = s.store.list_tokens().await?;
+            let held: Vec<_> = tokens
+                .iter()
+                .filter(|t| t.name == cred && t.revoked_at.is_none())
+                .collect();
+            let alive = s
+                .store
+                .list_nodes()
+                .await?
+                .iter()
+                .any(|n| n.name == req.node && view::node_ready(n, now));
+            if alive && !held.is_empty() {
+                return Err(ApiErr::Conflict(format!(
+                    "node {} is registered and its agent is alive (it holds its own credential); \
+                     a second agent cannot take its name. If this machine replaces it, stop the \
+                     old agent: its name is free {} s after its last report",
+                    req.node,
+                    NODE_LEASE_MS / 1000
+                )));
+            }
+            for t in held {
+                s.store.revoke_token(&t.id, now).await?;
+            }
+            let (token, record) = auth::new_token(&cred, auth::Role::Node, None, now);
+            s.store.insert_token(&record).await?;
+            Some(token)
+        }
+    };
+    s.store.upsert_node(&req.node, &req.labels, now).await?;
+    tracing::info!(node = %req.node, new_credential = node_token.is_some(), "agent registered");
     s.engine.poke();
     Ok(Json(api::RegisterResponse {
         node: req.node,
         lease_ms: NODE_LEASE_MS,
         report_interval_ms: REPORT_INTERVAL_MS,
+        node_token,
     }))
 }
 
 async fn agent_report(
     State(s): S,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     Json(rep): Json<api::AgentReport>,
 ) -> Result<StatusCode, ApiErr> {
+    crate::auth::check_node(&caller, &rep.node)?;
     let observed: Vec<(String, String)> = rep
         .instances
         .iter()
@@ -1171,10 +1236,15 @@ async fn wait_for_index(s: &Server, index: Option<u64>, wait_ms: Option<u64>) {
     }
 }
 
-async fn agent_assignments(State(s): S, Query(q): Query<WaitQuery>) -> R<api::AssignmentsResponse> {
+async fn agent_assignments(
+    State(s): S,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
+    Query(q): Query<WaitQuery>,
+) -> R<api::AssignmentsResponse> {
     let node = q
         .node
         .ok_or_else(|| ApiErr::BadInput("missing ?node=".into()))?;
+    crate::auth::check_node(&caller, &node)?;
     // The request's arrival is the heartbeat, not the end of its wait: a
     // long poll that a node cut off began earlier is answered into the void
     // (when the index moves, e.g. because that node was found lost) and
@@ -1193,31 +1263,53 @@ async fn agent_assignments(State(s): S, Query(q): Query<WaitQuery>) -> R<api::As
         drover_core::spec::AppSpec,
         Vec<(String, String)>,
     );
-    let mut releases: BTreeMap<(String, String, String), Prepared> = BTreeMap::new();
+    let mut releases: BTreeMap<(String, String, String), Result<Prepared, String>> =
+        BTreeMap::new();
+    let mut unchanged = Vec::new();
     for rec in s.store.list_node_instances(&node).await? {
         let key = (rec.app.clone(), rec.env.clone(), rec.release.clone());
         if !releases.contains_key(&key) {
-            let n = view::parse_release_name(&rec.release).unwrap_or(0);
-            let rel = s.store.get_release(&rec.app, n).await?;
-            let spec = view::release_spec(&rel).map_err(ApiErr::Internal)?;
-            let spec = spec.for_env(&rec.env).unwrap_or(spec);
-            let secrets = release_secret_values(&s, &rec.app, n, &rec.env).await?;
-            releases.insert(key.clone(), (rel, spec, secrets));
+            let prepared = async {
+                let n = view::parse_release_name(&rec.release).unwrap_or(0);
+                let rel = s.store.get_release(&rec.app, n).await?;
+                let spec = view::release_spec(&rel).map_err(ApiErr::Internal)?;
+                let spec = spec.for_env(&rec.env).unwrap_or(spec);
+                let secrets = release_secret_values(&s, &rec.app, n, &rec.env).await?;
+                Ok::<Prepared, ApiErr>((rel, spec, secrets))
+            }
+            .await
+            .map_err(|e| e.to_string());
+            if let Err(e) = &prepared {
+                tracing::warn!(node = %node, app = %rec.app, release = %rec.release, error = %e,
+                    "cannot describe this release's instances; the agent keeps them as they are");
+            }
+            releases.insert(key.clone(), prepared);
         }
-        let (rel, spec, secrets) = &releases[&key];
-        let mut a = view::assignment(&rec, rel, spec);
-        a.run.env.extend(secrets.iter().cloned());
-        out.push(a);
+        match &releases[&key] {
+            Ok((rel, spec, secrets)) => {
+                let mut a = view::assignment(&rec, rel, spec);
+                a.run.env.extend(secrets.iter().cloned());
+                out.push(a);
+            }
+            // The app is in error: its instances stay as they are.
+            Err(_) => unchanged.push(rec.id.clone()),
+        }
     }
     Ok(Json(api::AssignmentsResponse {
         index,
         assignments: out,
+        unchanged,
     }))
 }
 
 /// Appends shipped output to the instance's log on the server (capped: past
 /// 4 MiB the oldest half is dropped).
-async fn agent_logs(State(s): S, Json(chunk): Json<api::LogChunk>) -> Result<StatusCode, ApiErr> {
+async fn agent_logs(
+    State(s): S,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
+    Json(chunk): Json<api::LogChunk>,
+) -> Result<StatusCode, ApiErr> {
+    crate::auth::check_node(&caller, &chunk.node)?;
     let owned = s
         .store
         .list_node_instances(&chunk.node)
@@ -1304,20 +1396,32 @@ pub async fn routing_table(s: &Server) -> Result<api::RoutesResponse, ApiErr> {
             .as_ref()
             .map(|r| r.to.clone())
             .or(d.live_release.clone());
-        // The host comes from the release being rolled out (or live).
-        let spec = match release.as_deref().and_then(view::parse_release_name) {
-            Some(n) => match s
-                .store
-                .get_release(&d.app, n)
-                .await
-                .ok()
-                .and_then(|r| view::release_spec(&r).ok())
-                .and_then(|spec| spec.for_env(&d.env))
-            {
-                Some(spec) => spec,
-                None => continue,
-            },
-            None => continue,
+        // The host comes from the release being rolled out (or live). An
+        // app whose records cannot be read keeps the route it had (its
+        // instances are left running; see `agent_assignments`).
+        let Some(n) = release.as_deref().and_then(view::parse_release_name) else {
+            continue;
+        };
+        let read = s
+            .store
+            .get_release(&d.app, n)
+            .await
+            .ok()
+            .and_then(|r| view::release_spec(&r).ok())
+            .and_then(|spec| spec.for_env(&d.env));
+        let key = (d.app.clone(), d.env.clone());
+        let spec = {
+            let mut last = s.route_specs.lock().expect("route specs poisoned");
+            match read {
+                Some(spec) => {
+                    last.insert(key, spec.clone());
+                    spec
+                }
+                None => match last.get(&key) {
+                    Some(spec) => spec.clone(),
+                    None => continue,
+                },
+            }
         };
         if !instances.contains_key(&d.app) {
             instances.insert(d.app.clone(), s.store.list_instances(&d.app).await?);

@@ -104,6 +104,34 @@ pub struct Caller {
 
 const PREFIX: &str = "drv_";
 
+/// The name of a node's own credential: a node token bound to that node.
+pub fn node_credential_name(node: &str) -> String {
+    format!("node:{node}")
+}
+
+/// The node a caller's credential is bound to, if it is a node credential.
+pub fn bound_node(caller: &Caller) -> Option<&str> {
+    (caller.role == Role::Node)
+        .then(|| caller.name.strip_prefix("node:"))
+        .flatten()
+}
+
+/// An agent endpoint may act for `node` only with that node's credential:
+/// not the shared join token (which only registers), not another node's.
+pub fn check_node(caller: &Caller, node: &str) -> Result<(), crate::api::ApiErr> {
+    match bound_node(caller) {
+        Some(n) if n == node => Ok(()),
+        Some(n) => Err(crate::api::ApiErr::Forbidden(format!(
+            "this credential belongs to node {n}; it cannot act for node {node}"
+        ))),
+        None => Err(crate::api::ApiErr::Forbidden(format!(
+            "token {} ({}) may only register agents; node {node}'s calls need the credential \
+             its registration returned",
+            caller.token_id, caller.name
+        ))),
+    }
+}
+
 /// A new token for `name` with `role`: the token string (shown once) and
 /// the record to store.
 pub fn new_token(

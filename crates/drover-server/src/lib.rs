@@ -87,6 +87,9 @@ pub struct Server {
     pub series: std::sync::Mutex<timeseries::Series>,
     /// Seals and opens secrets.
     pub secrets: secrets::SecretBox,
+    /// The last spec each deployment's route was built from, for an app
+    /// whose stored records stop parsing: it keeps its route.
+    pub route_specs: std::sync::Mutex<HashMap<(String, String), drover_core::spec::AppSpec>>,
 }
 
 impl Server {
@@ -153,6 +156,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         traffic: std::sync::Mutex::new(traffic::Traffic::default()),
         series: std::sync::Mutex::new(timeseries::Series::default()),
         secrets,
+        route_specs: std::sync::Mutex::new(HashMap::new()),
     });
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await

@@ -41,12 +41,18 @@ pub fn apps(apps: &[api::AppInfo], as_json: bool) -> anyhow::Result<()> {
         t.add_row(vec![
             a.name.clone(),
             a.host.clone(),
-            a.live_release.clone().unwrap_or("-".into()),
+            match (&a.error, &a.live_release) {
+                (Some(_), _) => "ERROR".to_string(),
+                (None, l) => l.clone().unwrap_or("-".into()),
+            },
             a.branch.clone(),
             escape_terminal(&a.repo),
         ]);
     }
     println!("{t}");
+    for e in apps.iter().filter_map(|a| a.error.as_ref()) {
+        println!("{}", escape_terminal(e));
+    }
     Ok(())
 }
 

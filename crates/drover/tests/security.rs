@@ -115,7 +115,7 @@ fn tokens_and_roles_decide_who_may_do_what() {
     let out = c.cli_as(&deployer, &["deploy", "web", "--wait"]);
     assert!(out.status.success(), "{}", stderr(&out));
 
-    // The agents' and proxies' endpoints take only the join token.
+    // The agents' and proxies' endpoints take only node tokens.
     assert_eq!(get_as(&c, &c.admin_token, "/v1/routes").0, 403);
     assert_eq!(
         get_as(&c, &viewer, "/v1/agent/assignments?node=node-1").0,
@@ -132,7 +132,17 @@ fn tokens_and_roles_decide_who_may_do_what() {
         assert!(!list.contains(secret), "a secret is listed: {list}");
     }
     let tokens: serde_json::Value = serde_json::from_str(&list).unwrap();
-    assert_eq!(tokens.as_array().unwrap().len(), 4);
+    let (creds, others): (Vec<_>, Vec<_>) = tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .partition(|t| t["name"].as_str().unwrap().starts_with("node:"));
+    assert_eq!(others.len(), 4, "{list}");
+    assert_eq!(
+        creds.len() as u32,
+        c.nodes,
+        "one credential per node: {list}"
+    );
 
     // Revoked: refused from then on.
     let viewer_id = viewer.split('_').nth(1).unwrap();
@@ -209,4 +219,92 @@ fn tokens_and_roles_decide_who_may_do_what() {
     }
     let out = c.cli_ok(&["events", "--app", "web"]);
     assert!(out.contains("audit ci (deployer"), "{out}");
+}
+
+/// POSTs JSON to the API with `token`; the status code and body.
+fn post_json_as(c: &Cluster, token: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(&c.api_addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
+    (
+        head.split_whitespace().nth(1).unwrap().parse().unwrap(),
+        body.to_string(),
+    )
+}
+
+/// Scenario 24, first part (without certificates yet): each agent gets a
+/// credential of its own when it registers with the join token; from then
+/// on it reads only its own assignments (which carry its apps' secrets),
+/// the join token reads none, and no second agent can take a live node's
+/// name.
+#[test]
+fn an_agent_reads_only_its_own_assignments_with_the_credential_it_registered_with() {
+    let _g = serial();
+    let c = Cluster::start(2);
+    let cred = |i: u32| {
+        let p = c.agent_dir(i).join(drover_agent::NODE_CREDENTIAL_FILE);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        std::fs::read_to_string(p).unwrap().trim().to_string()
+    };
+    let (one, two) = (cred(1), cred(2));
+    assert_ne!(one, two);
+    let own = get_as(&c, &one, "/v1/agent/assignments?node=node-1&wait_ms=0");
+    assert_eq!(own.0, 200, "{}", own.1);
+    let (code, body) = get_as(&c, &one, "/v1/agent/assignments?node=node-2&wait_ms=0");
+    assert_eq!(code, 403);
+    assert!(
+        body.contains("belongs to node node-1; it cannot act for node node-2"),
+        "{body}"
+    );
+    let (code, body) = get_as(
+        &c,
+        &c.join_token,
+        "/v1/agent/assignments?node=node-1&wait_ms=0",
+    );
+    assert_eq!(code, 403);
+    assert!(body.contains("may only register agents"), "{body}");
+    // Reports for another node are refused too.
+    let report = r#"{"node":"node-2","instances":[]}"#;
+    assert_eq!(post_json_as(&c, &one, "/v1/agent/report", report).0, 403);
+    // A second agent claiming node-1 with the join token: refused while
+    // node-1's agent is alive.
+    let claim = r#"{"node":"node-1","labels":{}}"#;
+    let (code, body) = post_json_as(&c, &c.join_token, "/v1/agent/register", claim);
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body.contains("a second agent cannot take its name"),
+        "{body}"
+    );
+    // A new node registers with the join token and gets its credential.
+    let fresh = r#"{"node":"node-9","labels":{}}"#;
+    let (code, body) = post_json_as(&c, &c.join_token, "/v1/agent/register", fresh);
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let nine = v["node_token"].as_str().unwrap().to_string();
+    assert_eq!(
+        get_as(&c, &nine, "/v1/agent/assignments?node=node-9&wait_ms=0").0,
+        200
+    );
+    assert_eq!(
+        get_as(&c, &nine, "/v1/agent/assignments?node=node-1&wait_ms=0").0,
+        403
+    );
+    // Credentials are listed (never their secrets) and revocable.
+    let list = c.cli_ok(&["tokens", "list"]);
+    assert!(
+        list.contains("node:node-1") && !list.contains(&one[20..]),
+        "{list}"
+    );
 }

@@ -141,12 +141,19 @@ async fn commits(s: &Server, app: &str) -> Result<BTreeMap<String, String>, ApiE
 async fn apps_part(s: &Server) -> Result<AppsPart, ApiErr> {
     let mut apps = Vec::new();
     for a in s.store.list_apps().await? {
-        let info = api::app_info(s, &a).await?;
-        let mut statuses = Vec::new();
-        for e in &info.environments {
-            statuses.push(api::app_status(s, &a.name, Some(&e.name)).await?);
-        }
-        apps.push(app_row(&info, &statuses, &commits(s, &a.name).await?));
+        // One app in error shows as such; the others still do.
+        let row = async {
+            let info = api::app_info(s, &a).await?;
+            let mut statuses = Vec::new();
+            for e in &info.environments {
+                statuses.push(api::app_status(s, &a.name, Some(&e.name)).await?);
+            }
+            Ok::<_, ApiErr>(app_row(&info, &statuses, &commits(s, &a.name).await?))
+        };
+        apps.push(match row.await {
+            Ok(r) => r,
+            Err(_) => app_row(&api::app_info_or_error(s, &a).await, &[], &BTreeMap::new()),
+        });
     }
     Ok(AppsPart { apps })
 }

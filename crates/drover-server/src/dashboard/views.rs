@@ -129,6 +129,8 @@ pub struct AppRow {
     pub repo: String,
     pub branch: String,
     pub envs: Vec<EnvRow>,
+    /// Its records cannot be read: why.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -179,6 +181,7 @@ pub fn app_row(
     commits: &BTreeMap<String, String>,
 ) -> AppRow {
     AppRow {
+        error: info.error.clone(),
         name: info.name.clone(),
         repo: info.repo.clone(),
         branch: info.branch.clone(),
