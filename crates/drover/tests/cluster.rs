@@ -167,7 +167,7 @@ fn scenario_05_a_node_cut_off_is_replaced_after_its_lease_and_its_stale_copy_sto
     let stats = load.finish();
     let st = c.status("web");
     let inst = instances(&st);
-    println!(
+    figures(&format!(
         "scenario 5 (node cut off): {} requests sent, {} failed; node-2's copy answered {after_cut} probes after the cut; \
          last answered {} ms after its lease expired (goal < 3000 ms); 1 instance replaced, all 3 serving again {} ms after the cut (checked after the probe window); \
          stale copy stopped {} ms after the heal; {} instances at the end",
@@ -177,7 +177,7 @@ fn scenario_05_a_node_cut_off_is_replaced_after_its_lease_and_its_stale_copy_sto
         replaced_at.as_millis(),
         stale_gone.as_millis(),
         inst.len()
-    );
+    ));
     assert_eq!(stats.failed, 0, "{:?}\n{}", stats.failures, c.logs());
     assert!(
         removed_after_lease_ms < 3000,
@@ -231,14 +231,14 @@ fn scenario_02_an_agent_killed_ten_times_leaves_its_apps_serving_and_readopts_th
     let after = pids(&c, "web");
     let agents_log = std::fs::read_to_string(c.agent(1).dir.join("logs/agent.log")).unwrap();
     let adopted = agents_log.matches("re-adopting running instance").count();
-    println!(
+    figures(&format!(
         "scenario 2 (agent killed 10 times in {} ms): {} requests sent, {} failed; {adopted} re-adoptions logged; \
          0 instances replaced; restarts {:?}",
         killed_for.as_millis(),
         stats.sent,
         stats.failed,
         after.iter().map(|a| a.2).collect::<Vec<_>>()
-    );
+    ));
     assert_eq!(stats.failed, 0, "{:?}\n{}", stats.failures, c.logs());
     assert_eq!(after, before, "same instances, same pids, no restarts");
     assert!(adopted >= 10, "every new agent re-adopted: {adopted}");
@@ -339,11 +339,11 @@ fn scenario_01_the_server_killed_at_every_persisted_step_resumes_the_same_rollou
         .iter()
         .filter(|e| e["kind"] == "rollout.started")
         .count();
-    println!(
+    figures(&format!(
         "scenario 1 (server killed at every step): {kills} kills, {kills} resumptions of rollout {id}; \
          {} requests sent, {} failed; at most {max_procs} app processes (bound 4)",
         stats.sent, stats.failed
-    );
+    ));
     assert!(kills >= 6, "killed at each step: {kills}");
     assert_eq!(started, 2, "exactly one rollout per deploy: {events:#}");
     assert_eq!(stats.failed, 0, "{:?}\n{}", stats.failures, c.logs());
@@ -434,7 +434,7 @@ fn scenario_07_and_03_a_crash_looping_release_rolls_back_and_an_agent_restart_ke
     std::thread::sleep(Duration::from_millis(500));
     let stats = load.finish();
     let st = c.status("web");
-    println!(
+    figures(&format!(
         "scenario 7 (crash-looping release): rolled back {} ms after the deploy ({}); {} requests sent, {} failed; \
          scenario 3 (agent killed while its app crash-loops): {before_kill} restarts before the kill, {at_3s} within 3 s of the new agent, {} at the end",
         failed_after.as_millis(),
@@ -442,7 +442,7 @@ fn scenario_07_and_03_a_crash_looping_release_rolls_back_and_an_agent_restart_ke
         stats.sent,
         stats.failed,
         seen.last().unwrap()
-    );
+    ));
     assert!(
         seen.windows(2).all(|w| w[0] <= w[1]),
         "the restart count only grows: {seen:?}"
@@ -500,7 +500,7 @@ fn scenario_04_a_damaged_or_lost_agent_state_file_is_survived_and_the_apps_reado
     let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(180));
     let log_path = c.agent(1).dir.join("logs/agent.log");
     let f = "/data/agent/agent-state.json";
-    let mut figures = Vec::new();
+    let mut seen_figures = Vec::new();
     for (damage, cmd, expect) in [
         (
             "truncated",
@@ -561,19 +561,19 @@ fn scenario_04_a_damaged_or_lost_agent_state_file_is_survived_and_the_apps_reado
             new.contains("re-adopting running instance found without a state record"),
             "{damage}: {new}"
         );
-        figures.push(format!(
+        seen_figures.push(format!(
             "{damage}: reporting after {} ms",
             reporting.as_millis()
         ));
     }
     std::thread::sleep(Duration::from_millis(500));
     let stats = load.finish();
-    println!(
+    figures(&format!(
         "scenario 4 (agent state file damaged): {}; {} requests sent, {} failed; 0 instances replaced",
-        figures.join(", "),
+        seen_figures.join(", "),
         stats.sent,
         stats.failed
-    );
+    ));
     assert_eq!(stats.failed, 0, "{:?}\n{}", stats.failures, c.logs());
 }
 
@@ -598,13 +598,13 @@ fn scenario_08_a_slow_starting_release_healthy_after_90s_succeeds_within_its_120
     std::thread::sleep(Duration::from_millis(500));
     let stats = load.finish();
     let st = c.status("web");
-    println!(
+    figures(&format!(
         "scenario 8 (healthy after 90 s, deadline 120 s): live after {} ms; {} requests sent, {} failed, by version {:?}",
         took.as_millis(),
         stats.sent,
         stats.failed,
         stats.by_version
-    );
+    ));
     assert!(
         out.status.success(),
         "{}\n{st:#}\n{}",
@@ -684,11 +684,11 @@ fn scenario_09_a_flapping_health_check_is_never_promoted_and_routing_does_not_fl
     let (routed3, unroutes3, st) = watch(&c, "r3", &|st| st["rollout"]["state"] == "succeeded");
     std::thread::sleep(Duration::from_millis(500));
     let stats = load.finish();
-    println!(
+    figures(&format!(
         "scenario 9 (flapping health): 2 up / 2 down: never routed, rolled back ({message}); \
          3 up / 1 down: promoted, {routed3} instances routed, {unroutes3} left routing again; {} requests sent, {} failed",
         stats.sent, stats.failed
-    );
+    ));
     assert_eq!(
         unroutes3, 0,
         "once healthy, routing ignores single failures: {st:#}"
@@ -719,7 +719,7 @@ fn scenario_12_a_failing_artifact_download_fails_the_deploy_before_any_old_insta
     // The app's own [release] command (run on the server once the artifact
     // is packed, before any rollout) damages the newest artifact.
     let newest = "f=$(ls -t /data/server/artifacts/*.tar.zst | head -1)";
-    let mut figures = Vec::new();
+    let mut seen_figures = Vec::new();
     for (n, (damage, cmd, cause)) in [
         (
             "truncated",
@@ -751,7 +751,7 @@ fn scenario_12_a_failing_artifact_download_fails_the_deploy_before_any_old_insta
             c.logs()
         );
         assert_eq!(pids(&c, "web"), v1, "{damage}: no old instance stopped");
-        figures.push(format!("{damage}: \"{message}\""));
+        seen_figures.push(format!("{damage}: \"{message}\""));
     }
 
     // The server down while the agents are to download: each agent is
@@ -787,14 +787,14 @@ fn scenario_12_a_failing_artifact_download_fails_the_deploy_before_any_old_insta
     let retries: usize = c.in_agent_logs("artifact download failed; retrying");
     std::thread::sleep(Duration::from_millis(500));
     let stats = load.finish();
-    println!(
+    figures(&format!(
         "scenario 12 (artifact download fails): {}; server down 3 s during the download: {retries} retries, then live; \
          {} requests sent, {} failed, by version {:?}",
-        figures.join("; "),
+        seen_figures.join("; "),
         stats.sent,
         stats.failed,
         stats.by_version
-    );
+    ));
     assert!(retries >= 1, "the download was retried\n{}", c.logs());
     assert_eq!(c.status("web")["live_release"], "r5");
     assert_eq!(stats.failed, 0, "{:?}", stats.failures);
@@ -869,7 +869,7 @@ fn scenario_10_twenty_deploy_canary_promote_rollback_cycles_under_load_lose_no_r
         }
     }
     let sigterms: usize = c.in_agent_logs("SIGTERM to the process group");
-    println!(
+    figures(&format!(
         "scenario 10 ({cycles} deploy/canary/promote/rollback cycles in {} s): {} requests sent \
          (keep-alive, new connections, slow), {} failed; {stops} instances retired, drained, then stopped; \
          {sigterms} SIGTERMs; answers by version: {} versions",
@@ -877,7 +877,7 @@ fn scenario_10_twenty_deploy_canary_promote_rollback_cycles_under_load_lose_no_r
         stats.sent,
         stats.failed,
         stats.by_version.len()
-    );
+    ));
     assert_eq!(stats.failed, 0, "{:?}\n{}", stats.failures, c.logs());
     assert!(stops >= 2 * cycles as usize * 2, "{stops} stops");
     assert!(
@@ -906,7 +906,9 @@ fn scenario_13_random_operations_converge_to_the_last_requested_state() {
                 .as_nanos() as u64
                 % 1_000_000
         });
-    println!("scenario 13: seed {seed} (DROVER_CLUSTER_SEED={seed} replays it)");
+    figures(&format!(
+        "scenario 13: seed {seed} (DROVER_CLUSTER_SEED={seed} replays it)"
+    ));
     // xorshift: deterministic per seed, no dependency.
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut rand = move |n: u64| {
@@ -1005,7 +1007,7 @@ fn scenario_13_random_operations_converge_to_the_last_requested_state() {
     std::thread::sleep(Duration::from_millis(500));
     let stats = load.finish();
     let procs = app_processes(&c);
-    println!(
+    figures(&format!(
         "scenario 13 (seed {seed}): {} operations: {}; converged to {last} × {n} in {} ms; \
          {} requests sent, {} failed; {procs} app processes at the end",
         ops.len(),
@@ -1013,7 +1015,7 @@ fn scenario_13_random_operations_converge_to_the_last_requested_state() {
         converged_in.as_millis(),
         stats.sent,
         stats.failed
-    );
+    ));
     assert_eq!(procs, n as usize, "no stray process");
     assert_eq!(
         get_version(&c.proxy_url(), "web.localhost").unwrap(),

@@ -17,6 +17,13 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_drover");
 
 pub mod docker;
 
+/// Prints a test's figures where a CI log shows them: straight to stderr,
+/// which the test harness does not capture (unlike `println!`).
+pub fn figures(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{text}");
+}
+
 /// Cluster tests share two cores: run them one at a time.
 pub fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
