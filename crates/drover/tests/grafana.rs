@@ -1,0 +1,96 @@
+//! The Grafana dashboard shipped in `grafana/drover.json` stays true to the
+//! metrics: it parses as a dashboard, and every `drover_…` series and label
+//! its queries use is one that the server's, a proxy's or an agent's
+//! `/metrics` exposes (rendered here by the very encoders they use).
+
+use std::collections::BTreeSet;
+
+const DASHBOARD: &str = include_str!("../../../grafana/drover.json");
+
+fn exposition() -> String {
+    let row = |release: &str| drover_api::ReleaseStats {
+        app: "web".into(),
+        env: "production".into(),
+        release: release.into(),
+        requests: 10,
+        errors: 1,
+        latency_buckets: vec![1; drover_api::LATENCY_BUCKETS_MS.len() + 1],
+        latency_sum_us: 1000,
+    };
+    [
+        drover_api::metrics::encode_release_traffic("drover_release", vec![row("r1")]),
+        drover_api::metrics::encode_release_traffic("drover_proxy_release", vec![row("r2")]),
+        drover_agent::metrics::encode(&[(
+            "web".into(),
+            "r1".into(),
+            "web-r1-a".into(),
+            drover_api::InstanceState::Healthy,
+            1,
+        )]),
+    ]
+    .join("\n")
+}
+
+/// `drover_…` words of a PromQL expression.
+fn series(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("drover_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[test]
+fn the_grafana_dashboard_queries_only_series_and_labels_drover_exposes() {
+    let d: serde_json::Value = serde_json::from_str(DASHBOARD).expect("valid JSON");
+    assert_eq!(d["uid"], "drover-releases");
+    let text = exposition();
+    let mut queries: Vec<String> = Vec::new();
+    for p in d["panels"].as_array().expect("panels") {
+        assert!(p["title"].as_str().is_some_and(|t| !t.is_empty()));
+        for t in p["targets"].as_array().expect("targets") {
+            queries.push(t["expr"].as_str().expect("expr").to_string());
+        }
+    }
+    for v in d["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = v["definition"].as_str() {
+            queries.push(q.to_string());
+        }
+    }
+    assert!(queries.len() >= 6, "{queries:?}");
+    let mut used = BTreeSet::new();
+    for q in &queries {
+        for s in series(q) {
+            let exposed = text
+                .lines()
+                .any(|l| l.starts_with(&format!("{s}{{")) || l.starts_with(&format!("{s} ")));
+            assert!(
+                exposed,
+                "the dashboard queries {s}, which no role exposes:\n{text}"
+            );
+            used.insert(s);
+        }
+        for label in ["app=", "env=~", "release", "state", "le"] {
+            if q.contains(label) {
+                let name = label.trim_end_matches(['=', '~']);
+                assert!(
+                    text.contains(&format!("{name}=\"")),
+                    "label {name} of {q} is not exposed"
+                );
+            }
+        }
+    }
+    // Every role's metrics appear on the dashboard.
+    for prefix in ["drover_release_", "drover_proxy_release_", "drover_agent_"] {
+        assert!(
+            used.iter().any(|s| s.starts_with(prefix)),
+            "{prefix}: {used:?}"
+        );
+    }
+}
