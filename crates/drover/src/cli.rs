@@ -745,8 +745,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let c = s.client();
             eprintln!(
-                "building {app} ({})…",
-                git_ref.as_deref().unwrap_or("branch tip")
+                "building {} ({})…",
+                output::escape_terminal(&app),
+                output::escape_terminal(git_ref.as_deref().unwrap_or("branch tip"))
             );
             let d: drover_api::DeployResponse = c.post(
                 &format!("/v1/apps/{app}/deploy"),

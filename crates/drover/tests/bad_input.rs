@@ -1,6 +1,8 @@
-//! Bad input that reaches the store (SCENARIOS 16): a stored record that no
-//! longer parses — as after an upgrade that changed its format — marks only
-//! that app as in error; the server, the other apps and their deploys go on.
+//! Bad input (SCENARIOS 16 and 19): a stored record that no longer parses —
+//! as after an upgrade that changed its format — marks only that app as in
+//! error, the server, the other apps and their deploys go on; hostile refs
+//! and branch names are refused before git runs, and commit messages are
+//! data, never run by a shell nor printed raw to a terminal.
 
 mod common;
 
@@ -73,5 +75,78 @@ fn a_stored_record_that_no_longer_parses_marks_only_that_app_as_in_error() {
     assert!(http_get(&c.api, "/v1/health").is_ok());
     println!(
         "stored record in a foreign format: web listed as in error ({err:?}); api deployed v2"
+    );
+}
+
+/// SCENARIOS 19: branch names and refs with `$(…)`, `;`, a leading `-`,
+/// newlines or terminal escapes are refused with what is wrong before any
+/// git runs, and nothing is ever run by a shell: a commit whose message is
+/// `$(touch …)` deploys and runs nothing.
+#[test]
+fn hostile_refs_are_refused_and_commit_messages_never_reach_a_shell() {
+    let _g = serial();
+    let c = Cluster::start(1);
+    let canary = c.dir.path().join("pwned");
+    let touch = format!("touch {}", canary.display());
+    let web = Repo::create(
+        &c.dir.path().join("web"),
+        &spec("web", 1, "30s"),
+        &Behavior::ok("v1"),
+    );
+    let path = web.path.to_string_lossy().to_string();
+    let hostile = [
+        format!("$({touch})"),
+        format!("main;{touch}"),
+        "-c core.pager=sh".to_string(),
+        format!("main\n{touch}"),
+        "\u{1b}[2Jmain".to_string(),
+        "main..other".to_string(),
+    ];
+    for b in &hostile {
+        let out = c.cli(&["apps", "add", &path, &format!("--branch={b}")]);
+        assert_eq!(out.status.code(), Some(2), "branch {b:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            err.contains("ref") || err.contains("branch"),
+            "branch {b:?}: {err}"
+        );
+        assert!(
+            !err.contains('\u{1b}'),
+            "a raw escape reached the terminal: {err:?}"
+        );
+    }
+    assert_eq!(
+        c.api_get("/v1/apps").unwrap(),
+        serde_json::json!([]),
+        "nothing stored"
+    );
+    c.cli_ok(&["apps", "add", &path]);
+    for r in &hostile {
+        let out = c.cli(&["deploy", "web", &format!("--ref={r}")]);
+        assert_eq!(out.status.code(), Some(2), "ref {r:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !err.contains('\u{1b}'),
+            "a raw escape reached the terminal: {err:?}"
+        );
+    }
+    assert!(c.runs("web").is_empty(), "no run was created");
+    // A commit message is data: deployed, never evaluated.
+    std::fs::write(web.path.join("note.txt"), "x").unwrap();
+    git(&web.path, &["add", "-A"]);
+    git(
+        &web.path,
+        &[
+            "commit",
+            "--quiet",
+            "-m",
+            &format!("$({touch}); `{touch}`\n\u{1b}[31mred"),
+        ],
+    );
+    c.cli_ok(&["deploy", "web", "--wait"]);
+    assert!(!canary.exists(), "a commit message was run by a shell");
+    println!(
+        "{} hostile branch names and refs refused; a hostile commit message deployed as data",
+        hostile.len()
     );
 }
