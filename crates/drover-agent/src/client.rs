@@ -85,7 +85,7 @@ impl ControlClient {
     fn set_credential(&self, token: Option<String>) {
         if let Some(path) = &self.cred_file {
             let res = match &token {
-                Some(t) => write_private(path, t),
+                Some(t) => crate::state::write_private(path, format!("{t}\n").as_bytes()),
                 None => match std::fs::remove_file(path) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
                     _ => Ok(()),
@@ -230,25 +230,6 @@ async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, Clien
     let resp = check_status(resp).await?;
     let bytes = resp.bytes().await.map_err(|e| unreachable(&e))?;
     serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
-}
-
-/// Writes `text` to `path` readable by its owner only (tmp file + rename).
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    writeln!(f, "{text}")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 fn unreachable(e: &reqwest::Error) -> ClientError {

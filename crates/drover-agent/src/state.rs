@@ -184,7 +184,18 @@ pub fn load(path: &Path) -> Loaded {
 /// Writes the state atomically: `<path>.tmp`, fsync, rename, fsync dir.
 pub fn save(path: &Path, state: &AgentState) -> io::Result<()> {
     let bytes = serde_json::to_vec_pretty(state).map_err(io::Error::other)?;
-    let tmp = path.with_extension("json.tmp");
+    write_private(path, &bytes)
+}
+
+/// Replaces `path` with `bytes` atomically (tmp file, fsync, rename, fsync
+/// of the directory), readable by its owner only.
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     {
         let mut f = fs::OpenOptions::new()
             .write(true)
@@ -192,7 +203,7 @@ pub fn save(path: &Path, state: &AgentState) -> io::Result<()> {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(&bytes)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
     }
     fs::rename(&tmp, path)?;

@@ -581,7 +581,7 @@ async fn rollback(
     }
     let r = s
         .engine
-        .start_rollout(&app, &env, &to, crate::engine::ROLLBACK)
+        .start_rollout(&app, &env, &to, crate::engine::Start::Rollback)
         .await?;
     Ok(Json(api::DeployResponse {
         release: to,

@@ -443,7 +443,7 @@ pub async fn bootstrap(store: &dyn Store, data_dir: &Path) -> anyhow::Result<()>
 }
 
 /// Writes `text` to a new file only its owner can read.
-fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
+pub(crate) fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let _ = std::fs::remove_file(path);

@@ -34,7 +34,7 @@ pub enum Command {
         app: String,
         env: String,
         to: String,
-        reason: String,
+        start: Start,
         reply: oneshot::Sender<Result<Rollout, ApiErr>>,
     },
     Control {
@@ -88,7 +88,7 @@ impl EngineHandle {
         app: &str,
         env: &str,
         to: &str,
-        reason: &str,
+        start: Start,
     ) -> Result<Rollout, ApiErr> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -96,7 +96,7 @@ impl EngineHandle {
                 app: app.into(),
                 env: env.into(),
                 to: to.into(),
-                reason: reason.into(),
+                start,
                 reply,
             })
             .await
@@ -127,8 +127,25 @@ impl EngineHandle {
     }
 }
 
-/// The reason of a rollout started by `drover rollback` (no steps).
-pub const ROLLBACK: &str = "rollback";
+/// Why a rollout starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// A pipeline run delivers its release; the reason names the run.
+    Run(String),
+    /// `drover rollback`: straight back, without canary steps or a wait for
+    /// a blue/green promotion.
+    Rollback,
+}
+
+impl Start {
+    /// For events and messages.
+    pub fn reason(&self) -> &str {
+        match self {
+            Start::Run(r) => r,
+            Start::Rollback => "rollback",
+        }
+    }
+}
 
 pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
     let mut engine = Engine {
@@ -147,8 +164,8 @@ pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
         tokio::select! {
             _ = server.shutdown.cancelled() => break,
             cmd = rx.rx.recv() => match cmd {
-                Some(Command::StartRollout { app, env, to, reason, reply }) => {
-                    let res = engine.start_rollout(&app, &env, &to, &reason).await;
+                Some(Command::StartRollout { app, env, to, start, reply }) => {
+                    let res = engine.start_rollout(&app, &env, &to, &start).await;
                     let _ = reply.send(res);
                     engine.tick_all().await;
                 }
@@ -238,8 +255,9 @@ impl Engine {
         app: &str,
         env: &str,
         to: &str,
-        reason: &str,
+        start: &Start,
     ) -> Result<Rollout, ApiErr> {
+        let reason = start.reason();
         let now = now_ms();
         self.store().get_app(app).await?;
         let spec = self.spec(app, env, to).await?;
@@ -275,7 +293,7 @@ impl Engine {
         // Argo Rollouts' does within its rollback window: no canary steps
         // (nor their analysis) and no wait for a blue/green promotion; the
         // rolling rules (surge, unavailability, health) still hold.
-        if reason == ROLLBACK {
+        if *start == Start::Rollback {
             let steps = spec.deploy.steps.len() as u32;
             if steps > 0 {
                 r.canary = Some(drover_core::CanaryProgress {

@@ -655,7 +655,12 @@ async fn deliver(
             let reason = format!("run {} of {short}", r.run.id);
             match server
                 .engine
-                .start_rollout(&app.name, env, &release.name(), &reason)
+                .start_rollout(
+                    &app.name,
+                    env,
+                    &release.name(),
+                    crate::engine::Start::Run(reason),
+                )
                 .await
             {
                 Ok(ro) => ro,

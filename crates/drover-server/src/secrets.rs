@@ -14,8 +14,7 @@
 use anyhow::Context;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 /// The largest value accepted.
@@ -59,14 +58,8 @@ impl SecretBox {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir)?;
                 }
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
+                crate::auth::write_secret(path, &hex::encode(key))
                     .with_context(|| format!("cannot create {}", path.display()))?;
-                writeln!(f, "{}", hex::encode(key))?;
-                f.sync_all()?;
                 tracing::warn!(path = %path.display(),
                     "wrote a new secrets key; keep it apart from copies of the database");
                 key.to_vec()

@@ -27,33 +27,6 @@ fn instances(st: &Value) -> Vec<Value> {
     st["instances"].as_array().cloned().unwrap_or_default()
 }
 
-/// (id, pid, restarts) of every instance, sorted.
-fn pids(c: &DockerCluster, app: &str) -> Vec<(String, u64, u64)> {
-    let mut v: Vec<_> = instances(&c.status(app))
-        .iter()
-        .map(|i| {
-            (
-                i["id"].as_str().unwrap().to_string(),
-                i["pid"].as_u64().unwrap_or(0),
-                i["restarts"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-fn node_info(c: &DockerCluster, node: &str) -> Value {
-    c.api_get("/v1/nodes")
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == node)
-        .cloned()
-        .unwrap_or_else(|| panic!("no node {node}"))
-}
-
 /// Scenario 5: a node cut off from the control plane keeps serving until
 /// its lease runs out; then it is marked lost, its instances leave routing
 /// and are replaced on the other nodes; once healed, its stale copy stops
@@ -78,9 +51,7 @@ fn scenario_05_a_node_cut_off_is_replaced_after_its_lease_and_its_stale_copy_sto
     std::thread::sleep(Duration::from_millis(500));
     c.cut_off(c.agent(2));
     let cut_at = Instant::now();
-    let seen_ago = node_info(&c, "node-2")["last_seen_ms_ago"]
-        .as_u64()
-        .unwrap();
+    let seen_ago = c.node("node-2")["last_seen_ms_ago"].as_u64().unwrap();
     let lease_expires =
         cut_at + Duration::from_millis(10_000) - Duration::from_millis(seen_ago.min(10_000));
 
@@ -124,7 +95,7 @@ fn scenario_05_a_node_cut_off_is_replaced_after_its_lease_and_its_stale_copy_sto
         },
     );
     let replaced_at = cut_at.elapsed();
-    let n2 = node_info(&c, "node-2");
+    let n2 = c.node("node-2");
     assert_eq!(n2["ready"], false, "{n2:#}\n{}", c.logs());
     // Cut off, node-2's copy still runs there (nothing told it to stop).
     let running_there = c
@@ -148,7 +119,7 @@ fn scenario_05_a_node_cut_off_is_replaced_after_its_lease_and_its_stale_copy_sto
     c.heal(c.agent(2));
     let healed_at = Instant::now();
     c.wait_until("node-2 ready again", Duration::from_secs(30), |c| {
-        node_info(c, "node-2")["ready"] == true
+        c.node("node-2")["ready"] == true
     });
     c.wait_until(
         "the stale copy stopped on node-2 and forgotten",
@@ -201,7 +172,7 @@ fn scenario_02_an_agent_killed_ten_times_leaves_its_apps_serving_and_readopts_th
     let _g = serial();
     let c = DockerCluster::start(3);
     deploy_v1(&c, "web", 3);
-    let before = pids(&c, "web");
+    let before = c.pids("web");
     let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(180));
     let started = Instant::now();
     for round in 1..=10 {
@@ -209,16 +180,7 @@ fn scenario_02_an_agent_killed_ten_times_leaves_its_apps_serving_and_readopts_th
         std::thread::sleep(Duration::from_millis(300));
         c.start_agent(1);
         // The new agent has reported (its report carries the adopted pids).
-        c.wait_until(
-            &format!("round {round}: node-1 reports again"),
-            Duration::from_secs(20),
-            |c| {
-                node_info(c, "node-1")["last_seen_ms_ago"]
-                    .as_u64()
-                    .unwrap_or(u64::MAX)
-                    < 500
-            },
-        );
+        c.wait_reporting(1, &format!("round {round}: node-1 reports again"));
     }
     let killed_for = started.elapsed();
     c.wait_until("all healthy", Duration::from_secs(20), |c| {
@@ -228,7 +190,7 @@ fn scenario_02_an_agent_killed_ten_times_leaves_its_apps_serving_and_readopts_th
     });
     std::thread::sleep(Duration::from_millis(500));
     let stats = load.finish();
-    let after = pids(&c, "web");
+    let after = c.pids("web");
     let agents_log = std::fs::read_to_string(c.agent(1).dir.join("logs/agent.log")).unwrap();
     let adopted = agents_log.matches("re-adopting running instance").count();
     figures(&format!(
@@ -374,7 +336,7 @@ fn scenario_07_and_03_a_crash_looping_release_rolls_back_and_an_agent_restart_ke
     let _g = serial();
     let c = DockerCluster::start(3);
     let repo = deploy_v1(&c, "web", 3);
-    let v1_pids = pids(&c, "web");
+    let v1_pids = c.pids("web");
     repo.commit(&crashing_spec("web", "25s"), &Behavior::ok("v2"));
     let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(180));
     let started = Instant::now();
@@ -467,7 +429,7 @@ fn scenario_07_and_03_a_crash_looping_release_rolls_back_and_an_agent_restart_ke
         "{st:#}"
     );
     assert_eq!(
-        pids(&c, "web"),
+        c.pids("web"),
         v1_pids,
         "the old instances stayed throughout"
     );
@@ -519,16 +481,7 @@ fn scenario_04_a_damaged_or_lost_agent_state_file_is_survived_and_the_apps_reado
         let log_from = std::fs::metadata(&log_path).unwrap().len() as usize;
         let started = Instant::now();
         c.start_agent(1);
-        c.wait_until(
-            &format!("{damage}: node-1 reports again"),
-            Duration::from_secs(20),
-            |c| {
-                node_info(c, "node-1")["last_seen_ms_ago"]
-                    .as_u64()
-                    .unwrap_or(u64::MAX)
-                    < 500
-            },
-        );
+        c.wait_reporting(1, &format!("{damage}: node-1 reports again"));
         let reporting = started.elapsed();
         c.wait_until(
             &format!("{damage}: node-1's instance healthy and routed"),
@@ -714,7 +667,7 @@ fn scenario_12_a_failing_artifact_download_fails_the_deploy_before_any_old_insta
     let _g = serial();
     let c = DockerCluster::start(3);
     let repo = deploy_v1(&c, "web", 3);
-    let v1 = pids(&c, "web");
+    let v1 = c.pids("web");
     let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(240));
     // The app's own [release] command (run on the server once the artifact
     // is packed, before any rollout) damages the newest artifact.
@@ -750,7 +703,7 @@ fn scenario_12_a_failing_artifact_download_fails_the_deploy_before_any_old_insta
             "{damage}: the cause is named: {message}\n{}",
             c.logs()
         );
-        assert_eq!(pids(&c, "web"), v1, "{damage}: no old instance stopped");
+        assert_eq!(c.pids("web"), v1, "{damage}: no old instance stopped");
         seen_figures.push(format!("{damage}: \"{message}\""));
     }
 

@@ -237,24 +237,7 @@ fn an_agent_killed_and_restarted_keeps_its_instances_and_their_pids() {
     let mut c = Cluster::start(3);
     let repo = Repo::create(c.dir.path(), &spec("web", 3, "30s"), &Behavior::ok("v1"));
     deploy_first(&c, &repo, "web");
-    let pids = |c: &Cluster| -> Vec<(String, u64, u64)> {
-        let st = c.status("web");
-        let mut v: Vec<_> = st["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| {
-                (
-                    i["id"].as_str().unwrap().to_string(),
-                    i["pid"].as_u64().unwrap_or(0),
-                    i["restarts"].as_u64().unwrap(),
-                )
-            })
-            .collect();
-        v.sort();
-        v
-    };
-    let before = pids(&c);
+    let before = c.pids("web");
     let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(60));
     c.agents[0].kill9();
     std::thread::sleep(Duration::from_secs(2));
@@ -274,7 +257,11 @@ fn an_agent_killed_and_restarted_keeps_its_instances_and_their_pids() {
             .iter()
             .all(|i| i["state"] == "healthy")
     });
-    assert_eq!(pids(&c), before, "same instances, same pids, no restarts");
+    assert_eq!(
+        c.pids("web"),
+        before,
+        "same instances, same pids, no restarts"
+    );
 }
 
 #[test]

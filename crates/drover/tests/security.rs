@@ -18,13 +18,23 @@ fn get_as(c: &Cluster, token: &str, path: &str) -> (u16, String) {
     (code, body)
 }
 
-/// A form POST to the API; returns (status code, head, body).
-fn post_form(c: &Cluster, path: &str, body: &str) -> (u16, String, String) {
+/// A POST to the API with `token` ("": none); (status code, head, body).
+fn post_as(
+    c: &Cluster,
+    token: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> (u16, String, String) {
     use std::io::{Read, Write};
+    let auth = match token {
+        "" => String::new(),
+        t => format!("Authorization: Bearer {t}\r\n"),
+    };
     let mut s = std::net::TcpStream::connect(&c.api_addr).unwrap();
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -33,6 +43,11 @@ fn post_form(c: &Cluster, path: &str, body: &str) -> (u16, String, String) {
     let (head, body) = buf.split_once("\r\n\r\n").unwrap();
     let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     (code, head.to_string(), body.to_string())
+}
+
+/// A form POST to the API without a token.
+fn post_form(c: &Cluster, path: &str, body: &str) -> (u16, String, String) {
+    post_as(c, "", path, "application/x-www-form-urlencoded", body)
 }
 
 fn stderr(o: &std::process::Output) -> String {
@@ -223,21 +238,8 @@ fn tokens_and_roles_decide_who_may_do_what() {
 
 /// POSTs JSON to the API with `token`; the status code and body.
 fn post_json_as(c: &Cluster, token: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(&c.api_addr).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
-    (
-        head.split_whitespace().nth(1).unwrap().parse().unwrap(),
-        body.to_string(),
-    )
+    let (code, _, body) = post_as(c, token, path, "application/json", body);
+    (code, body)
 }
 
 /// Scenario 24, first part (without certificates yet): each agent gets a

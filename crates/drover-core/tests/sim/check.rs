@@ -117,53 +117,34 @@ pub fn plan(input: &Input, p: &Plan) -> Result<Notes, String> {
 
     for a in &p.actions {
         match a {
-            Action::Place { release, node } if active.is_none() => {
-                // The steady state keeps the live release at n.
-                ensure!(
-                    input.live.as_deref() == Some(release.as_str()) && !failed,
-                    "{a}: placed without a progressing rollout, not the live release {:?} (or after a failure)",
-                    input.live
-                );
-                ensure!(
-                    input.nodes.iter().any(|n| n.name == *node && n.ready),
-                    "{a}: not a ready node the environment allows"
-                );
-                let running = view
-                    .values()
-                    .filter(|i| i.release == *release && i.desired == Desired::Run)
-                    .count() as u32;
-                ensure!(
-                    running < n,
-                    "{a}: the live release already runs {running} of {n}"
-                );
-                placed += 1;
-                let id = format!("+{placed}");
-                view.insert(
-                    id.clone(),
-                    Instance {
-                        id,
-                        release: release.clone(),
-                        node: node.clone(),
-                        desired: Desired::Run,
-                        routed: false,
-                        health: Health::Pending,
-                        created_at: now,
-                        drained: false,
-                        last_check: None,
-                    },
-                );
-            }
             Action::Place { release, node } => {
-                ensure!(!paused, "{a}: placed without a progressing rollout");
-                let r = new.expect("active");
-                ensure!(
-                    target.as_deref() == Some(release.as_str()) && !r.state.is_final(),
-                    "{a}: not the target of rollout {r:?}"
-                );
-                ensure!(
-                    Some(release) == r.from.as_ref() || *release == r.to,
-                    "{a}: a release outside from/to"
-                );
+                if active.is_none() {
+                    // The steady state keeps the live release at n.
+                    ensure!(
+                        input.live.as_deref() == Some(release.as_str()) && !failed,
+                        "{a}: placed without a progressing rollout, not the live release {:?} (or after a failure)",
+                        input.live
+                    );
+                    let running = view
+                        .values()
+                        .filter(|i| i.release == *release && i.desired == Desired::Run)
+                        .count() as u32;
+                    ensure!(
+                        running < n,
+                        "{a}: the live release already runs {running} of {n}"
+                    );
+                } else {
+                    ensure!(!paused, "{a}: placed without a progressing rollout");
+                    let r = new.expect("active");
+                    ensure!(
+                        target.as_deref() == Some(release.as_str()) && !r.state.is_final(),
+                        "{a}: not the target of rollout {r:?}"
+                    );
+                    ensure!(
+                        Some(release) == r.from.as_ref() || *release == r.to,
+                        "{a}: a release outside from/to"
+                    );
+                }
                 ensure!(
                     input.nodes.iter().any(|n| n.name == *node && n.ready),
                     "{a}: not a ready node the environment allows"

@@ -465,58 +465,8 @@ impl DockerCluster {
         docker(&["exec", &host.name, "sh", "-c", cmd])
     }
 
-    pub fn api_get(&self, path: &str) -> Result<Value, String> {
-        let body = http_get_auth(&self.api, path, Some(&self.admin_token))?;
-        serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))
-    }
-
-    pub fn status(&self, app: &str) -> Value {
-        self.api_get(&format!("/v1/apps/{app}/status"))
-            .unwrap_or_else(|e| panic!("status: {e}\n{}", self.logs()))
-    }
-
-    /// Runs the CLI (on this machine) against the cluster, as admin.
-    pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
-            .env("DROVER_SERVER", &self.api)
-            .env("DROVER_TOKEN", &self.admin_token)
-            .env("DROVER_TOKEN_FILE", "/nonexistent")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    pub fn cli_ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "drover {args:?} failed ({:?}):\n{}\n{}\n{}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    pub fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut(&Self) -> bool) {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if f(self) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "timed out after {timeout:?} waiting for {what}\n{}",
-            self.logs()
-        );
-    }
-
     /// The last lines of every role's log, for failure messages.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
         let mut files: Vec<PathBuf> = Vec::new();
         if let Ok(hosts) = std::fs::read_dir(self.dir.path().join("hosts")) {
             for h in hosts.flatten() {
@@ -525,17 +475,18 @@ impl DockerCluster {
                 }
             }
         }
-        files.sort();
-        for f in files {
-            let text = std::fs::read_to_string(&f).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            out.push_str(&format!(
-                "--- {} ---\n{}\n",
-                f.display(),
-                lines[lines.len().saturating_sub(25)..].join("\n")
-            ));
-        }
-        out
+        tail_logs(files)
+    }
+
+    /// Waits until node-i's agent has reported within the last 500 ms.
+    pub fn wait_reporting(&self, i: u32, what: &str) {
+        let node = format!("node-{i}");
+        self.wait_until(what, Duration::from_secs(20), |c| {
+            c.node(&node)["last_seen_ms_ago"]
+                .as_u64()
+                .unwrap_or(u64::MAX)
+                < 500
+        });
     }
 
     /// How often `needle` occurs in the agents' logs, all nodes together.
@@ -551,6 +502,18 @@ impl DockerCluster {
             .sum()
     }
 
+    /// `GET /v1/nodes`' entry for `node`.
+    pub fn node(&self, node: &str) -> Value {
+        self.api_get("/v1/nodes")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == node)
+            .cloned()
+            .unwrap_or_else(|| panic!("no node {node}"))
+    }
+
     pub fn proxy_url(&self) -> String {
         format!("http://{}", self.proxy_addr)
     }
@@ -558,6 +521,18 @@ impl DockerCluster {
     /// A git repo for an app, where the server can read it.
     pub fn repo(&self, name: &str, spec: &str, b: &Behavior) -> Repo {
         Repo::create(&self.dir.path().join("repos").join(name), spec, b)
+    }
+}
+
+impl ClusterApi for DockerCluster {
+    fn api_base(&self) -> &str {
+        &self.api
+    }
+    fn admin(&self) -> &str {
+        &self.admin_token
+    }
+    fn role_logs(&self) -> String {
+        self.logs()
     }
 }
 

@@ -79,6 +79,118 @@ pub struct Cluster {
     labels: Vec<Vec<String>>,
 }
 
+/// What a test does with a cluster, wherever its roles run (processes on
+/// 127.0.0.1, or containers: `docker::DockerCluster`).
+pub trait ClusterApi: Sized {
+    /// The server's base URL.
+    fn api_base(&self) -> &str;
+    /// The admin token the CLI and API calls use.
+    fn admin(&self) -> &str;
+    /// The last lines of every role's log, for failure messages.
+    fn role_logs(&self) -> String;
+
+    fn api_get(&self, path: &str) -> Result<Value, String> {
+        let body = http_get_auth(self.api_base(), path, Some(self.admin()))?;
+        serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))
+    }
+
+    fn status(&self, app: &str) -> Value {
+        self.api_get(&format!("/v1/apps/{app}/status"))
+            .unwrap_or_else(|e| panic!("status: {e}\n{}", self.role_logs()))
+    }
+
+    /// Runs the CLI (on this machine) against the cluster, as admin.
+    fn cli(&self, args: &[&str]) -> Output {
+        cli_with(self.api_base(), self.admin(), args)
+    }
+
+    fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "drover {args:?} failed ({:?}):\n{}\n{}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.role_logs()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if f(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            self.role_logs()
+        );
+    }
+
+    /// (id, pid, restarts) of every instance of `app`, sorted.
+    fn pids(&self, app: &str) -> Vec<(String, u64, u64)> {
+        let st = self.status(app);
+        let mut v: Vec<_> = st["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| {
+                (
+                    i["id"].as_str().unwrap_or_default().to_string(),
+                    i["pid"].as_u64().unwrap_or(0),
+                    i["restarts"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl ClusterApi for Cluster {
+    fn api_base(&self) -> &str {
+        &self.api
+    }
+    fn admin(&self) -> &str {
+        &self.admin_token
+    }
+    fn role_logs(&self) -> String {
+        self.logs()
+    }
+}
+
+/// `drover ARGS` against `api` with `token` ("": none).
+pub fn cli_with(api: &str, token: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("DROVER_SERVER", api)
+        .env("DROVER_TOKEN", token)
+        .env("DROVER_TOKEN_FILE", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// The last 25 lines of each file, under its name, in name order.
+pub fn tail_logs(mut files: Vec<PathBuf>) -> String {
+    files.sort();
+    let mut out = String::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        out.push_str(&format!(
+            "--- {} ---\n{}\n",
+            f.display(),
+            lines[lines.len().saturating_sub(25)..].join("\n")
+        ));
+    }
+    out
+}
+
 impl Cluster {
     pub fn start(nodes: u32) -> Cluster {
         Cluster::start_polling(nodes, "0")
@@ -262,11 +374,6 @@ impl Cluster {
         wait_http(self.dir.path(), &self.api, path)
     }
 
-    pub fn api_get(&self, path: &str) -> Result<Value, String> {
-        let body = http_get_auth(&self.api, path, Some(&self.admin_token))?;
-        serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))
-    }
-
     /// The app's pipeline runs, newest first.
     pub fn runs(&self, app: &str) -> Vec<Value> {
         self.api_get(&format!("/v1/apps/{app}/runs"))
@@ -276,72 +383,17 @@ impl Cluster {
             .clone()
     }
 
-    pub fn status(&self, app: &str) -> Value {
-        self.api_get(&format!("/v1/apps/{app}/status"))
-            .unwrap_or_else(|e| panic!("status: {e}"))
-    }
-
-    /// Runs the CLI against this cluster, as admin.
-    pub fn cli(&self, args: &[&str]) -> Output {
-        self.cli_as(&self.admin_token, args)
-    }
-
     /// Runs the CLI against this cluster with `token` ("": none).
     pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
-            .env("DROVER_SERVER", &self.api)
-            .env("DROVER_TOKEN", token)
-            .env("DROVER_TOKEN_FILE", "/nonexistent")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    pub fn cli_ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "drover {args:?} failed ({:?}):\n{}\n{}\n{}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    pub fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut(&Cluster) -> bool) {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if f(self) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "timed out after {timeout:?} waiting for {what}\n{}",
-            self.logs()
-        );
+        cli_with(&self.api, token, args)
     }
 
     /// The last lines of every role's log, for failure messages.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        if let Ok(rd) = std::fs::read_dir(self.dir.path().join("logs")) {
-            let mut files: Vec<_> = rd.flatten().map(|e| e.path()).collect();
-            files.sort();
-            for f in files {
-                let text = std::fs::read_to_string(&f).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
-                out.push_str(&format!(
-                    "--- {} ---\n{}\n",
-                    f.display(),
-                    lines[lines.len().saturating_sub(25)..].join("\n")
-                ));
-            }
-        }
-        out
+        let files = std::fs::read_dir(self.dir.path().join("logs"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        tail_logs(files)
     }
 
     pub fn proxy_url(&self) -> String {
