@@ -569,6 +569,21 @@ pub struct AppStatus {
     /// The newest pipeline run.
     #[serde(default)]
     pub last_run: Option<RunInfo>,
+    /// Each release's live figures from the proxies (the last few seconds).
+    #[serde(default)]
+    pub figures: Vec<ReleaseFigures>,
+}
+
+/// One release's traffic over the last few seconds, from the proxies.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReleaseFigures {
+    pub release: String,
+    /// Requests per second.
+    pub rate: f64,
+    /// errors / requests; None without requests.
+    pub error_rate: Option<f64>,
+    /// The 99th percentile latency in ms (bucket bound); None without requests.
+    pub p99_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -635,6 +650,24 @@ pub struct EventInfo {
     pub app: Option<String>,
     pub kind: String,
     pub message: String,
+}
+
+/// One webhook delivery of a rollout event (`GET /v1/apps/{app}/deliveries`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeliveryInfo {
+    /// The same on every attempt (`X-Drover-Delivery`).
+    pub id: String,
+    pub env: String,
+    pub event: String,
+    /// Scheme and host only: the rest of a webhook URL may hold a token.
+    pub url: String,
+    /// pending | delivered | failed
+    pub state: String,
+    pub attempts: u32,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
 }
 
 /// New output of one instance, shipped by its agent (`POST /v1/agent/logs`).

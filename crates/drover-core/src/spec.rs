@@ -28,6 +28,45 @@ pub struct AppSpec {
     /// In file order: a release goes through them one after the other
     /// (e.g. staging, then production). Empty: one unnamed environment.
     pub environments: Vec<EnvironmentSpec>,
+    /// `[[notify]]`: webhooks called on rollout events, in file order.
+    #[serde(default)]
+    pub notify: Vec<NotifySpec>,
+}
+
+/// One `[[notify]]` table: a webhook called with a signed JSON body when a
+/// rollout of the app starts, steps, pauses, succeeds, fails or rolls back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NotifySpec {
+    /// `http://` or `https://` URL the body is POSTed to.
+    pub url: String,
+    /// The name of the app's secret (`drover secrets set APP NAME`) whose
+    /// value keys the body's HMAC-SHA256 signature.
+    pub secret: String,
+    /// Which events (see [`NOTIFY_EVENTS`]); empty: all.
+    pub events: Vec<String>,
+}
+
+/// The rollout events a webhook can ask for: `rollout.<event>` in the
+/// event log, `"event": "rollout.<event>"` in the body.
+pub const NOTIFY_EVENTS: &[&str] = &[
+    "started",
+    "step",
+    "switched",
+    "paused",
+    "resumed",
+    "promoted",
+    "succeeded",
+    "failed",
+    "rolling_back",
+    "rolled_back",
+    "aborted",
+];
+
+impl NotifySpec {
+    /// Whether this webhook wants `event` (the part after `rollout.`).
+    pub fn wants(&self, event: &str) -> bool {
+        self.events.is_empty() || self.events.iter().any(|e| e == event)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -202,6 +241,17 @@ struct Raw {
     release: Option<RawCommand>,
     #[serde(default)]
     environments: BTreeMap<String, Spanned<RawEnvironment>>,
+    #[serde(default)]
+    notify: Vec<Spanned<RawNotify>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    url: Spanned<String>,
+    secret: Option<Spanned<String>>,
+    #[serde(default)]
+    events: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -818,6 +868,11 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
         }
     }
 
+    let mut notify = Vec::new();
+    for (i, n) in raw.notify.into_iter().enumerate() {
+        notify.push(parse_notify(&ctx, i, n)?);
+    }
+
     Ok(AppSpec {
         name: name.into_inner(),
         build,
@@ -828,6 +883,74 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
         deploy,
         release,
         environments,
+        notify,
+    })
+}
+
+/// The shape of a secret's name (an environment variable name): upper-case
+/// letters, digits and `_`, not starting with a digit, at most 128 bytes.
+pub fn secret_name_shape(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+}
+
+fn parse_notify(ctx: &Ctx<'_>, i: usize, n: Spanned<RawNotify>) -> Result<NotifySpec, SpecError> {
+    let field = |f: &str| format!("notify[{i}].{f}");
+    let span = n.span();
+    let n = n.into_inner();
+    let url = n.url.get_ref();
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    let host = rest.map(|r| r.split(['/', '?', '#']).next().unwrap_or(""));
+    let ok = url.len() <= 2048
+        && !url.chars().any(|c| c.is_control() || c.is_whitespace())
+        && host.is_some_and(|h| !h.is_empty() && !h.contains('@'));
+    if !ok {
+        return Err(ctx.err(
+            n.url.span(),
+            &field("url"),
+            "must be an http:// or https:// URL with a host, such as \"https://hooks.example.com/drover\" (no spaces, no user:password@)",
+        ));
+    }
+    let Some(secret) = n.secret else {
+        return Err(ctx.err(
+            span,
+            &field("secret"),
+            "every webhook body is signed: add secret = \"NAME\", the name of a secret you set with `drover secrets set APP NAME`",
+        ));
+    };
+    let name = secret.get_ref();
+    if !secret_name_shape(name) {
+        return Err(ctx.err(
+            secret.span(),
+            &field("secret"),
+            format!("{name:?} is not a secret name; use upper-case letters, digits and _ such as \"NOTIFY_KEY\""),
+        ));
+    }
+    let mut events = Vec::new();
+    for e in &n.events {
+        if !NOTIFY_EVENTS.contains(&e.get_ref().as_str()) {
+            return Err(ctx.err(
+                e.span(),
+                &field("events"),
+                format!(
+                    "{:?} is not a rollout event; use some of {}",
+                    e.get_ref(),
+                    NOTIFY_EVENTS.join(", ")
+                ),
+            ));
+        }
+        events.push(e.get_ref().clone());
+    }
+    Ok(NotifySpec {
+        url: url.clone(),
+        secret: name.clone(),
+        events,
     })
 }
 
@@ -1052,6 +1175,40 @@ max_unavailable = 0
         assert_eq!(s.deploy.max_surge, 1);
         assert_eq!(s.deploy.strategy, Strategy::Rolling);
         assert_eq!(s.route.host, "hello.localhost");
+    }
+
+    #[test]
+    fn notify_webhooks_parse_with_their_events() {
+        let src = format!(
+            "{GOOD}\n[[notify]]\nurl = \"http://127.0.0.1:9/hook\"\nsecret = \"NOTIFY_KEY\"\nevents = [\"started\", \"rolled_back\"]\n\n[[notify]]\nurl = \"https://hooks.example.com/x?y=1\"\nsecret = \"K2\"\n"
+        );
+        let s = parse_spec("drover.toml", &src).unwrap();
+        assert_eq!(s.notify.len(), 2);
+        assert_eq!(s.notify[0].secret, "NOTIFY_KEY");
+        assert!(s.notify[0].wants("rolled_back") && !s.notify[0].wants("step"));
+        assert!(s.notify[1].wants("step"), "no events listed: all of them");
+    }
+
+    #[test]
+    fn bad_notify_tables_name_the_field() {
+        let hook = |body: &str| err(&format!("{GOOD}\n[[notify]]\n{body}\n"));
+        let e = hook("url = \"ftp://x/y\"\nsecret = \"K\"");
+        assert_eq!(e.field, "notify[0].url", "{e}");
+        let e = hook("url = \"http://user:pw@x/y\"\nsecret = \"K\"");
+        assert_eq!(e.field, "notify[0].url", "{e}");
+        let e = hook("url = \"http://x/y\"");
+        assert_eq!(e.field, "notify[0].secret", "{e}");
+        assert!(e.message.contains("drover secrets set"), "{e}");
+        let e = hook("url = \"http://x/y\"\nsecret = \"lower\"");
+        assert_eq!(e.field, "notify[0].secret", "{e}");
+        let e = hook("url = \"http://x/y\"\nsecret = \"K\"\nevents = [\"started\", \"exploded\"]");
+        assert_eq!(e.field, "notify[0].events", "{e}");
+        assert!(
+            e.message.contains("rolled_back"),
+            "lists the valid events: {e}"
+        );
+        let e = hook("url = \"http://x/y\"\nsecret = \"K\"\nretries = 3");
+        assert!(e.message.contains("unknown field"), "{e}");
     }
 
     #[test]

@@ -112,6 +112,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/runs/{id}/log", Viewer, get(run_log))
         .route("/v1/nodes", Viewer, get(nodes))
         .route("/v1/events", Viewer, get(events))
+        .route("/v1/apps/{app}/deliveries", Viewer, get(deliveries))
         .route("/v1/apps/{app}/secrets", Viewer, get(list_secrets))
         .route("/v1/apps/{app}/secrets", Deployer, post(set_secret))
         .route("/v1/apps/{app}/secrets/unset", Deployer, post(unset_secret))
@@ -849,6 +850,27 @@ pub async fn app_status(
             })
         }
     };
+    let figures = s
+        .series
+        .lock()
+        .map(|series| {
+            let samples = series.samples(app, &env, now_ms().saturating_sub(10_000));
+            samples
+                .last()
+                .map(|smp| {
+                    smp.points
+                        .iter()
+                        .map(|(release, p)| api::ReleaseFigures {
+                            release: release.clone(),
+                            rate: p.rate,
+                            error_rate: p.error_rate,
+                            p99_ms: p.p99_ms,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
     Ok(api::AppStatus {
         app: app.to_string(),
         environment: env,
@@ -859,6 +881,7 @@ pub async fn app_status(
         traffic: view::traffic(&instances, canary_split.as_ref()),
         instances,
         last_run: runs.first().map(pipeline::run_info),
+        figures,
     })
 }
 
@@ -1049,17 +1072,46 @@ async fn run_log(
         .into_response())
 }
 
-/// Prometheus scrape: per-release traffic of every app and environment.
-async fn metrics(State(s): S) -> Response {
+/// Prometheus scrape: per-release traffic of every app and environment,
+/// rollouts, instances, nodes, and what was observed (see [`crate::metrics`]).
+async fn metrics(State(s): S) -> Result<Response, ApiErr> {
+    let now = now_ms();
+    let mut snap = crate::metrics::Snapshot::default();
+    let nodes = s.store.list_nodes().await?;
+    let ready = view::nodes_ready(&nodes, now);
+    for n in &nodes {
+        snap.nodes.push((
+            n.name.clone(),
+            view::node_ready(n, now),
+            now.saturating_sub(n.last_seen),
+        ));
+    }
+    let mut counts: BTreeMap<(String, String, String, String), i64> = BTreeMap::new();
+    let mut apps = std::collections::BTreeSet::new();
+    for d in s.store.list_deployments().await? {
+        if let Some(r) = s.store.latest_rollout(&d.app, &d.env).await? {
+            snap.rollouts.push(r);
+        }
+        apps.insert(d.app);
+    }
+    for app in apps {
+        for rec in s.store.list_instances(&app).await? {
+            let st = view::instance_status(&rec, ready.get(&rec.node).copied().unwrap_or(false));
+            *counts
+                .entry((rec.app, rec.env, rec.release, st.state))
+                .or_default() += 1;
+        }
+    }
+    snap.instances = counts.into_iter().collect();
     let traffic = s.traffic.lock().map(|t| t.all()).unwrap_or_default();
-    (
+    Ok((
         [(
             axum::http::header::CONTENT_TYPE,
             crate::metrics::CONTENT_TYPE,
         )],
-        crate::metrics::encode(traffic),
+        crate::metrics::encode(traffic, &snap, &s.observed),
     )
-        .into_response()
+        .into_response())
 }
 
 async fn nodes(State(s): S) -> R<Vec<api::NodeInfo>> {
@@ -1088,6 +1140,35 @@ pub async fn node_list(s: &Server) -> Result<Vec<api::NodeInfo>, ApiErr> {
         });
     }
     Ok(out)
+}
+
+/// An app's webhook deliveries, newest first.
+async fn deliveries(
+    State(s): S,
+    Path(app): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> R<Vec<api::DeliveryInfo>> {
+    s.store.get_app(&app).await?;
+    let d = s
+        .store
+        .list_deliveries(&app, q.limit.unwrap_or(100).min(1000))
+        .await?;
+    Ok(Json(
+        d.into_iter()
+            .map(|d| api::DeliveryInfo {
+                url: crate::notify::redact_url(&d.url),
+                id: d.id,
+                env: d.env,
+                event: d.event,
+                state: d.state,
+                attempts: d.attempts,
+                last_status: d.last_status,
+                last_error: d.last_error,
+                created_at_ms: d.created_at,
+                updated_at_ms: d.updated_at,
+            })
+            .collect(),
+    ))
 }
 
 #[derive(Deserialize)]

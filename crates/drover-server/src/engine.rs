@@ -157,6 +157,7 @@ pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
         prom: crate::prom::client(),
         checks: Arc::default(),
         was_ready: HashMap::new(),
+        steps: HashMap::new(),
     };
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -209,6 +210,21 @@ struct Engine {
     checks: Arc<std::sync::Mutex<HashMap<i64, Option<Verdict>>>>,
     /// Each node's readiness at the last tick (to record lost / back).
     was_ready: HashMap<String, bool>,
+    /// The step each active rollout is in and when the engine saw it begin
+    /// (for `drover_rollout_step_duration_seconds`), by rollout id.
+    steps: HashMap<i64, (StepKey, u64)>,
+}
+
+/// Where a rollout is: (reverting, instances step, canary step, switched).
+type StepKey = (bool, u32, Option<u32>, Option<bool>);
+
+fn step_key(r: &Rollout) -> StepKey {
+    (
+        r.reverting,
+        r.step,
+        r.canary.as_ref().map(|c| c.step),
+        r.blue_green.as_ref().map(|b| b.switched_at.is_some()),
+    )
 }
 
 /// A canary step: (rollout id, step index, when it started).
@@ -227,6 +243,50 @@ struct QueryRun {
 impl Engine {
     fn store(&self) -> &dyn Store {
         &*self.server.store
+    }
+
+    /// Records `rollout.<event>` of `r` in the event log and queues its
+    /// webhook deliveries; `target` is the spec of the rollout's target.
+    async fn rollout_event(
+        &self,
+        r: &Rollout,
+        target: &AppSpec,
+        event: &str,
+        message: &str,
+        now: u64,
+    ) -> Result<(), ApiErr> {
+        self.store()
+            .add_event(Some(&r.app), &format!("rollout.{event}"), message, now)
+            .await?;
+        if drover_core::spec::NOTIFY_EVENTS.contains(&event) {
+            crate::notify::enqueue(&self.server, r, target, event, message, now).await;
+        }
+        Ok(())
+    }
+
+    /// Observes the duration of a step `old` → `new` left, and of the
+    /// whole rollout when it ended.
+    fn observe_steps(&mut self, old: &Rollout, new: &Rollout, spec: &AppSpec, now: u64) {
+        let strategy = spec.deploy.strategy.to_string();
+        let key = step_key(new);
+        match self.steps.get(&new.id) {
+            Some((k, _)) if *k == key && !new.state.is_final() => {}
+            Some((_, began)) => {
+                let ms = now.saturating_sub(*began);
+                self.server.observed.step(new, &strategy, ms);
+                self.steps.insert(new.id, (key, now));
+            }
+            // First seen (or after a restart): measure from here.
+            None => {
+                self.steps.insert(new.id, (key, now));
+            }
+        }
+        if new.state.is_final() && !old.state.is_final() {
+            self.steps.remove(&new.id);
+            self.server
+                .observed
+                .rollout(new, &strategy, now.saturating_sub(new.started_at));
+        }
     }
 
     /// The spec of `release` as it applies in `env` (overrides applied).
@@ -276,14 +336,24 @@ impl Engine {
             active.state = RolloutState::Aborted;
             active.message = format!("superseded by a rollout to {to} ({reason})");
             self.store().update_rollout(&active, now).await?;
-            self.store()
-                .add_event(
-                    Some(app),
-                    "rollout.aborted",
-                    &format!("{}{}", view::env_tag(env), active.message),
-                    now,
-                )
-                .await?;
+            let target = self
+                .spec(app, env, &active.to)
+                .await
+                .unwrap_or(spec.clone());
+            self.steps.remove(&active.id);
+            self.server.observed.rollout(
+                &active,
+                &target.deploy.strategy.to_string(),
+                now.saturating_sub(active.started_at),
+            );
+            self.rollout_event(
+                &active,
+                &target,
+                "aborted",
+                &format!("{}{}", view::env_tag(env), active.message),
+                now,
+            )
+            .await?;
         }
         let mut r = Rollout {
             message: format!("{} rollout to {to} queued", spec.deploy.strategy),
@@ -313,20 +383,21 @@ impl Engine {
             r.message = format!("rollback to {to} queued (no canary steps, no promotion wait)");
         }
         let r = self.store().create_rollout(&r, now).await?;
+        self.steps.insert(r.id, (step_key(&r), now));
         let from = r.from.clone().unwrap_or_else(|| "nothing".into());
-        self.store()
-            .add_event(
-                Some(app),
-                "rollout.started",
-                &format!(
-                    "rollout {} {from} → {to}{} ({}, {reason})",
-                    r.id,
-                    view::in_env(env),
-                    spec.deploy.strategy
-                ),
-                now,
-            )
-            .await?;
+        self.rollout_event(
+            &r,
+            &spec,
+            "started",
+            &format!(
+                "rollout {} {from} → {to}{} ({}, {reason})",
+                r.id,
+                view::in_env(env),
+                spec.deploy.strategy
+            ),
+            now,
+        )
+        .await?;
         tracing::info!(app, env, rollout.id = r.id, from = %from, to, "rollout started");
         let index = self.store().bump_index().await?;
         self.server.index.send_replace(index);
@@ -427,13 +498,13 @@ impl Engine {
             r.id,
             r.message
         );
-        let kind = match control {
-            Control::Pause => "rollout.paused",
-            Control::Resume => "rollout.resumed",
-            Control::Abort => "rollout.aborted",
-            Control::Promote { .. } => "rollout.promoted",
+        let event = match control {
+            Control::Pause => "paused",
+            Control::Resume => "resumed",
+            Control::Abort => "aborted",
+            Control::Promote { .. } => "promoted",
         };
-        self.store().add_event(Some(app), kind, &msg, now).await?;
+        self.rollout_event(&r, &spec, event, &msg, now).await?;
         tracing::info!(app, env, rollout.id = r.id, what, "operator control");
         // Routing follows the rollout's state and split.
         let index = self.store().bump_index().await?;
@@ -879,21 +950,58 @@ impl Engine {
                     tracing::warn!(app, error = %e, "artifact retention failed");
                 }
             }
+            self.observe_steps(old, &new, &spec, now);
+            let target = self.spec(app, env, &new.to).await?;
             if new.state != old.state || new.reverting != old.reverting {
-                let kind = if new.reverting && !old.reverting && !new.state.is_final() {
-                    "rollout.rolling_back".to_string()
+                let event = if new.reverting && !old.reverting && !new.state.is_final() {
+                    "rolling_back".to_string()
                 } else {
-                    format!("rollout.{}", new.state)
+                    new.state.as_str().to_string()
                 };
-                self.store()
-                    .add_event(
-                        Some(app),
-                        &kind,
-                        &format!("{}{}", view::env_tag(env), new.message),
-                        now,
-                    )
-                    .await?;
+                self.rollout_event(
+                    &new,
+                    &target,
+                    &event,
+                    &format!("{}{}", view::env_tag(env), new.message),
+                    now,
+                )
+                .await?;
                 tracing::info!(app, env, rollout.id = new.id, state = %new.state, message = %new.message, "rollout state changed");
+            }
+            if !new.reverting && !new.state.is_final() {
+                // A canary step reached (its weight applied) or a blue/green switch.
+                let reached = |r: &Rollout| {
+                    r.canary
+                        .as_ref()
+                        .and_then(|c| c.step_started_at.map(|_| c.step))
+                };
+                let switched = |r: &Rollout| {
+                    r.blue_green
+                        .as_ref()
+                        .is_some_and(|b| b.switched_at.is_some())
+                };
+                let steps = target.deploy.steps.len();
+                if let Some(step) = reached(&new).filter(|s| Some(*s) != reached(old)) {
+                    let weight = new.canary.as_ref().map(|c| c.weight).unwrap_or(0);
+                    let msg = format!(
+                        "{}rollout {}: step {}/{steps}, {weight}% of users on {}",
+                        view::env_tag(env),
+                        new.id,
+                        step + 1,
+                        new.to
+                    );
+                    self.rollout_event(&new, &target, "step", &msg, now).await?;
+                }
+                if switched(&new) && !switched(old) {
+                    let msg = format!(
+                        "{}rollout {}: all users switched to {}",
+                        view::env_tag(env),
+                        new.id,
+                        new.to
+                    );
+                    self.rollout_event(&new, &target, "switched", &msg, now)
+                        .await?;
+                }
             }
         }
         Ok(())

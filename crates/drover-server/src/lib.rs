@@ -27,6 +27,7 @@ pub mod dashboard;
 pub mod engine;
 pub mod git;
 pub mod metrics;
+pub mod notify;
 pub mod pipeline;
 pub mod prom;
 pub mod retention;
@@ -90,6 +91,8 @@ pub struct Server {
     /// The last spec each deployment's route was built from, for an app
     /// whose stored records stop parsing: it keeps its route.
     pub route_specs: std::sync::Mutex<HashMap<(String, String), drover_core::spec::AppSpec>>,
+    /// Durations and outcomes observed as they happen, for `/metrics`.
+    pub observed: metrics::Observed,
 }
 
 impl Server {
@@ -157,6 +160,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         series: std::sync::Mutex::new(timeseries::Series::default()),
         secrets,
         route_specs: std::sync::Mutex::new(HashMap::new()),
+        observed: metrics::Observed::default(),
     });
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
@@ -165,6 +169,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
     let engine_task = tokio::spawn(engine::run(server.clone(), engine_rx));
     tokio::spawn(source::poll_loop(server.clone(), config.poll_interval));
     tokio::spawn(timeseries::sample_loop(server.clone()));
+    tokio::spawn(notify::run(server.clone()));
     let app = api::router(server.clone()).merge(dashboard::router(server.clone()));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -372,6 +372,11 @@ impl Running {
         self.run.state = state.into();
         self.run.error = error.clone();
         self.save().await;
+        self.server.observed.run(
+            &self.run.app,
+            state,
+            now_ms().saturating_sub(self.run.created_at),
+        );
         let msg = match &error {
             Some(e) => format!("run {} {state}: {e}", self.run.id),
             None => format!("run {} {state}", self.run.id),

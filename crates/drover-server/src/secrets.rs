@@ -125,13 +125,7 @@ impl SecretBox {
 /// letters, digits and `_`, not starting with a digit, and none of the
 /// variables drover sets itself.
 pub fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
-        && !name.starts_with(|c: char| c.is_ascii_digit());
-    if !ok {
+    if !drover_core::spec::secret_name_shape(name) {
         return Err(format!(
             "{name:?} is not a secret name: use upper-case letters, digits and _ (an environment \
              variable name such as DATABASE_URL)"

@@ -161,6 +161,32 @@ pub struct EventRecord {
     pub message: String,
 }
 
+/// One webhook delivery of one rollout event (see migration 0006).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    /// Also in the body and the `X-Drover-Delivery` header: the same on
+    /// every attempt, so receivers can drop duplicates.
+    pub id: String,
+    pub app: String,
+    pub env: String,
+    /// `rollout.started`, `rollout.step`, …
+    pub event: String,
+    pub url: String,
+    /// The name of the app's secret that keys the signature.
+    pub secret: String,
+    /// The JSON body, fixed when the event happened.
+    pub body: String,
+    /// pending | delivered | failed
+    pub state: String,
+    pub attempts: u32,
+    /// When the next attempt is due (pending only).
+    pub next_at: Millis,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
     pub id: i64,
@@ -318,6 +344,16 @@ pub trait Store: Send + Sync + 'static {
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
     /// NotFound when there is no such token; revoking twice keeps the first time.
     async fn revoke_token(&self, id: &str, now: Millis) -> Result<()>;
+
+    /// Adds deliveries (one transaction); ended ones older than `prune_before`
+    /// are dropped at the same time.
+    async fn add_deliveries(&self, d: &[DeliveryRecord], prune_before: Millis) -> Result<()>;
+    /// Pending deliveries due at `now`, oldest first.
+    async fn due_deliveries(&self, now: Millis, limit: u32) -> Result<Vec<DeliveryRecord>>;
+    /// Records an attempt's outcome (state, attempts, next_at, last_*).
+    async fn update_delivery(&self, d: &DeliveryRecord) -> Result<()>;
+    /// An app's deliveries, newest first.
+    async fn list_deliveries(&self, app: &str, limit: u32) -> Result<Vec<DeliveryRecord>>;
 }
 
 pub fn desired_str(d: Desired) -> &'static str {

@@ -733,6 +733,74 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn add_deliveries(&self, d: &[DeliveryRecord], prune_before: Millis) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM deliveries WHERE state != 'pending' AND updated_at < ?")
+            .bind(prune_before as i64)
+            .execute(&mut *tx)
+            .await?;
+        for d in d {
+            sqlx::query("INSERT INTO deliveries (id, app, env, event, url, secret, body, state, attempts, next_at, last_status, last_error, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                .bind(&d.id)
+                .bind(&d.app)
+                .bind(&d.env)
+                .bind(&d.event)
+                .bind(&d.url)
+                .bind(&d.secret)
+                .bind(&d.body)
+                .bind(&d.state)
+                .bind(d.attempts as i64)
+                .bind(d.next_at as i64)
+                .bind(d.last_status.map(i64::from))
+                .bind(&d.last_error)
+                .bind(d.created_at as i64)
+                .bind(d.updated_at as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn due_deliveries(&self, now: Millis, limit: u32) -> Result<Vec<DeliveryRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM deliveries WHERE state = 'pending' AND next_at <= ? ORDER BY created_at, rowid LIMIT ?",
+        )
+        .bind(now as i64)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(delivery_from_row).collect())
+    }
+
+    async fn update_delivery(&self, d: &DeliveryRecord) -> Result<()> {
+        let res = sqlx::query("UPDATE deliveries SET state = ?, attempts = ?, next_at = ?, last_status = ?, last_error = ?, updated_at = ? WHERE id = ?")
+            .bind(&d.state)
+            .bind(d.attempts as i64)
+            .bind(d.next_at as i64)
+            .bind(d.last_status.map(i64::from))
+            .bind(&d.last_error)
+            .bind(d.updated_at as i64)
+            .bind(&d.id)
+            .execute(&self.pool)
+            .await?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("delivery {}", d.id)));
+        }
+        Ok(())
+    }
+
+    async fn list_deliveries(&self, app: &str, limit: u32) -> Result<Vec<DeliveryRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM deliveries WHERE app = ? ORDER BY created_at DESC, rowid DESC LIMIT ?",
+        )
+        .bind(app)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(delivery_from_row).collect())
+    }
+
     async fn upsert_proxy(&self, p: &ProxyRecord) -> Result<()> {
         sqlx::query("INSERT INTO proxies (name, applied_index, oldest_live_index, last_seen) VALUES (?1, ?2, ?3, ?4) ON CONFLICT(name) DO UPDATE SET applied_index = ?2, oldest_live_index = ?3, last_seen = ?4")
             .bind(&p.name)
@@ -802,5 +870,26 @@ impl Store for SqliteStore {
                 message: r.get("message"),
             })
             .collect())
+    }
+}
+
+fn delivery_from_row(r: &sqlx::sqlite::SqliteRow) -> DeliveryRecord {
+    DeliveryRecord {
+        id: r.get("id"),
+        app: r.get("app"),
+        env: r.get("env"),
+        event: r.get("event"),
+        url: r.get("url"),
+        secret: r.get("secret"),
+        body: r.get("body"),
+        state: r.get("state"),
+        attempts: r.get::<i64, _>("attempts") as u32,
+        next_at: r.get::<i64, _>("next_at") as u64,
+        last_status: r
+            .get::<Option<i64>, _>("last_status")
+            .and_then(|s| u16::try_from(s).ok()),
+        last_error: r.get("last_error"),
+        created_at: r.get::<i64, _>("created_at") as u64,
+        updated_at: r.get::<i64, _>("updated_at") as u64,
     }
 }

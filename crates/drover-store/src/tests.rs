@@ -495,3 +495,73 @@ async fn a_release_keeps_the_secrets_of_when_it_was_made() {
         2
     );
 }
+
+#[tokio::test]
+async fn deliveries_come_due_in_order_survive_reopening_and_ended_ones_are_pruned() {
+    let (dir, s) = open().await;
+    let d = |id: &str, at: u64| DeliveryRecord {
+        id: id.into(),
+        app: "web".into(),
+        env: String::new(),
+        event: "rollout.started".into(),
+        url: "http://127.0.0.1:9/hook".into(),
+        secret: "NOTIFY_KEY".into(),
+        body: format!("{{\"id\":\"{id}\"}}"),
+        state: "pending".into(),
+        attempts: 0,
+        next_at: at,
+        last_status: None,
+        last_error: None,
+        created_at: at,
+        updated_at: at,
+    };
+    s.add_deliveries(&[d("a", 10), d("b", 20)], 0)
+        .await
+        .unwrap();
+    let due: Vec<String> = s
+        .due_deliveries(15, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(due, ["a"], "b is not due yet");
+    let mut a = s.due_deliveries(100, 10).await.unwrap().remove(0);
+    assert_eq!(a.id, "a");
+    a.state = "delivered".into();
+    a.attempts = 2;
+    a.last_status = Some(204);
+    a.updated_at = 30;
+    s.update_delivery(&a).await.unwrap();
+    drop(s);
+    let s = SqliteStore::open(&dir.path().join("drover.db"))
+        .await
+        .unwrap();
+    let due: Vec<String> = s
+        .due_deliveries(100, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(due, ["b"], "delivered ones are never due again");
+    let all = s.list_deliveries("web", 10).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!((all[1].attempts, all[1].last_status), (2, Some(204)));
+    // Adding later prunes the ended ones updated before the cut, not pending ones.
+    s.add_deliveries(&[d("c", 50)], 40).await.unwrap();
+    let ids: Vec<String> = s
+        .list_deliveries("web", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(ids, ["c", "b"]);
+    let mut gone = d("zz", 1);
+    gone.state = "failed".into();
+    assert!(matches!(
+        s.update_delivery(&gone).await,
+        Err(StoreError::NotFound(_))
+    ));
+}

@@ -258,6 +258,20 @@ enum Cmd {
         #[command(flatten)]
         s: ServerArg,
     },
+    /// Watch an app's rollout live: progress bars, the traffic split and
+    /// each release's request rate, error rate and p99. Ends with the
+    /// rollout (exit 0 only if it succeeded) unless --follow.
+    Watch {
+        app: String,
+        /// Environment (default: the last one, e.g. production).
+        #[arg(long)]
+        env: Option<String>,
+        /// Keep watching across rollouts until Ctrl-C.
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        s: ServerArg,
+    },
     /// Show an app's live release, rollout, traffic and instances.
     Status {
         app: String,
@@ -266,15 +280,6 @@ enum Cmd {
         env: Option<String>,
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        s: ServerArg,
-    },
-    /// Follow an app's rollout with a progress bar until it ends.
-    Watch {
-        app: String,
-        /// Environment (default: the last one, e.g. production).
-        #[arg(long)]
-        env: Option<String>,
         #[command(flatten)]
         s: ServerArg,
     },
@@ -328,6 +333,14 @@ enum Cmd {
         follow: bool,
         #[arg(long)]
         release: Option<String>,
+        #[command(flatten)]
+        s: ServerArg,
+    },
+    /// Show an app's webhook deliveries (`[[notify]]`), newest first.
+    Notifications {
+        app: String,
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         s: ServerArg,
     },
@@ -852,7 +865,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 s.client().get(&output::status_path(&app, env.as_deref()))?;
             output::status(&st, json)
         }
-        Cmd::Watch { app, env, s } => output::follow(&s.client(), &app, env.as_deref(), None),
         Cmd::Releases { app, json, s } => {
             let r: Vec<drover_api::ReleaseInfo> =
                 s.client().get(&format!("/v1/apps/{app}/releases"))?;
@@ -901,6 +913,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             print!("{}", output::escape_terminal(&s.client().get_text(&path)?));
             Ok(())
+        }
+        Cmd::Watch {
+            app,
+            env,
+            follow,
+            s,
+        } => crate::watch::run(&s.client(), &app, env.as_deref(), !follow),
+        Cmd::Notifications { app, json, s } => {
+            let d: Vec<drover_api::DeliveryInfo> =
+                s.client().get(&format!("/v1/apps/{app}/deliveries"))?;
+            output::deliveries(&d, json)
         }
         Cmd::Events { app, json, s } => {
             let path = match app {

@@ -8,6 +8,7 @@ mod client;
 mod demo;
 mod output;
 mod up;
+mod watch;
 
 fn main() -> std::process::ExitCode {
     cli::main()

@@ -363,6 +363,38 @@ pub fn events(ev: &[api::EventInfo], as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn deliveries(d: &[api::DeliveryInfo], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(&d);
+    }
+    if d.is_empty() {
+        println!("no webhook deliveries (add [[notify]] to drover.toml to send some)");
+        return Ok(());
+    }
+    for x in d {
+        let last = match (&x.last_status, &x.last_error) {
+            (_, Some(e)) => escape_terminal(e),
+            (Some(s), None) => format!("answered {s}"),
+            (None, None) => String::new(),
+        };
+        println!(
+            "{} {}{} {} {} after {} attempt(s) {}",
+            x.id,
+            x.event,
+            if x.env.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", x.env)
+            },
+            x.url,
+            x.state,
+            x.attempts,
+            last
+        );
+    }
+    Ok(())
+}
+
 /// Follows the app's rollout (a given id, or the latest) until it ends.
 /// Exit 0 only if it succeeded.
 /// The status URL path of an app, in `env` (default: the server's choice,

@@ -18,7 +18,7 @@ fn exposition() -> String {
         latency_sum_us: 1000,
     };
     [
-        drover_api::metrics::encode_release_traffic("drover_release", vec![row("r1")]),
+        server_exposition(row("r1")),
         drover_api::metrics::encode_release_traffic("drover_proxy_release", vec![row("r2")]),
         drover_agent::metrics::encode(&[(
             "web".into(),
@@ -29,6 +29,47 @@ fn exposition() -> String {
         )]),
     ]
     .join("\n")
+}
+
+/// The server's `/metrics` with one of everything it observes.
+fn server_exposition(row: drover_api::ReleaseStats) -> String {
+    let mut r = drover_core::Rollout::new("web", "production", Some("r1".into()), "r2", 0);
+    r.canary = Some(drover_core::CanaryProgress {
+        step: 0,
+        weight: 20,
+        step_started_at: None,
+        analysis: None,
+        window_started_at: None,
+    });
+    let observed = drover_server::metrics::Observed::default();
+    observed.step(&r, "canary", 1000);
+    observed.rollout(&r, "canary", 5000);
+    observed.run("web", "succeeded", 3000);
+    observed.delivery("web", "delivered");
+    let snap = drover_server::metrics::Snapshot {
+        rollouts: vec![r],
+        instances: vec![(
+            (
+                "web".into(),
+                "production".into(),
+                "r2".into(),
+                "healthy".into(),
+            ),
+            1,
+        )],
+        nodes: vec![("node-1".into(), true, 100)],
+    };
+    let window = drover_core::analysis::Window {
+        requests: row.requests,
+        errors: row.errors,
+        latency_buckets: row.latency_buckets,
+        latency_sum_us: row.latency_sum_us,
+    };
+    drover_server::metrics::encode(
+        vec![((row.app, row.env, row.release), window)],
+        &snap,
+        &observed,
+    )
 }
 
 /// `drover_…` words of a PromQL expression.
@@ -87,7 +128,13 @@ fn the_grafana_dashboard_queries_only_series_and_labels_drover_exposes() {
         }
     }
     // Every role's metrics appear on the dashboard.
-    for prefix in ["drover_release_", "drover_proxy_release_", "drover_agent_"] {
+    for prefix in [
+        "drover_release_",
+        "drover_proxy_release_",
+        "drover_agent_",
+        "drover_rollout_",
+        "drover_pipeline_",
+    ] {
         assert!(
             used.iter().any(|s| s.starts_with(prefix)),
             "{prefix}: {used:?}"

@@ -63,6 +63,7 @@ fn status(r: Option<api::RolloutStatus>) -> api::AppStatus {
             instance("web-r2-b", "r2", "node-2", "starting", false),
         ],
         last_run: None,
+        figures: Vec::new(),
     }
 }
 
