@@ -129,10 +129,16 @@ pub fn router(server: Arc<Server>) -> Router {
         .route(
             "/v1/hooks/{app}",
             Public,
-            post(hook).layer(DefaultBodyLimit::max(crate::source::HOOK_BODY_LIMIT)),
+            post(hook)
+                .layer::<_, std::convert::Infallible>(DefaultBodyLimit::max(
+                    crate::source::HOOK_BODY_LIMIT,
+                ))
+                .layer::<_, std::convert::Infallible>(
+                    tower_http::limit::RequestBodyLimitLayer::new(crate::source::HOOK_BODY_LIMIT),
+                ),
         )
         .into_router()
-        .layer(DefaultBodyLimit::max(1024 * 1024))
+        .layer(DefaultBodyLimit::max(crate::serve::MAX_BODY))
         .with_state(server)
 }
 

@@ -32,6 +32,7 @@ pub mod pipeline;
 pub mod prom;
 pub mod retention;
 pub mod secrets;
+pub mod serve;
 pub mod source;
 pub mod timeseries;
 pub mod traffic;
@@ -65,6 +66,9 @@ pub struct ServerConfig {
     /// The key secrets are sealed with (None: `<data_dir>/secrets.key`),
     /// created at first start; keep it apart from copies of the database.
     pub secrets_key_file: Option<PathBuf>,
+    /// How long a client may take to send a request's headers, and between
+    /// the pieces of its body.
+    pub timeouts: serve::Timeouts,
 }
 
 /// Shared state of the control plane.
@@ -171,9 +175,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
     tokio::spawn(timeseries::sample_loop(server.clone()));
     tokio::spawn(notify::run(server.clone()));
     let app = api::router(server.clone()).merge(dashboard::router(server.clone()));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await?;
+    serve::serve(listener, app, config.timeouts, shutdown.clone()).await;
     shutdown.cancel();
     let _ = engine_task.await;
     Ok(())

@@ -46,6 +46,7 @@ async fn pages_render_streams_send_parts_and_an_open_stream_ends_at_shutdown() {
             poll_interval: Duration::ZERO,
             keep_releases: 10,
             secrets_key_file: None,
+            timeouts: Default::default(),
         },
         shutdown.clone(),
     ));

@@ -118,6 +118,13 @@ enum Cmd {
         /// created at first start). Keep it apart from database backups.
         #[arg(long)]
         secrets_key_file: Option<PathBuf>,
+        /// How long a client may take to send a request's headers (a
+        /// keep-alive connection idle this long is closed too).
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        header_timeout: std::time::Duration,
+        /// How long a client may pause while sending a request body.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        body_timeout: std::time::Duration,
     },
     /// Run an agent (one per server).
     Agent {
@@ -552,6 +559,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             poll_interval,
             keep_releases,
             secrets_key_file,
+            header_timeout,
+            body_timeout,
         } => {
             init_logs();
             runtime().block_on(async {
@@ -564,6 +573,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         poll_interval,
                         keep_releases,
                         secrets_key_file,
+                        timeouts: drover_server::serve::Timeouts {
+                            header: header_timeout,
+                            body: body_timeout,
+                        },
                     },
                     token,
                 )

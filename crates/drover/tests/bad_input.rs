@@ -1,13 +1,138 @@
-//! Bad input (SCENARIOS 16 and 19): a stored record that no longer parses —
-//! as after an upgrade that changed its format — marks only that app as in
-//! error, the server, the other apps and their deploys go on; hostile refs
-//! and branch names are refused before git runs, and commit messages are
-//! data, never run by a shell nor printed raw to a terminal.
+//! Bad input (SCENARIOS 16, 18 and 19): a stored record that no longer
+//! parses — as after an upgrade that changed its format — marks only that
+//! app as in error, the server, the other apps and their deploys go on;
+//! huge, slow and malformed request bodies and slow headers are refused or
+//! cut off without tying the server up; hostile refs and branch names are
+//! refused before git runs, and commit messages are data, never run by a
+//! shell nor printed raw to a terminal.
 
 mod common;
 
 use common::*;
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+/// Sends `head` (and then `body` pieces, `pause` apart) on a new connection
+/// to `addr`; returns what the server answered (its status, 0 if it closed
+/// the connection without one) and how long it took to answer or close.
+fn raw(addr: &str, head: &str, body: &[&[u8]], pause: Duration) -> (u16, String, Duration) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let began = Instant::now();
+    s.write_all(head.as_bytes()).unwrap();
+    for piece in body {
+        std::thread::sleep(pause);
+        // The server may have answered and closed already.
+        if s.write_all(piece).is_err() {
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let took = began.elapsed();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text, took)
+}
+
+fn post_head(c: &Cluster, path: &str, extra: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nConnection: close\r\n{extra}\r\n",
+        c.api_addr, c.admin_token
+    )
+}
+
+#[test]
+fn huge_slow_and_malformed_requests_are_cut_off_and_nothing_is_stored() {
+    let _g = serial();
+    let c = Cluster::start_with(1, "0", &["--header-timeout", "2s", "--body-timeout", "2s"]);
+    let repo = Repo::create(c.dir.path(), &spec("web", 1, "30s"), &Behavior::ok("v1"));
+    c.cli_ok(&["apps", "add", &repo.path.to_string_lossy()]);
+    let apps_before = c.api_get("/v1/apps").unwrap();
+
+    // A body declared larger than the 1 MiB cap: 413 from the headers alone,
+    // before any of it is sent.
+    let (status, text, took) = raw(
+        &c.api_addr,
+        &post_head(&c, "/v1/apps", "Content-Length: 50000000\r\n"),
+        &[],
+        Duration::ZERO,
+    );
+    eprintln!("declared 50 MB: {status} after {took:?}");
+    assert_eq!(status, 413, "{text}");
+
+    // The same without a length (chunked): cut at the cap, 413.
+    let chunk = format!("100000\r\n{}\r\n", "a".repeat(0x100000));
+    let (status, text, _) = raw(
+        &c.api_addr,
+        &post_head(&c, "/v1/apps", "Transfer-Encoding: chunked\r\n"),
+        &[chunk.as_bytes(), chunk.as_bytes(), b"0\r\n\r\n"],
+        Duration::ZERO,
+    );
+    assert_eq!(status, 413, "{text}");
+
+    // Malformed chunked encoding: refused, nothing stored.
+    let (status, text, _) = raw(
+        &c.api_addr,
+        &post_head(&c, "/v1/apps", "Transfer-Encoding: chunked\r\n"),
+        &[b"zz\r\n{}\r\n0\r\n\r\n"],
+        Duration::ZERO,
+    );
+    assert!(status == 400 || status == 0, "{text}");
+
+    // A body that stops coming: the request fails once the body timeout
+    // passes, instead of holding the connection.
+    let (status, text, took) = raw(
+        &c.api_addr,
+        &post_head(&c, "/v1/apps/web/deploy", "Content-Length: 100\r\n"),
+        &[b"{\"ref\":", b""],
+        Duration::from_millis(10),
+    );
+    eprintln!("stalled body: {status} after {took:?}");
+    assert!((400..500).contains(&status), "{text}");
+    assert!(
+        took < Duration::from_secs(25),
+        "cut off by the 2 s body timeout, not the client's: {took:?}"
+    );
+
+    // Slow headers (slowloris): the connection is closed.
+    let (status, text, took) = raw(
+        &c.api_addr,
+        "POST /v1/apps HTTP/1.1\r\nHost: x\r\n",
+        &[b"X-Slow: 1\r\n"],
+        Duration::from_millis(500),
+    );
+    eprintln!("slow headers: {status} after {took:?}");
+    assert!(status == 0 || status == 408, "{text}");
+    assert!(
+        took < Duration::from_secs(25),
+        "cut off by the 2 s header timeout: {took:?}"
+    );
+
+    // A webhook delivery over its 256 KiB cap: 413 before the signature is
+    // even checked; no run.
+    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(300 * 1024));
+    let (status, text, _) = raw(
+        &c.api_addr,
+        &format!(
+            "POST /v1/hooks/web HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Hub-Signature-256: sha256=00\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            big.len()
+        ),
+        &[big.as_bytes()],
+        Duration::ZERO,
+    );
+    assert_eq!(status, 413, "{text}");
+
+    // Nothing was stored, no run was made, and the server goes on serving.
+    assert_eq!(c.api_get("/v1/apps").unwrap(), apps_before);
+    assert!(c.runs("web").is_empty(), "{:?}", c.runs("web"));
+    c.cli_ok(&["deploy", "web", "--wait"]);
+}
 
 #[test]
 fn a_stored_record_that_no_longer_parses_marks_only_that_app_as_in_error() {
