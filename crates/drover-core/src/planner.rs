@@ -28,6 +28,10 @@
 //! active, the steady state — places replacements on ready nodes. In the
 //! steady state the live release is kept at `instances` placed instances.
 //!
+//! Superseded: a rollout that replaced an unfinished one retires what that
+//! one left — instances of a release neither its `from` nor its target —
+//! at once while `from` serves the floor (else they are replaced in turn).
+//!
 //! Canary: during its steps no old instance is retired and at most
 //! `ceil(instances × weight%)` new ones run beside them (so up to
 //! `2 × instances` are alive); the split of traffic by weight is the
@@ -321,6 +325,34 @@ impl<'a> Planner<'a> {
         r.step = ready;
     }
 
+    /// What a superseded rollout left: instances of a release that is
+    /// neither this rollout's `from` (the live release when it started) nor
+    /// its target — a canary or blue/green preview that never went live.
+    /// They leave at once, out of routing first, so no user stays on a
+    /// release that was only ever on trial and a new canary or blue/green
+    /// set is not placed beside two old ones; while `from` serves less than
+    /// the floor (`instances − max_unavailable`, e.g. the superseded rollout
+    /// had replaced most of it) the serving ones stay, and the rolling rules
+    /// replace them in turn.
+    fn retire_superseded(&mut self, r: &Rollout, target: &str) {
+        let Some(from) = r.from.as_deref() else {
+            return;
+        };
+        let s = self.input.settings;
+        let floor = s.instances.saturating_sub(s.max_unavailable);
+        let from_serves_floor = self.serving_of(from) >= floor;
+        let left: Vec<String> = self
+            .inst
+            .values()
+            .filter(|i| i.release != from && i.release != target && i.desired == Desired::Run)
+            .filter(|i| from_serves_floor || !i.serving())
+            .map(|i| i.id.clone())
+            .collect();
+        for id in left {
+            self.retire(&id);
+        }
+    }
+
     fn serving_count(&self) -> u32 {
         self.inst.values().filter(|i| i.serving()).count() as u32
     }
@@ -380,6 +412,9 @@ impl<'a> Planner<'a> {
             ));
         }
 
+        if !r.reverting {
+            self.retire_superseded(r, &target);
+        }
         let is_target = |i: &Instance| i.release == target;
         // A first deploy has no stable release to compare with: no steps.
         let in_steps =

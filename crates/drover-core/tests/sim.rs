@@ -39,7 +39,8 @@
 //!   scales down, a superseded rollout's leftovers) or target instances
 //!   still draining (a rollback whose rollout update was lost) the new ones
 //!   number at most the step's share (resp. `instances`) and the plans over
-//!   the bound are counted (`over_bound` in the figures), not failed;
+//!   the bound are counted (`over_bound` in the figures), not failed
+//!   (retired leftovers count as alive until they have drained and stopped);
 //! - serving instances (running, routed, healthy) never drop below
 //!   `min(instances − max_unavailable, serving before)`: the planner never
 //!   retires its way under the floor; crashes and lost nodes may take it
@@ -94,21 +95,21 @@
 //! Not asserted: that instances lost with their node are replaced (not
 //! built yet), that a failed rollout (no auto_rollback, or its rollback
 //! failed too) leaves a single release, that only the active rollout's
-//! releases are routed (they are not after a supersede: a known issue).
+//! releases are routed (leftovers carrying the floor stay routed until
+//! replaced, by design).
 //!
 //! # Known issues
 //!
-//! Found by this simulation, not fixed: a rollout that supersedes a canary
-//! or an unswitched blue/green leaves the superseded release's instances
-//! routed. They become part of the "stable" side of the new split
-//! (`share::rollout_split` sends the users not on the new release to every
-//! other routed instance), so users reach a release that was only ever in
-//! preview, and a blue/green or canary of the new release places its set
-//! beside both old sets (3n alive with blue/green). A fix must decide what
-//! serves meanwhile: the superseded release's instances may be most of the
-//! capacity. The sim's invariants allow it (`over_bound` counts such plans).
+//! None open.
 //!
-//! Fixed: a canary or partial with `max_surge = max_unavailable = 0`
+//! Fixed: a rollout that superseded a canary or an unswitched blue/green
+//! left the superseded release's instances routed, part of the "stable"
+//! side of the new split, so users reached a release that was only ever
+//! on trial and a new set was placed beside both old ones; now what a
+//! superseded rollout left (a release neither `from` nor the target) is
+//! retired at once while `from` serves the floor, else replaced in turn
+//! (`planner/tests.rs`, `a_rollout_that_supersedes_…`). Before that: a
+//! canary or partial with `max_surge = max_unavailable = 0`
 //! stalled after its steps (the spec now refuses it, as for rolling);
 //! recreate aborted while its old instances drained started
 //! `instances` fresh copies beside them (`planner/tests.rs`,

@@ -324,6 +324,53 @@ fn operators_pause_resume_abort_and_promote_a_canary() {
     }
 }
 
+#[test]
+fn a_deploy_that_supersedes_a_canary_takes_its_users_back_at_once() {
+    let _g = serial();
+    let sp = canary_spec(r#"{ weight = 50, pause = "10m" }"#, "");
+    let (c, repo) = start(&sp);
+    repo.commit(&sp, &Behavior::ok("v2"));
+    c.cli_ok(&["deploy", "web"]);
+    c.wait_until("the 50% step applies", Duration::from_secs(30), |c| {
+        c.status("web")["rollout"]["weight"] == 50
+    });
+    let load = Load::start(&c.proxy_url(), "web.localhost", Duration::from_secs(120));
+    // v3 supersedes the held canary of v2: v2 leaves routing as the new
+    // rollout starts, before v3 is even built into instances.
+    repo.commit(&sp, &Behavior::ok("v3"));
+    c.cli_ok(&["deploy", "web"]);
+    c.wait_until("r2 is gone", Duration::from_secs(60), |c| {
+        let st = c.status("web");
+        st["rollout"]["to"] == "r3" && !releases_running(c).contains(&"r2".to_string())
+    });
+    let st = c.status("web");
+    assert!(
+        st["traffic"].get("r2").is_none(),
+        "no user is sent to the superseded canary: {st:#}"
+    );
+    c.wait_until("r3's step applies", Duration::from_secs(30), |c| {
+        c.status("web")["rollout"]["weight"] == 50
+    });
+    // Requests sent from here on reach only r1 and r3.
+    let before = load.stats.lock().unwrap().by_version.get("v2").copied();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = load.stats.lock().unwrap().by_version.get("v2").copied();
+    let stats = load.finish();
+    eprintln!(
+        "superseded canary: {} requests, {} failed, by version {:?}",
+        stats.sent, stats.failed, stats.by_version
+    );
+    assert_eq!(before, after, "r2 got requests after it left");
+    assert_eq!(stats.failed, 0, "{:?}", stats.failures);
+    assert!(
+        stats.by_version.contains_key("v3"),
+        "{:?}",
+        stats.by_version
+    );
+    let events = c.cli_ok(&["events", "--app", "web"]);
+    assert!(events.contains("superseded by a rollout to r3"), "{events}");
+}
+
 /// A partial deployment of 3 instances with `segment` in `[deploy.partial]`.
 fn partial_spec(segment: &str) -> String {
     spec("web", 3, "30s")

@@ -876,3 +876,58 @@ fn blue_green_with_a_preview_check_switches_only_on_its_pass_and_fails_on_its_fa
         .unwrap()
         .contains("the preview check of r2 failed"));
 }
+
+#[test]
+fn a_rollout_that_supersedes_a_canary_retires_the_canary_at_once() {
+    // r1 live; a canary of r2 had one instance at its first step; a new
+    // rollout r1 → r3 supersedes it: r2 leaves routing now, r1 keeps serving.
+    let s = canary_settings();
+    let r = rollout(Some("r1"), "r3");
+    let with_canary = format!("{THREE_R1}\n d r2 n1 run healthy routed");
+    let p = canary_plan(&s, &r, &with_canary, 0, None);
+    assert_eq!(actions(&p), ["retire d", "place r3 on n2"]);
+}
+
+#[test]
+fn a_rollout_that_supersedes_a_blue_green_preview_retires_the_preview_set() {
+    let mut s = settings(Strategy::BlueGreen, 3, 1, 0);
+    s.auto_promote = false;
+    let r = rollout(Some("r1"), "r3");
+    check(
+        &s,
+        Some(&r),
+        &THREE_R1_THREE_R2.replace("d r2 n1 run healthy routed", "d r2 n1 run healthy"),
+        0,
+        &[
+            "retire d",
+            "retire e",
+            "retire f",
+            "place r3 on n1",
+            "place r3 on n2",
+            "place r3 on n3",
+        ],
+        None,
+    );
+}
+
+#[test]
+fn leftovers_that_carry_the_floor_stay_until_replaced() {
+    // The superseded canary had replaced most of r1 (past its steps): r1
+    // serves 1 of 3, below the floor of 3 — r2's serving instances stay, a
+    // crashed one goes.
+    let s = settings(Strategy::Rolling, 3, 1, 0);
+    let r = rollout(Some("r1"), "r3");
+    check(
+        &s,
+        Some(&r),
+        "
+        a r1 n1 run healthy routed
+        d r2 n2 run healthy routed
+        e r2 n3 run healthy routed
+        f r2 n3 run failed",
+        0,
+        // f drains (still alive): the surge of 1 is used until it stops.
+        &["retire f"],
+        None,
+    );
+}

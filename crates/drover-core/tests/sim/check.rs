@@ -310,6 +310,9 @@ pub fn plan(input: &Input, p: &Plan) -> Result<Notes, String> {
     };
     let nr = new.expect("active");
     let turned = nr.reverting != o.reverting || nr.state.is_final();
+    // A release neither the rollout's `from` nor its target: what a
+    // superseded rollout left (a canary or preview that never went live).
+    let superseded = |release: &str| release != o.to && Some(release) != o.from.as_deref();
 
     // Canary and partial steps: old serving instances stay, at most the
     // step's share of new ones run, a step passes only when its pause is
@@ -323,7 +326,7 @@ pub fn plan(input: &Input, p: &Plan) -> Result<Notes, String> {
                     .get(id.as_str())
                     .expect("retired an input instance");
                 ensure!(
-                    i.release == o.to || !i.serving(),
+                    i.release == o.to || !i.serving() || superseded(&i.release),
                     "retired serving old instance {id} during canary step {k}"
                 );
             }
@@ -373,6 +376,12 @@ pub fn plan(input: &Input, p: &Plan) -> Result<Notes, String> {
             target_run(&view, &o.to),
             o.to
         );
+        // What a superseded rollout left may go at once.
+        retired.retain(|id| {
+            input_of
+                .get(id.as_str())
+                .is_none_or(|i| !superseded(&i.release))
+        });
         if !retired.is_empty() {
             let baked = was
                 .switched_at
