@@ -120,13 +120,19 @@ fn histogram_buckets(s: &ReleaseStats) -> Vec<(f64, u64)> {
     out
 }
 
-/// The text of one scrape of `rows`, named `{prefix}_…`.
-pub fn encode_release_traffic(prefix: &str, rows: Vec<ReleaseStats>) -> String {
-    let mut registry = Registry::default();
+/// Adds `rows`, named `{prefix}_…`, to `registry` (beside a role's other
+/// metrics, so one scrape is one exposition).
+pub fn register_release_traffic(registry: &mut Registry, prefix: &str, rows: Vec<ReleaseStats>) {
     registry.register_collector(Box::new(ReleaseTraffic {
         prefix: prefix.to_string(),
         rows,
     }));
+}
+
+/// The text of one scrape of `rows`, named `{prefix}_…`.
+pub fn encode_release_traffic(prefix: &str, rows: Vec<ReleaseStats>) -> String {
+    let mut registry = Registry::default();
+    register_release_traffic(&mut registry, prefix, rows);
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);

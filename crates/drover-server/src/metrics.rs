@@ -143,11 +143,6 @@ pub fn encode(traffic: Vec<(Key, Window)>, snap: &Snapshot, observed: &Observed)
             latency_sum_us: w.latency_sum_us,
         })
         .collect();
-    let mut out = drover_api::metrics::encode_release_traffic("drover_release", rows);
-    // Both texts end with the OpenMetrics terminator; keep only the last.
-    if let Some(stripped) = out.strip_suffix("# EOF\n") {
-        out.truncate(stripped.len());
-    }
 
     let state = Family::<Labels, Gauge>::default();
     let step = Family::<Labels, Gauge>::default();
@@ -194,6 +189,7 @@ pub fn encode(traffic: Vec<(Key, Window)>, snap: &Snapshot, observed: &Observed)
     }
 
     let mut registry = Registry::default();
+    drover_api::metrics::register_release_traffic(&mut registry, "drover_release", rows);
     registry.register(
         "drover_rollout_state",
         "1 for the state the latest rollout of a deployment is in (release: its target), 0 for the others.",
@@ -240,10 +236,9 @@ pub fn encode(traffic: Vec<(Key, Window)>, snap: &Snapshot, observed: &Observed)
         "Seconds since each node's agent was last heard from.",
         age,
     );
-    let mut rest = String::new();
+    let mut out = String::new();
     // Writing into a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode(&mut rest, &registry);
-    out.push_str(&rest);
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
     out
 }
 

@@ -395,6 +395,11 @@ pub fn deliveries(d: &[api::DeliveryInfo], as_json: bool) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Whether a rollout has yet to end.
+pub fn in_progress(r: &api::RolloutStatus) -> bool {
+    matches!(r.state.as_str(), "pending" | "progressing" | "paused")
+}
+
 /// Follows the app's rollout (a given id, or the latest) until it ends.
 /// Exit 0 only if it succeeded.
 /// The status URL path of an app, in `env` (default: the server's choice,
@@ -516,7 +521,7 @@ pub fn follow_until(
             }
         }
         last_msg = msg;
-        let done = !matches!(r.state.as_str(), "pending" | "progressing" | "paused");
+        let done = !in_progress(r);
         if done {
             if let Some(b) = &bar {
                 b.finish_and_clear();

@@ -8,7 +8,7 @@
 //! if the last one succeeded; with `--follow`, only at Ctrl-C.
 
 use crate::client::{fail, Client};
-use crate::output::{escape_terminal, status_path};
+use crate::output::{self, escape_terminal, status_path};
 use drover_api as api;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -26,10 +26,6 @@ fn bar(n: u64, of: u64, fancy: bool) -> String {
         on.to_string().repeat(filled),
         off.to_string().repeat(BAR - filled)
     )
-}
-
-fn in_progress(r: &api::RolloutStatus) -> bool {
-    matches!(r.state.as_str(), "pending" | "progressing" | "paused")
 }
 
 /// The whole frame for a terminal.
@@ -169,7 +165,7 @@ pub fn run(c: &Client, app: &str, env: Option<&str>, exit: bool) -> anyhow::Resu
         out.flush()?;
         if exit {
             match &st.rollout {
-                Some(r) if in_progress(r) => seen_active = true,
+                Some(r) if output::in_progress(r) => seen_active = true,
                 Some(r) if seen_active || started.elapsed() > Duration::from_secs(5) => {
                     return if r.state == "succeeded" {
                         Ok(())
