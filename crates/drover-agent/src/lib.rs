@@ -15,9 +15,9 @@
 //! (log files → control plane), `ports`.
 #![forbid(unsafe_code)]
 
-/// This node's credential (issued at its first registration), in the
+/// This node's key, certificate and CA (from its registration), in the
 /// agent's data dir, mode 0600.
-pub const NODE_CREDENTIAL_FILE: &str = "node-token";
+pub const IDENTITY_FILE: &str = "identity.json";
 
 pub mod artifacts;
 pub mod client;
@@ -55,7 +55,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let client = ControlClient::new(&config.server, config.token.as_deref())
         .with_context(|| format!("bad control plane URL {:?}", config.server))?
-        .with_credential_file(config.data_dir.join(NODE_CREDENTIAL_FILE));
+        .with_identity_file(config.data_dir.join(IDENTITY_FILE), &config.node);
     let artifacts = Arc::new(ArtifactStore::new(config.data_dir.clone(), client.clone()));
     // Adopt what runs before talking to anyone: supervision resumes at once.
     let sup = Arc::new(Supervisor::start(
@@ -80,9 +80,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let request = drover_api::RegisterRequest {
         node: config.node.clone(),
         labels: config.labels.clone(),
+        csr: None,
     };
     if let Some(session) = Session::establish(client.clone(), request, shutdown.clone()).await {
         let poll = tokio::spawn(session.clone().assignments_loop(sup.clone()));
+        let renew = tokio::spawn(session.clone().renew_loop());
         let report = tokio::spawn(session.report_loop(sup.clone()));
         let ship = tokio::spawn(logship::ship_loop(
             config.node.clone(),
@@ -94,6 +96,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         shutdown.cancelled().await;
         let _ = poll.await;
         let _ = report.await;
+        let _ = renew.await;
         let _ = ship.await;
     }
     if let Some(m) = metrics {

@@ -182,12 +182,58 @@ impl Session {
         }
     }
 
+    /// Renews this node's certificate at two thirds of its lifetime (a new
+    /// key each time), until shutdown; a failed renewal is retried, and a
+    /// certificate that expires anyway makes the next call register again
+    /// with the join token.
+    pub async fn renew_loop(self: Arc<Self>) {
+        let mut delay = RETRY_MIN;
+        loop {
+            let wait = match self.client.identity() {
+                Some(id) => Duration::from_millis(id.renew_at_ms().saturating_sub(now_ms())),
+                // Not registered (any more): look again soon.
+                None => Duration::from_secs(1),
+            };
+            if !wait.is_zero() {
+                self.pause(wait.min(Duration::from_secs(60))).await;
+                if self.shutdown.is_cancelled() {
+                    return;
+                }
+                continue;
+            }
+            let res = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                r = self.client.renew(&self.request) => r,
+            };
+            match res {
+                Ok(id) => {
+                    delay = RETRY_MIN;
+                    info!(node = %self.request.node, valid_until_ms = id.not_after_ms,
+                        "renewed this node's certificate");
+                }
+                Err(e) => {
+                    warn!(node = %self.request.node, error = %e,
+                        "cannot renew this node's certificate; retrying");
+                    self.pause(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+
     async fn pause(&self, d: Duration) {
         tokio::select! {
             _ = self.shutdown.cancelled() => {}
             _ = tokio::time::sleep(d) => {}
         }
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// `POST /v1/agent/register` until it succeeds; `None` on shutdown.

@@ -44,7 +44,7 @@ struct Blobs {
 }
 
 async fn artifact_server(blobs: Arc<Blobs>) -> TestServer {
-    serve(
+    serve_tls(
         0,
         Arc::new(move |req: &Req| {
             *blobs

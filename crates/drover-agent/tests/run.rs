@@ -22,6 +22,8 @@ struct Plane {
     /// Answer 404 to report/assignments until the next register.
     forgotten: bool,
     assignments: Vec<drover_api::Assignment>,
+    /// The stand-in agent port (TLS).
+    agent_port: u16,
 }
 
 fn handler(plane: Arc<Mutex<Plane>>) -> Handler {
@@ -32,12 +34,17 @@ fn handler(plane: Arc<Mutex<Plane>>) -> Handler {
                 let r: RegisterRequest = serde_json::from_slice(&req.body).unwrap();
                 p.forgotten = false;
                 let node = r.node.clone();
+                let cert = r.csr.as_deref().map(|csr| CA.sign_csr(&node, csr));
                 p.registers.push(r);
                 Resp::json(&RegisterResponse {
                     node,
                     lease_ms: 10_000,
                     report_interval_ms: 200,
-                    node_token: None,
+                    agent_port: p.agent_port,
+                    cert_not_after_ms: cert.as_ref().map(|_| u64::MAX / 2),
+                    cert,
+                    ca: CA.ca_pem.clone(),
+                    ca_mac: None,
                 })
             }
             _ if p.forgotten => Resp::new(404, r#"{"error":"unknown node"}"#),
@@ -96,6 +103,8 @@ async fn run_registers_converges_reports_and_leaves_apps_running() {
     let token = CancellationToken::new();
     let agent = tokio::spawn(drover_agent::run(config.clone(), token.clone()));
     tokio::time::sleep(Duration::from_millis(400)).await;
+    let tls = serve_tls(0, handler(plane.clone())).await;
+    plane.lock().unwrap().agent_port = tls.addr.port();
     let _srv = serve(port, handler(plane.clone())).await;
 
     let r = wait_for(15, "instance reported with a pid", || {

@@ -5,10 +5,15 @@
 //! (`drover-core`) has its own plain types; the server translates.
 //!
 //! Protocols:
-//! - agent → server: `POST /v1/agent/register`, `POST /v1/agent/report`
-//!   (also the heartbeat), `GET /v1/agent/assignments?node=N&index=I&wait_ms=W`
+//! - agent → server: `POST /v1/agent/register` on the API port with the
+//!   join token and a CSR (the answer: the node's certificate, the CA and
+//!   the agent port); then, on the agent port over mutual TLS only,
+//!   `POST /v1/agent/register` (again, or with a CSR to renew),
+//!   `POST /v1/agent/report` (also the heartbeat),
+//!   `GET /v1/agent/assignments?node=N&index=I&wait_ms=W`
 //!   (a blocking query: returns at once when the server's index is past `I`,
-//!   otherwise waits up to `W` ms for a change), `GET /v1/artifacts/{sha256}`.
+//!   otherwise waits up to `W` ms for a change), `POST /v1/agent/logs`,
+//!   `GET /v1/artifacts/{sha256}`.
 //! - proxy → server: `GET /v1/routes?index=I&wait_ms=W` (blocking query),
 //!   `POST /v1/proxy/report`.
 #![forbid(unsafe_code)]
@@ -34,6 +39,50 @@ pub struct RegisterRequest {
     pub node: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// A PEM certificate signing request for this node's key: required with
+    /// the join token (the answer is the node's certificate); over mutual
+    /// TLS it renews the certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr: Option<String>,
+}
+
+/// The environment variable naming a PEM file of CA certificates the
+/// clients of the API (CLI, agents, proxies) trust besides the system's:
+/// for a server whose `--tls-cert` comes from a private CA.
+pub const CA_CERT_ENV: &str = "DROVER_CA_CERT";
+
+/// The certificates of [`CA_CERT_ENV`]'s file (none when it is unset); the
+/// error names the file and what is wrong with it.
+pub fn trusted_cas() -> Result<Vec<reqwest::Certificate>, String> {
+    let Some(path) = std::env::var_os(CA_CERT_ENV) else {
+        return Ok(Vec::new());
+    };
+    let path = std::path::PathBuf::from(path);
+    let pem = std::fs::read(&path)
+        .map_err(|e| format!("{CA_CERT_ENV}={}: cannot read it: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+        format!(
+            "{CA_CERT_ENV}={}: not PEM certificates: {e}",
+            path.display()
+        )
+    })?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{CA_CERT_ENV}={}: no certificate in it",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+/// What a join-token registration's `ca_mac` is: the hex HMAC-SHA256 of
+/// the CA's PEM keyed by the join token.
+pub fn ca_mac(join_token: &str, ca_pem: &str) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(join_token.as_bytes()).expect("any key length");
+    mac.update(ca_pem.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -43,11 +92,23 @@ pub struct RegisterResponse {
     pub lease_ms: u64,
     /// How often the agent should report (heartbeat).
     pub report_interval_ms: u64,
-    /// This node's own credential (a token bound to its name), issued when
-    /// it registered with the join token: every later call of the agent
-    /// carries it; the join token only registers.
-    #[serde(default)]
-    pub node_token: Option<String>,
+    /// The port of the agent listener (mutual TLS), on the host the agent
+    /// reached the server at: every call but the first registration goes
+    /// there.
+    pub agent_port: u16,
+    /// The node's certificate (PEM), when a CSR was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<String>,
+    /// When that certificate expires (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_not_after_ms: Option<u64>,
+    /// The cluster CA's certificate (PEM): the server's certificate on the
+    /// agent port is for `server.drover`, from this CA.
+    pub ca: String,
+    /// With the join token: hex HMAC-SHA256 of `ca` keyed by the join
+    /// token, so the agent knows the CA comes from a holder of the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_mac: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -62,6 +62,9 @@ pub struct ProxyConfig {
     /// Where to serve `GET /metrics` (per-release traffic of this proxy, in
     /// the Prometheus text format); None: nowhere.
     pub metrics_addr: Option<String>,
+    /// Serve HTTPS on `listen` with this certificate chain and key (PEM
+    /// file paths); None: plain HTTP.
+    pub tls: Option<(String, String)>,
 }
 
 impl Default for ProxyConfig {
@@ -75,6 +78,7 @@ impl Default for ProxyConfig {
             labels: Default::default(),
             token: None,
             metrics_addr: None,
+            tls: None,
         }
     }
 }
@@ -165,7 +169,17 @@ pub fn run(config: ProxyConfig) -> anyhow::Result<()> {
     server.bootstrap();
     let mut proxy =
         pingora_proxy::http_proxy_service(&server.configuration, DroverProxy::new(state));
-    proxy.add_tcp(&config.listen);
+    match &config.tls {
+        Some((cert, key)) => {
+            for (flag, f) in [("--tls-cert", cert), ("--tls-key", key)] {
+                std::fs::metadata(f).with_context(|| format!("{flag} {f}"))?;
+            }
+            proxy
+                .add_tls(&config.listen, cert, key)
+                .map_err(|e| anyhow::anyhow!("cannot serve TLS with {cert} and {key}: {e}"))?;
+        }
+        None => proxy.add_tcp(&config.listen),
+    }
     server.add_service(proxy);
     tracing::info!(
         listen = config.listen,
@@ -219,6 +233,7 @@ pub fn start_control_loop(
         .default_headers(drover_api::bearer_headers(token.as_deref()))
         .connect_timeout(Duration::from_secs(2))
         .pool_idle_timeout(Duration::from_secs(60))
+        .tls_certs_merge(drover_api::trusted_cas().map_err(|e| anyhow::anyhow!(e))?)
         .build()
         .context("building the control-plane HTTP client")?;
     let runtime = tokio::runtime::Builder::new_current_thread()

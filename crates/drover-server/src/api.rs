@@ -118,13 +118,11 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/apps/{app}/secrets/unset", Deployer, post(unset_secret))
         .route("/v1/tokens", Admin, post(create_token).get(list_tokens))
         .route("/v1/tokens/{id}/revoke", Admin, post(revoke_token))
+        // An agent's first registration (join token + CSR); the rest of
+        // its calls are on the agent port (`agent_router`).
         .route("/v1/agent/register", Node, post(agent_register))
-        .route("/v1/agent/report", Node, post(agent_report))
-        .route("/v1/agent/assignments", Node, get(agent_assignments))
-        .route("/v1/agent/logs", Node, post(agent_logs))
         .route("/v1/routes", Node, get(routes))
         .route("/v1/proxy/report", Node, post(proxy_report))
-        .route("/v1/artifacts/{sha256}", Node, get(artifact))
         // Webhooks prove themselves with their HMAC signature.
         .route(
             "/v1/hooks/{app}",
@@ -137,6 +135,21 @@ pub fn router(server: Arc<Server>) -> Router {
                     tower_http::limit::RequestBodyLimitLayer::new(crate::source::HOOK_BODY_LIMIT),
                 ),
         )
+        .into_router()
+        .layer(DefaultBodyLimit::max(crate::serve::MAX_BODY))
+        .with_state(server)
+}
+
+/// The agent port's routes, served over mutual TLS only: the caller is
+/// the node of its certificate, and may act for that node only.
+pub fn agent_router(server: Arc<Server>) -> Router {
+    use crate::auth::{Guarded, Need::*};
+    Guarded::new(server.clone())
+        .route("/v1/agent/register", Node, post(agent_register))
+        .route("/v1/agent/report", Node, post(agent_report))
+        .route("/v1/agent/assignments", Node, get(agent_assignments))
+        .route("/v1/agent/logs", Node, post(agent_logs))
+        .route("/v1/artifacts/{sha256}", Node, get(artifact))
         .into_router()
         .layer(DefaultBodyLimit::max(crate::serve::MAX_BODY))
         .with_state(server)
@@ -1203,13 +1216,20 @@ async fn events(State(s): S, Query(q): Query<EventsQuery>) -> R<Vec<api::EventIn
 
 // ---------------------------------------------------------------- agent ----
 
-/// Registers an agent. With its own credential: as that node again. With
-/// the join token: as a new node, or one whose lease ran out (a machine
-/// replaced), and it gets a credential of its own (the previous one is
-/// revoked); a node whose agent is alive cannot be taken over that way.
+/// Registers an agent.
+///
+/// With the join token (API port): a new node, or one whose lease ran out
+/// (a machine replaced), sends a CSR and gets a certificate for its name;
+/// the node's older certificates are revoked. A node whose agent is alive
+/// with a valid certificate cannot be taken over that way.
+///
+/// Over mutual TLS (agent port): as the certificate's node again; with a
+/// CSR, a renewed certificate (every other certificate of the node but the
+/// one in use is revoked).
 async fn agent_register(
     State(s): S,
     axum::Extension(caller): axum::Extension<crate::auth::Caller>,
+    headers: axum::http::HeaderMap,
     Json(req): Json<api::RegisterRequest>,
 ) -> R<api::RegisterResponse> {
     use crate::auth;
@@ -1220,50 +1240,101 @@ async fn agent_register(
         )));
     }
     let now = now_ms();
-    let node_token = match auth::bound_node(&caller) {
+    let mut ca_mac = None;
+    let issued = match auth::bound_node(&caller) {
         Some(_) => {
             auth::check_node(&caller, &req.node)?;
-            None
+            match &req.csr {
+                Some(csr) => {
+                    let issued = s.pki.issue_node(&req.node, csr).map_err(ApiErr::BadInput)?;
+                    record_cert(&s, &req.node, &issued, now).await?;
+                    let in_use = caller.cert.as_ref().map_or("", |c| c.serial.as_str());
+                    s.store
+                        .revoke_node_certs(&req.node, &[in_use, &issued.serial], now)
+                        .await?;
+                    Some(issued)
+                }
+                None => None,
+            }
         }
         None => {
-            let cred = auth::node_credential_name(&req.node);
-            let tokens = s.store.list_tokens().await?;
-            let held: Vec<_> = tokens
-                .iter()
-                .filter(|t| t.name == cred && t.revoked_at.is_none())
-                .collect();
+            let Some(csr) = &req.csr else {
+                return Err(ApiErr::BadInput(
+                    "registering with the join token needs a certificate signing request (csr): \
+                     the node's calls after that are mutual TLS with the certificate issued for it; \
+                     this agent is older than the server, upgrade it"
+                        .into(),
+                ));
+            };
             let alive = s
                 .store
                 .list_nodes()
                 .await?
                 .iter()
                 .any(|n| n.name == req.node && view::node_ready(n, now));
-            if alive && !held.is_empty() {
+            let certified = s
+                .store
+                .list_node_certs(&req.node)
+                .await?
+                .iter()
+                .any(|c| c.revoked_at.is_none() && c.not_after > now);
+            if alive && certified {
                 return Err(ApiErr::Conflict(format!(
-                    "node {} is registered and its agent is alive (it holds its own credential); \
-                     a second agent cannot take its name. If this machine replaces it, stop the \
-                     old agent: its name is free {} s after its last report",
+                    "node {} is registered and its agent is alive (it holds a certificate for \
+                     the name); a second agent cannot take its name. If this machine replaces \
+                     it, stop the old agent: its name is free {} s after its last report",
                     req.node,
                     NODE_LEASE_MS / 1000
                 )));
             }
-            for t in held {
-                s.store.revoke_token(&t.id, now).await?;
+            let issued = s.pki.issue_node(&req.node, csr).map_err(ApiErr::BadInput)?;
+            record_cert(&s, &req.node, &issued, now).await?;
+            s.store
+                .revoke_node_certs(&req.node, &[&issued.serial], now)
+                .await?;
+            if let Some(token) = auth::bearer(&headers) {
+                ca_mac = Some(api::ca_mac(&token, s.pki.ca_pem()));
             }
-            let (token, record) = auth::new_token(&cred, auth::Role::Node, None, now);
-            s.store.insert_token(&record).await?;
-            Some(token)
+            Some(issued)
         }
     };
     s.store.upsert_node(&req.node, &req.labels, now).await?;
-    tracing::info!(node = %req.node, new_credential = node_token.is_some(), "agent registered");
+    tracing::info!(node = %req.node, certificate = issued.as_ref().map(|i| i.serial.as_str()),
+        "agent registered");
     s.engine.poke();
     Ok(Json(api::RegisterResponse {
         node: req.node,
         lease_ms: NODE_LEASE_MS,
         report_interval_ms: REPORT_INTERVAL_MS,
-        node_token,
+        agent_port: s.agent_port,
+        cert_not_after_ms: issued.as_ref().map(|i| i.not_after_ms),
+        cert: issued.map(|i| i.pem),
+        ca: s.pki.ca_pem().to_string(),
+        ca_mac,
     }))
+}
+
+async fn record_cert(
+    s: &Server,
+    node: &str,
+    issued: &crate::pki::Issued,
+    now: u64,
+) -> Result<(), ApiErr> {
+    // Rows of certificates expired a day ago go at the same time.
+    let day = 24 * 3600 * 1000;
+    s.store
+        .add_node_cert(
+            &drover_store::NodeCertRecord {
+                serial: issued.serial.clone(),
+                node: node.to_string(),
+                issued_at: now,
+                not_after: issued.not_after_ms,
+                revoked_at: None,
+            },
+            now.saturating_sub(day),
+        )
+        .await?;
+    Ok(())
 }
 
 async fn agent_report(

@@ -4,8 +4,9 @@
 //! (64 hex, 256 random bits) proves it. Only the sha256 of the secret is
 //! stored, compared in constant time. Roles: `viewer` (read), `deployer`
 //! (read + deploy, rollback and rollout controls), `admin` (everything,
-//! incl. apps and tokens) and `node` (agents and proxies: their own
-//! endpoints only — until mutual TLS replaces it).
+//! incl. apps and tokens) and `node`: the join token (proxies' endpoints,
+//! and an agent's first registration), and an agent on the agent port,
+//! identified by its certificate instead of a token (see [`crate::pki`]).
 //!
 //! *Architecture Invariant*: every route is registered through
 //! [`Guarded::route`] with the role it needs, checked before the handler
@@ -100,33 +101,28 @@ pub struct Caller {
     pub token_id: String,
     pub name: String,
     pub role: Role,
+    /// An agent on the agent port: its node and certificate serial.
+    pub cert: Option<crate::pki::PeerNode>,
 }
 
 const PREFIX: &str = "drv_";
 
-/// The name of a node's own credential: a node token bound to that node.
-pub fn node_credential_name(node: &str) -> String {
-    format!("node:{node}")
-}
-
-/// The node a caller's credential is bound to, if it is a node credential.
+/// The node a caller's certificate is for, if it is an agent.
 pub fn bound_node(caller: &Caller) -> Option<&str> {
-    (caller.role == Role::Node)
-        .then(|| caller.name.strip_prefix("node:"))
-        .flatten()
+    caller.cert.as_ref().map(|c| c.node.as_str())
 }
 
-/// An agent endpoint may act for `node` only with that node's credential:
+/// An agent endpoint may act for `node` only with that node's certificate:
 /// not the shared join token (which only registers), not another node's.
 pub fn check_node(caller: &Caller, node: &str) -> Result<(), crate::api::ApiErr> {
     match bound_node(caller) {
         Some(n) if n == node => Ok(()),
         Some(n) => Err(crate::api::ApiErr::Forbidden(format!(
-            "this credential belongs to node {n}; it cannot act for node {node}"
+            "this certificate is node {n}'s; it cannot act for node {node}"
         ))),
         None => Err(crate::api::ApiErr::Forbidden(format!(
-            "token {} ({}) may only register agents; node {node}'s calls need the credential \
-             its registration returned",
+            "token {} ({}) may only register agents; node {node}'s calls go to the agent port \
+             over mutual TLS, with the certificate its registration returned",
             caller.token_id, caller.name
         ))),
     }
@@ -209,6 +205,63 @@ pub async fn authenticate(store: &dyn Store, token: &str, now: u64) -> Result<Ca
         token_id: rec.id,
         name: rec.name,
         role,
+        cert: None,
+    })
+}
+
+/// The `Authorization: Bearer …` token of a request.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
+    let v = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    v.strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))
+        .map(|t| t.trim().to_string())
+}
+
+/// The caller of the agent port: the node of a certificate the built-in CA
+/// issued (the handshake checked the chain and dates), while the store
+/// holds it unrevoked for that node.
+pub async fn authenticate_peer(
+    store: &dyn Store,
+    peer: &crate::pki::PeerNode,
+    now: u64,
+) -> Result<Caller, ApiErr> {
+    let again = "register again with the join token";
+    let rec = match store.get_node_cert(&peer.serial).await {
+        Ok(r) => r,
+        Err(drover_store::StoreError::NotFound(_)) => {
+            return Err(ApiErr::Unauthorized(format!(
+            "certificate {} (node {}) is not one this server issued, or expired long ago; {again}",
+            peer.serial, peer.node
+        )))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if rec.node != peer.node {
+        return Err(ApiErr::Unauthorized(format!(
+            "certificate {} was issued to node {}, not {}",
+            peer.serial, rec.node, peer.node
+        )));
+    }
+    if rec.revoked_at.is_some() {
+        return Err(ApiErr::Unauthorized(format!(
+            "certificate {} of node {} was revoked (the node registered again, or renewed twice since); {again}",
+            peer.serial, peer.node
+        )));
+    }
+    if rec.not_after <= now {
+        return Err(ApiErr::Unauthorized(format!(
+            "certificate {} of node {} has expired; {again}",
+            peer.serial, peer.node
+        )));
+    }
+    Ok(Caller {
+        token_id: format!("cert {}", peer.serial),
+        name: format!("node:{}", peer.node),
+        role: Role::Node,
+        cert: Some(peer.clone()),
     })
 }
 
@@ -216,12 +269,8 @@ pub async fn authenticate(store: &dyn Store, token: &str, now: u64) -> Result<Ca
 /// dashboard's `drover_token` cookie.
 fn request_token(req: &Request) -> Option<String> {
     let headers = req.headers();
-    if let Some(v) = headers.get(axum::http::header::AUTHORIZATION) {
-        let v = v.to_str().ok()?;
-        return v
-            .strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-            .map(|t| t.trim().to_string());
+    if headers.contains_key(axum::http::header::AUTHORIZATION) {
+        return bearer(headers);
     }
     headers
         .get_all(axum::http::header::COOKIE)
@@ -237,6 +286,18 @@ async fn check(
     next: Next,
 ) -> Result<Response, ApiErr> {
     if need == Need::Public {
+        return Ok(next.run(req).await);
+    }
+    // The agent port: the certificate is the credential, tokens do nothing.
+    if let Some(peer) = req.extensions().get::<crate::pki::PeerNode>().cloned() {
+        let caller = authenticate_peer(&*server.store, &peer, now_ms()).await?;
+        if !caller.role.allows(need) {
+            return Err(ApiErr::Forbidden(format!(
+                "node {} may not call this",
+                peer.node
+            )));
+        }
+        req.extensions_mut().insert(caller);
         return Ok(next.run(req).await);
     }
     let Some(token) = request_token(&req) else {

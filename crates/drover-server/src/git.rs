@@ -87,8 +87,26 @@ pub fn mirror_path(data_dir: &Path, app: &str) -> PathBuf {
     data_dir.join("repos").join(format!("{app}.git"))
 }
 
-/// Clones `repo` (path or URL) as a bare mirror at `dest`, or fetches if it exists.
+/// The lock of one mirror: fetches into the same mirror at once (a webhook,
+/// a CLI deploy and an API deploy arriving together) would race for its ref
+/// locks and fail.
+fn mirror_lock(dest: &Path) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    type Locks = std::collections::HashMap<PathBuf, std::sync::Arc<tokio::sync::Mutex<()>>>;
+    static LOCKS: std::sync::LazyLock<std::sync::Mutex<Locks>> =
+        std::sync::LazyLock::new(Default::default);
+    LOCKS
+        .lock()
+        .expect("mirror locks")
+        .entry(dest.to_path_buf())
+        .or_default()
+        .clone()
+}
+
+/// Clones `repo` (path or URL) as a bare mirror at `dest`, or fetches if it
+/// exists; one at a time per mirror.
 pub async fn sync_mirror(repo: &str, dest: &Path) -> Result<(), GitError> {
+    let lock = mirror_lock(dest);
+    let _held = lock.lock().await;
     if dest.join("HEAD").exists() {
         git(&[
             "--git-dir",

@@ -3,6 +3,7 @@
 //! - [`api`]: the HTTP/JSON API (CLI, agents, proxies) and the one place
 //!   where errors become HTTP statuses.
 //! - [`auth`]: API tokens, roles and the per-route access check.
+//! - [`pki`]: the built-in CA; agents' certificates and mutual TLS.
 //! - [`engine`]: the rollout engine. It alone writes rollouts and instance
 //!   placement: every tick it feeds persisted + observed state to the pure
 //!   planner (`drover_core::planner`) and applies the actions.
@@ -29,6 +30,7 @@ pub mod git;
 pub mod metrics;
 pub mod notify;
 pub mod pipeline;
+pub mod pki;
 pub mod prom;
 pub mod retention;
 pub mod secrets;
@@ -57,6 +59,12 @@ pub const PROXY_FRESH_MS: u64 = 10_000;
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub addr: SocketAddr,
+    /// The agent listener (mutual TLS only).
+    pub agent_addr: SocketAddr,
+    /// The API's certificate chain and key (PEM files): it serves HTTPS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// How long an agent's certificate is valid (renewed at 2/3 of it).
+    pub agent_cert_ttl: std::time::Duration,
     pub data_dir: PathBuf,
     /// How often tracked branches are polled for new commits (zero: off).
     pub poll_interval: std::time::Duration,
@@ -97,6 +105,10 @@ pub struct Server {
     pub route_specs: std::sync::Mutex<HashMap<(String, String), drover_core::spec::AppSpec>>,
     /// Durations and outcomes observed as they happen, for `/metrics`.
     pub observed: metrics::Observed,
+    /// The cluster's certificate authority.
+    pub pki: Arc<pki::Pki>,
+    /// The agent listener's port, told to agents when they register.
+    pub agent_port: u16,
 }
 
 impl Server {
@@ -148,6 +160,18 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         .clone()
         .unwrap_or_else(|| config.data_dir.join("secrets.key"));
     let secrets = secrets::SecretBox::load_or_create(&key_file)?;
+    let pki = Arc::new(pki::Pki::load_or_create(
+        &config.data_dir.join("ca"),
+        config.agent_cert_ttl,
+    )?);
+    let agent_listener = tokio::net::TcpListener::bind(config.agent_addr)
+        .await
+        .with_context(|| format!("cannot listen for agents on {}", config.agent_addr))?;
+    let agent_tls = pki.agent_tls_config()?;
+    let api_tls = match &config.tls {
+        Some((cert, key)) => Some(pki::api_tls_config(cert, key)?),
+        None => None,
+    };
     let (index_tx, _) = watch::channel(index);
     let (engine_handle, engine_rx) = engine::channel();
     let server = Arc::new(Server {
@@ -165,18 +189,59 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         secrets,
         route_specs: std::sync::Mutex::new(HashMap::new()),
         observed: metrics::Observed::default(),
+        pki: pki.clone(),
+        agent_port: agent_listener.local_addr()?.port(),
     });
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.addr))?;
-    tracing::info!(addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), "drover server listening");
+    tracing::info!(addr = %listener.local_addr()?, agent_addr = %agent_listener.local_addr()?,
+        data_dir = %config.data_dir.display(), "drover server listening");
     let engine_task = tokio::spawn(engine::run(server.clone(), engine_rx));
     tokio::spawn(source::poll_loop(server.clone(), config.poll_interval));
     tokio::spawn(timeseries::sample_loop(server.clone()));
     tokio::spawn(notify::run(server.clone()));
+    tokio::spawn(renew_server_cert(pki, shutdown.clone()));
     let app = api::router(server.clone()).merge(dashboard::router(server.clone()));
-    serve::serve(listener, app, config.timeouts, shutdown.clone()).await;
+    let agents = serve::serve_tls(
+        agent_listener,
+        api::agent_router(server.clone()),
+        config.timeouts,
+        shutdown.clone(),
+        agent_tls,
+        serve::Peers::Agents,
+    );
+    let api = async {
+        match api_tls {
+            Some(tls) => {
+                serve::serve_tls(
+                    listener,
+                    app,
+                    config.timeouts,
+                    shutdown.clone(),
+                    tls,
+                    serve::Peers::Anyone,
+                )
+                .await
+            }
+            None => serve::serve(listener, app, config.timeouts, shutdown.clone()).await,
+        }
+    };
+    tokio::join!(api, agents);
     shutdown.cancel();
     let _ = engine_task.await;
     Ok(())
+}
+
+/// Re-issues the server's own certificate for the agent port daily.
+async fn renew_server_cert(pki: Arc<pki::Pki>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pki::SERVER_CERT_RENEW) => {}
+        }
+        if let Err(e) = pki.renew_server_cert() {
+            tracing::error!(error = %e, "cannot renew the server's certificate for the agent port");
+        }
+    }
 }

@@ -46,6 +46,45 @@ pub async fn serve(
     timeouts: Timeouts,
     shutdown: CancellationToken,
 ) {
+    serve_with(listener, app, timeouts, shutdown, None).await
+}
+
+/// Who is on the other end of a TLS listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peers {
+    /// Anyone (the API with `drover server --tls-cert`).
+    Anyone,
+    /// Agents: `tls` requires a client certificate, and every request of a
+    /// connection carries the peer's [`crate::pki::PeerNode`] (read from
+    /// its certificate) as an extension.
+    Agents,
+}
+
+/// Serves `app` like [`serve`], over TLS with `tls`; a connection that
+/// fails the handshake (e.g. a client certificate `tls` does not accept)
+/// ends there.
+pub async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    timeouts: Timeouts,
+    shutdown: CancellationToken,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    peers: Peers,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let agents = peers == Peers::Agents;
+    serve_with(listener, app, timeouts, shutdown, Some((acceptor, agents))).await
+}
+
+/// `tls`: the acceptor, and whether the peer is an agent whose
+/// certificate names its node.
+async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    timeouts: Timeouts,
+    shutdown: CancellationToken,
+    tls: Option<(tokio_rustls::TlsAcceptor, bool)>,
+) {
     let app = app
         .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY))
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
@@ -53,7 +92,7 @@ pub async fn serve(
         ));
     let conns = TaskTracker::new();
     loop {
-        let (io, _peer) = tokio::select! {
+        let (io, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -65,31 +104,68 @@ pub async fn serve(
                 }
             },
         };
-        let svc = TowerToHyperService::new(app.clone());
-        let shutdown = shutdown.clone();
+        let (app, shutdown, tls) = (app.clone(), shutdown.clone(), tls.clone());
         conns.spawn(async move {
-            let mut b = Builder::new(TokioExecutor::new());
-            b.http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(timeouts.header);
-            b.http2().timer(TokioTimer::new());
-            let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::trace!(error = %e, "connection ended");
-                    }
+            let Some((tls, agents)) = tls else {
+                return serve_conn(io, app, timeouts, shutdown).await;
+            };
+            let what = if agents { "an agent connection" } else { "a connection" };
+            // The handshake is bounded like a request's headers.
+            let stream = match tokio::time::timeout(timeouts.header, tls.accept(io)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %e, "refused {what}: TLS handshake failed");
+                    return;
                 }
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                Err(_) => {
+                    tracing::warn!(%peer, "refused {what}: no TLS handshake within {:?}", timeouts.header);
+                    return;
                 }
+            };
+            if !agents {
+                return serve_conn(stream, app, timeouts, shutdown).await;
             }
+            let who = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| crate::pki::peer_node(c));
+            let Some(who) = who else {
+                tracing::warn!(%peer, "refused an agent connection: its certificate names no node");
+                return;
+            };
+            serve_conn(stream, app.layer(axum::Extension(who)), timeouts, shutdown).await
         });
     }
     conns.close();
     if tokio::time::timeout(DRAIN, conns.wait()).await.is_err() {
         tracing::warn!("requests still in flight after {DRAIN:?}; stopping anyway");
+    }
+}
+
+/// One connection, HTTP/1.1 or HTTP/2, until it ends or `shutdown`.
+async fn serve_conn<I>(io: I, app: Router, timeouts: Timeouts, shutdown: CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = TowerToHyperService::new(app);
+    let mut b = Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.header);
+    b.http2().timer(TokioTimer::new());
+    let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::trace!(error = %e, "connection ended");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }

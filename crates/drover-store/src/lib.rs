@@ -152,6 +152,17 @@ pub struct TokenRecord {
     pub revoked_at: Option<Millis>,
 }
 
+/// A certificate the built-in CA issued to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCertRecord {
+    /// The certificate's serial number, lowercase hex.
+    pub serial: String,
+    pub node: String,
+    pub issued_at: Millis,
+    pub not_after: Millis,
+    pub revoked_at: Option<Millis>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventRecord {
     pub id: i64,
@@ -344,6 +355,16 @@ pub trait Store: Send + Sync + 'static {
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
     /// NotFound when there is no such token; revoking twice keeps the first time.
     async fn revoke_token(&self, id: &str, now: Millis) -> Result<()>;
+
+    /// Records a certificate issued to a node; certificates that expired
+    /// before `prune_before` are forgotten at the same time.
+    async fn add_node_cert(&self, c: &NodeCertRecord, prune_before: Millis) -> Result<()>;
+    /// NotFound when no such certificate was issued (or it was pruned).
+    async fn get_node_cert(&self, serial: &str) -> Result<NodeCertRecord>;
+    /// A node's certificates, newest first.
+    async fn list_node_certs(&self, node: &str) -> Result<Vec<NodeCertRecord>>;
+    /// Revokes every certificate of `node` but those in `keep`; how many were.
+    async fn revoke_node_certs(&self, node: &str, keep: &[&str], now: Millis) -> Result<u64>;
 
     /// Adds deliveries (one transaction); ended ones older than `prune_before`
     /// are dropped at the same time.

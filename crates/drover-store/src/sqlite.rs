@@ -79,6 +79,16 @@ fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> TokenRecord {
     }
 }
 
+fn node_cert_from_row(r: &sqlx::sqlite::SqliteRow) -> NodeCertRecord {
+    NodeCertRecord {
+        serial: r.get("serial"),
+        node: r.get("node"),
+        issued_at: r.get::<i64, _>("issued_at") as u64,
+        not_after: r.get::<i64, _>("not_after") as u64,
+        revoked_at: r.get::<Option<i64>, _>("revoked_at").map(|v| v as u64),
+    }
+}
+
 /// Makes ?1 the live release of (?2 app, ?3 env); the previous live release
 /// becomes the default rollback target.
 const SET_LIVE: &str = "INSERT INTO deployments (app, env, live_release) VALUES (?2, ?3, ?1) ON CONFLICT (app, env) DO UPDATE SET prev_release = CASE WHEN live_release IS NOT NULL AND live_release != ?1 THEN live_release ELSE prev_release END, live_release = ?1";
@@ -731,6 +741,71 @@ impl Store for SqliteStore {
             return Err(StoreError::NotFound(format!("token {id}")));
         }
         Ok(())
+    }
+
+    async fn add_node_cert(&self, c: &NodeCertRecord, prune_before: Millis) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM node_certs WHERE not_after < ?")
+            .bind(prune_before as i64)
+            .execute(&mut *tx)
+            .await?;
+        let res = sqlx::query("INSERT INTO node_certs (serial, node, issued_at, not_after, revoked_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(&c.serial)
+            .bind(&c.node)
+            .bind(c.issued_at as i64)
+            .bind(c.not_after as i64)
+            .bind(c.revoked_at.map(|v| v as i64))
+            .execute(&mut *tx)
+            .await;
+        match res {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(StoreError::Conflict(format!("certificate {}", c.serial)))
+            }
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_node_cert(&self, serial: &str) -> Result<NodeCertRecord> {
+        let row = sqlx::query("SELECT * FROM node_certs WHERE serial = ?")
+            .bind(serial)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref()
+            .map(node_cert_from_row)
+            .ok_or_else(|| StoreError::NotFound(format!("certificate {serial}")))
+    }
+
+    async fn list_node_certs(&self, node: &str) -> Result<Vec<NodeCertRecord>> {
+        let rows =
+            sqlx::query("SELECT * FROM node_certs WHERE node = ? ORDER BY issued_at DESC, serial")
+                .bind(node)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.iter().map(node_cert_from_row).collect())
+    }
+
+    async fn revoke_node_certs(&self, node: &str, keep: &[&str], now: Millis) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let held: Vec<String> = sqlx::query_scalar(
+            "SELECT serial FROM node_certs WHERE node = ? AND revoked_at IS NULL",
+        )
+        .bind(node)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut n = 0;
+        for serial in held.iter().filter(|s| !keep.contains(&s.as_str())) {
+            sqlx::query("UPDATE node_certs SET revoked_at = ? WHERE serial = ?")
+                .bind(now as i64)
+                .bind(serial)
+                .execute(&mut *tx)
+                .await?;
+            n += 1;
+        }
+        tx.commit().await?;
+        Ok(n)
     }
 
     async fn add_deliveries(&self, d: &[DeliveryRecord], prune_before: Millis) -> Result<()> {

@@ -393,6 +393,48 @@ async fn tokens_are_stored_by_id_listed_and_revoked_once() {
 }
 
 #[tokio::test]
+async fn node_certificates_are_revoked_per_node_and_pruned_once_expired() {
+    let (_d, s) = open().await;
+    let cert = |serial: &str, node: &str, issued_at: u64, not_after: u64| NodeCertRecord {
+        serial: serial.into(),
+        node: node.into(),
+        issued_at,
+        not_after,
+        revoked_at: None,
+    };
+    s.add_node_cert(&cert("01", "a", 1, 100), 0).await.unwrap();
+    s.add_node_cert(&cert("02", "a", 2, 200), 0).await.unwrap();
+    s.add_node_cert(&cert("03", "b", 3, 300), 0).await.unwrap();
+    assert!(matches!(
+        s.add_node_cert(&cert("03", "a", 4, 300), 0).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        s.get_node_cert("02").await.unwrap(),
+        cert("02", "a", 2, 200)
+    );
+    assert!(matches!(
+        s.get_node_cert("ff").await,
+        Err(StoreError::NotFound(_))
+    ));
+    let serials = |v: Vec<NodeCertRecord>| v.into_iter().map(|c| c.serial).collect::<Vec<_>>();
+    assert_eq!(serials(s.list_node_certs("a").await.unwrap()), ["02", "01"]);
+    // Renewal keeps the one in use; re-registration revokes all.
+    assert_eq!(s.revoke_node_certs("a", &["02"], 50).await.unwrap(), 1);
+    assert_eq!(s.get_node_cert("01").await.unwrap().revoked_at, Some(50));
+    assert_eq!(s.get_node_cert("02").await.unwrap().revoked_at, None);
+    assert_eq!(s.revoke_node_certs("a", &[], 60).await.unwrap(), 1);
+    assert_eq!(s.get_node_cert("01").await.unwrap().revoked_at, Some(50));
+    assert_eq!(s.get_node_cert("02").await.unwrap().revoked_at, Some(60));
+    assert_eq!(s.get_node_cert("03").await.unwrap().revoked_at, None);
+    // Adding one forgets those expired before the given time.
+    s.add_node_cert(&cert("04", "a", 5, 400), 150)
+        .await
+        .unwrap();
+    assert_eq!(serials(s.list_node_certs("a").await.unwrap()), ["04", "02"]);
+}
+
+#[tokio::test]
 async fn completing_a_rollout_makes_its_target_live_in_the_same_write() {
     let (_d, s) = open().await;
     s.insert_app(&app("a")).await.unwrap();

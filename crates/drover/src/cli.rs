@@ -125,6 +125,22 @@ enum Cmd {
         /// How long a client may pause while sending a request body.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         body_timeout: std::time::Duration,
+        /// Where agents connect after registering (mutual TLS with
+        /// certificates from the server's own CA). Default: --addr's host,
+        /// port + 1.
+        #[arg(long)]
+        agent_addr: Option<std::net::SocketAddr>,
+        /// How long an agent's certificate is valid; agents renew it at
+        /// two thirds of that.
+        #[arg(long, default_value = "72h", value_parser = parse_duration)]
+        agent_cert_ttl: std::time::Duration,
+        /// Serve the API over HTTPS with this certificate chain (PEM);
+        /// clients trusting a private CA set DROVER_CA_CERT.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Run an agent (one per server).
     Agent {
@@ -172,6 +188,12 @@ enum Cmd {
         /// text format) on this address, e.g. 127.0.0.1:9101.
         #[arg(long)]
         metrics_addr: Option<String>,
+        /// Serve HTTPS on --listen with this certificate chain (PEM).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<String>,
+        /// The private key (PEM) of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<String>,
         #[command(flatten)]
         join: JoinArg,
     },
@@ -561,6 +583,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             secrets_key_file,
             header_timeout,
             body_timeout,
+            agent_addr,
+            agent_cert_ttl,
+            tls_cert,
+            tls_key,
         } => {
             init_logs();
             runtime().block_on(async {
@@ -569,6 +595,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 drover_server::run(
                     drover_server::ServerConfig {
                         addr,
+                        agent_addr: agent_addr.unwrap_or_else(|| {
+                            std::net::SocketAddr::new(addr.ip(), addr.port().wrapping_add(1))
+                        }),
+                        agent_cert_ttl,
+                        tls: tls_cert.zip(tls_key),
                         data_dir,
                         poll_interval,
                         keep_releases,
@@ -614,11 +645,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             grace,
             labels,
             metrics_addr,
+            tls_cert,
+            tls_key,
             join,
         } => {
             let token = Some(join.token()?);
             init_logs();
             drover_proxy::run(drover_proxy::ProxyConfig {
+                tls: tls_cert.zip(tls_key),
                 listen,
                 server: s.server,
                 name,

@@ -32,14 +32,21 @@ pub struct Client {
     base: String,
     http: reqwest::Client,
     rt: tokio::runtime::Runtime,
+    /// A bad DROVER_CA_CERT: every call fails with it.
+    setup_error: Option<String>,
 }
 
 impl Client {
     /// A client of the server at `base`, sending `token` as a bearer token.
     pub fn new(base: &str, token: Option<&str>) -> Self {
+        let (cas, setup_error) = match drover_api::trusted_cas() {
+            Ok(c) => (c, None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .default_headers(drover_api::bearer_headers(token))
+            .tls_certs_merge(cas)
             .build()
             .expect("http client");
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -50,13 +57,21 @@ impl Client {
             base: base.trim_end_matches('/').to_string(),
             http,
             rt,
+            setup_error,
         }
     }
 
     fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        if let Some(e) = &self.setup_error {
+            return Err(fail(2, e.clone()));
+        }
         let base = self.base.clone();
         self.rt.block_on(async move {
             let resp = req.send().await.map_err(|e| {
+                use drover_agent::client::{error_chain, is_tls_error};
+                if is_tls_error(&e) {
+                    return fail(1, format!("cannot talk TLS with the drover server at {base}: {}. If its certificate is from a private CA, set {} to that CA's PEM file", error_chain(&e), drover_api::CA_CERT_ENV));
+                }
                 fail(1, format!("cannot reach the drover server at {base}: {e}. Is `drover server` or `drover up` running? (set DROVER_SERVER)"))
             })?;
             let status = resp.status();

@@ -472,3 +472,126 @@ fn a_running_build_is_cancelled_with_its_processes_and_nothing_is_released() {
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("is cancelled"));
 }
+
+/// POSTs `body` to `path` on the API at `api_addr` with `token`; the status.
+fn post_api(api_addr: &str, token: &str, path: &str, body: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(api_addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Scenario 22: a deploy triggered from a webhook, the CLI and the API at
+/// the same moment: the builds take turns under the app's deploy lock
+/// (never two at once), every trigger is answered, and each run ends. The
+/// lock dies with its holder: with a build holding it, the server is
+/// SIGKILLed; the restarted server marks that run failed and the next
+/// deploy goes ahead at once instead of waiting for the dead one.
+#[test]
+fn deploys_from_a_webhook_the_cli_and_the_api_at_once_take_turns_and_a_dead_holders_lock_is_gone() {
+    let _g = serial();
+    let mut c = Cluster::start(1);
+    let log = c.dir.path().join("builds.log");
+    let slow = c.dir.path().join("slow");
+    // Each build writes when it starts and ends; with `slow` there, it
+    // hangs for a minute.
+    let build = format!(
+        "echo start >> {log}; if [ -e {slow} ]; then sleep 60; fi; sleep 0.3; echo end >> {log}; ",
+        log = log.display(),
+        slow = slow.display()
+    );
+    let with_build = |s: String| {
+        s.replace(
+            "command = \"python3 -c",
+            &format!("command = \"{build}python3 -c"),
+        )
+    };
+    let repo = Repo::create(
+        c.dir.path(),
+        &with_build(spec("web", 1, "30s")),
+        &Behavior::ok("v1"),
+    );
+    let secret = add(&c, &repo);
+    c.cli_ok(&["deploy", "web", "--wait"]);
+    let commit = repo.commit(&with_build(spec("web", 1, "30s")), &Behavior::ok("v2"));
+    std::fs::write(&log, "").unwrap();
+
+    // Three triggers at once.
+    let (api, admin) = (c.api_addr.clone(), c.admin_token.clone());
+    let (cm, sec) = (commit.clone(), secret.clone());
+    let hook = std::thread::spawn(move || FakeCluster { api_addr: api }.push(&cm, "d-22", &sec));
+    let api = c.api_addr.clone();
+    let by_api = std::thread::spawn(move || post_api(&api, &admin, "/v1/apps/web/deploy", "{}"));
+    let by_cli = c.cli(&["deploy", "web"]);
+    assert!(
+        by_cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_cli.stderr)
+    );
+    assert_eq!(hook.join().unwrap(), 202);
+    let code = by_api.join().unwrap();
+    assert!((200..300).contains(&code), "API deploy answered {code}");
+    c.wait_until("the three runs ended", Duration::from_secs(90), |c| {
+        let runs = c.runs("web");
+        runs.len() == 4
+            && runs.iter().all(|r| {
+                ["succeeded", "failed", "superseded", "cancelled"]
+                    .contains(&r["state"].as_str().unwrap_or(""))
+            })
+    });
+    let lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        lines,
+        ["start", "end", "start", "end", "start", "end"],
+        "builds overlapped, or not all three built"
+    );
+    for r in &c.runs("web")[..3] {
+        assert!(
+            ["succeeded", "superseded"].contains(&r["state"].as_str().unwrap()),
+            "{r:#}"
+        );
+    }
+    c.wait_until("v2 live", Duration::from_secs(30), |c| all_answer(c, "v2"));
+
+    // A build holds the lock when the server dies.
+    std::fs::write(&slow, "").unwrap();
+    repo.commit(&with_build(spec("web", 1, "30s")), &Behavior::ok("v3"));
+    std::fs::write(&log, "").unwrap();
+    // (A deploy answers once its rollout started: this one never does.)
+    let (api, admin) = (c.api_addr.clone(), c.admin_token.clone());
+    let held = std::thread::spawn(move || {
+        let _ = std::panic::catch_unwind(|| post_api(&api, &admin, "/v1/apps/web/deploy", "{}"));
+    });
+    c.wait_until(
+        "a slow build holding the lock",
+        Duration::from_secs(30),
+        |_| std::fs::read_to_string(&log).unwrap() == "start\n",
+    );
+    c.server.kill9();
+    held.join().unwrap();
+    std::fs::remove_file(&slow).unwrap();
+    c.restart_server();
+    let out = c.cli(&["deploy", "web", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The new build ran start to end while the dead one's (still asleep
+    // for a minute) had not ended: nothing waited for it.
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "start\nstart\nend\n"
+    );
+    let runs = c.runs("web");
+    let killed = &runs[1];
+    assert_eq!(killed["state"], "failed", "{killed:#}");
+    assert_eq!(runs[0]["state"], "succeeded", "{:#}", runs[0]);
+}

@@ -13,7 +13,7 @@ use drover_agent::client::ControlClient;
 use drover_agent::supervisor::{Supervisor, SupervisorConfig};
 use drover_api::{ArtifactRef, Assignment, DesiredState, HealthSpec, InstanceReport, RunSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -73,6 +73,21 @@ impl Drop for TestServer {
 
 /// Serves `handler` on 127.0.0.1:`port` (0 = any).
 pub async fn serve(port: u16, handler: Handler) -> TestServer {
+    serve_with(port, handler, None).await
+}
+
+/// Serves `handler` over TLS with [`CA`]'s certificate for
+/// `server.drover`, as the server's agent port does (client certificates
+/// are asked for but not required: this stands in for the server's side).
+pub async fn serve_tls(port: u16, handler: Handler) -> TestServer {
+    serve_with(port, handler, Some(CA.acceptor())).await
+}
+
+async fn serve_with(
+    port: u16,
+    handler: Handler,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> TestServer {
     let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
@@ -80,16 +95,92 @@ pub async fn serve(port: u16, handler: Handler) -> TestServer {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let h = handler.clone();
+            let (h, tls) = (handler.clone(), tls.clone());
             tokio::spawn(async move {
-                let _ = handle(stream, h).await;
+                match tls {
+                    None => {
+                        let _ = handle(stream, h).await;
+                    }
+                    Some(tls) => {
+                        if let Ok(s) = tls.accept(stream).await {
+                            let _ = handle(s, h).await;
+                        }
+                    }
+                }
             });
         }
     });
     TestServer { addr, task }
 }
 
-async fn handle(mut stream: TcpStream, handler: Handler) -> std::io::Result<()> {
+/// A CA standing in for the server's: a certificate for `server.drover`,
+/// certificates for nodes' CSRs, and whole identities.
+pub struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pub ca_pem: String,
+}
+
+pub static CA: std::sync::LazyLock<TestCa> = std::sync::LazyLock::new(|| {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "test CA");
+    let ca_pem = p.self_signed(&key).unwrap().pem();
+    TestCa {
+        issuer: rcgen::Issuer::new(p, key),
+        ca_pem,
+    }
+});
+
+impl TestCa {
+    /// A certificate (PEM) for the public key of `csr_pem`, for `node`.
+    pub fn sign_csr(&self, node: &str, csr_pem: &str) -> String {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name.push(rcgen::DnType::CommonName, node);
+        p.signed_by(&csr.public_key, &self.issuer).unwrap().pem()
+    }
+
+    /// A whole identity for `node`, the agent port being `agent_port`.
+    pub fn identity(&self, node: &str, agent_port: u16) -> drover_agent::client::NodeIdentity {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name.push(rcgen::DnType::CommonName, node);
+        drover_agent::client::NodeIdentity {
+            node: node.to_string(),
+            cert_pem: p.signed_by(&key, &self.issuer).unwrap().pem(),
+            key_pem: key.serialize_pem(),
+            ca_pem: self.ca_pem.clone(),
+            agent_port,
+            issued_at_ms: 0,
+            not_after_ms: u64::MAX / 2,
+        }
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        let key = rcgen::KeyPair::generate().unwrap();
+        let p = rcgen::CertificateParams::new(vec!["server.drover".to_string()]).unwrap();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+    }
+}
+
+async fn handle<S>(mut stream: S, handler: Handler) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -196,7 +287,17 @@ pub fn prepare_release(data_dir: &Path, a: &Assignment) -> PathBuf {
 /// A supervisor whose artifact server is `server` (default: nothing
 /// listening), ports from `range`.
 pub fn supervisor(data_dir: &Path, range: (u16, u16), server: Option<&str>) -> Supervisor {
-    let client = ControlClient::new(server.unwrap_or("http://127.0.0.1:9"), None).unwrap();
+    // The artifact server stands in for the agent port (TLS, see serve_tls).
+    let client = ControlClient::new("http://127.0.0.1:9", None).unwrap();
+    let client = match server {
+        Some(url) => {
+            let port = url.rsplit(':').next().unwrap().parse().unwrap();
+            client
+                .with_identity(CA.identity("test-node", port))
+                .unwrap()
+        }
+        None => client,
+    };
     let store = ArtifactStore::new(data_dir.to_path_buf(), client)
         .with_retry_delays(vec![Duration::from_millis(50), Duration::from_millis(50)]);
     Supervisor::start(

@@ -68,6 +68,8 @@ pub struct Cluster {
     pub join_token: String,
     pub api: String,
     pub api_addr: String,
+    /// The server's agent port (mutual TLS).
+    pub agent_addr: String,
     pub proxy_addr: String,
     pub server: Proc,
     pub agents: Vec<Proc>,
@@ -215,6 +217,7 @@ impl Cluster {
     fn start_full(nodes: u32, poll: &str, server_flags: &[&str], labels: &[&[&str]]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let api_addr = format!("127.0.0.1:{}", free_port());
+        let agent_addr = format!("127.0.0.1:{}", free_port());
         let proxy_addr = format!("127.0.0.1:{}", free_port());
         let api = format!("http://{api_addr}");
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
@@ -226,6 +229,8 @@ impl Cluster {
                 "server",
                 "--addr",
                 &api_addr,
+                "--agent-addr",
+                &agent_addr,
                 "--data-dir",
                 &dir.path().join("server").to_string_lossy(),
                 "--poll-interval",
@@ -265,6 +270,7 @@ impl Cluster {
             join_token,
             api: api.clone(),
             api_addr,
+            agent_addr,
             proxy_addr,
             server,
             agents: Vec::new(),
@@ -361,6 +367,8 @@ impl Cluster {
                 "server",
                 "--addr",
                 &self.api_addr,
+                "--agent-addr",
+                &self.agent_addr,
                 "--data-dir",
                 &self.dir.path().join("server").to_string_lossy(),
                 "--poll-interval",
@@ -441,7 +449,7 @@ fn spawn_role(dir: &Path, name: &str, args: &[&str]) -> Proc {
 }
 
 /// Starts a role with extra environment (secrets go there, not in args).
-fn spawn_role_env(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+pub fn spawn_role_env(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
