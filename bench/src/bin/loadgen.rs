@@ -1,10 +1,11 @@
 //! A bounded HTTP/1.1 load generator.
 //!
-//! `loadgen ADDR HOST CONNECTIONS SECONDS [--new-conn] [--max N]`
+//! `loadgen ADDR HOST CONNECTIONS SECONDS [--new-conn] [--max N] [--rate R] [--until FILE]`
 //! sends GET / with `Host: HOST` to ADDR (127.0.0.1 only) over CONNECTIONS
 //! keep-alive connections (or a fresh connection per request with
-//! `--new-conn`) for SECONDS (or N requests), then prints one JSON line:
-//! requests, errors, rps, p50_us, p90_us, p99_us.
+//! `--new-conn`) for SECONDS (or N requests), as fast as it can or at R
+//! requests/s in all (spread over the connections), or until FILE exists,
+//! then prints one JSON line: requests, errors, rps, p50_us, p90_us, p99_us.
 #![forbid(unsafe_code)]
 
 use bytes::Bytes;
@@ -18,7 +19,9 @@ use std::time::{Duration, Instant};
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 5 {
-        eprintln!("usage: loadgen ADDR HOST CONNECTIONS SECONDS [--new-conn] [--max N]");
+        eprintln!(
+            "usage: loadgen ADDR HOST CONNECTIONS SECONDS [--new-conn] [--max N] [--rate R] [--until FILE]"
+        );
         std::process::exit(2);
     }
     let addr: std::net::SocketAddr = args[1].parse().expect("ADDR like 127.0.0.1:8080");
@@ -32,6 +35,16 @@ fn main() {
         .position(|a| a == "--max")
         .map(|i| args[i + 1].parse().expect("N"))
         .unwrap_or(u64::MAX);
+    // Each connection's pause between request starts at --rate.
+    let pace: Option<Duration> = args
+        .iter()
+        .position(|a| a == "--rate")
+        .map(|i| args[i + 1].parse::<f64>().expect("R"))
+        .map(|r| Duration::from_secs_f64(conns as f64 / r.max(1.0)));
+    let until: Option<std::path::PathBuf> = args
+        .iter()
+        .position(|a| a == "--until")
+        .map(|i| args[i + 1].clone().into());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -44,11 +57,23 @@ fn main() {
         for _ in 0..conns {
             let host = host.clone();
             let count = count.clone();
+            let until = until.clone();
             tasks.push(tokio::spawn(async move {
                 let mut lat: Vec<u64> = Vec::with_capacity(100_000);
                 let mut errors = 0u64;
                 let mut sender = None;
+                let mut ticks = pace.map(|p| {
+                    let mut i = tokio::time::interval(p);
+                    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    i
+                });
                 while Instant::now() < deadline && count.fetch_add(1, Ordering::Relaxed) < max {
+                    if let Some(t) = ticks.as_mut() {
+                        t.tick().await;
+                    }
+                    if until.as_ref().is_some_and(|f| f.exists()) {
+                        break;
+                    }
                     let t0 = Instant::now();
                     if sender.is_none() {
                         match connect(addr).await {

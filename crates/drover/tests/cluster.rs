@@ -483,6 +483,16 @@ fn scenario_04_a_damaged_or_lost_agent_state_file_is_survived_and_the_apps_reado
         c.start_agent(1);
         c.wait_reporting(1, &format!("{damage}: node-1 reports again"));
         let reporting = started.elapsed();
+        // Registering already counts as being seen; the instance is the
+        // agent's again once its assignments arrived.
+        c.wait_until(
+            &format!("{damage}: node-1's agent re-adopted its instance"),
+            Duration::from_secs(20),
+            |_| {
+                std::fs::read_to_string(&log_path).unwrap()[log_from..]
+                    .contains("re-adopting running instance found without a state record")
+            },
+        );
         c.wait_until(
             &format!("{damage}: node-1's instance healthy and routed"),
             Duration::from_secs(20),

@@ -1,0 +1,283 @@
+#!/usr/bin/env bash
+# drover's proxy side by side with nginx and HAProxy. Usage (root):
+#   bash bench/proxies.sh            # RUNS=3 SECS=5 by default
+#
+# Installs nginx and haproxy from Debian's packages (their services are not
+# started), builds release binaries, starts `drover up` with one node and an
+# app of two `bench-backend` instances, and puts three proxies in front of
+# the same two instances, each with one worker/thread, keep-alive upstream
+# pools and no access log: drover's (`drover proxy --threads 1`), nginx
+# (worker_processes 1, upstream keepalive) and HAProxy (nbthread 1, http-reuse
+# always). The proxy under test is pinned to core 0; the load generator and
+# the backends to core 1. Each figure is the median of RUNS runs of SECS s.
+# Measured: requests/s at 50 keep-alive connections and with a new
+# connection per request (4 at a time); p50/p99 at 1 connection and at half
+# of the proxy's peak rate (10 connections); RSS idle and under load; and
+# failed requests across 20 switches between two backend sets under load
+# (drover: rollouts; nginx: `nginx -s reload`; HAProxy: master-worker reload
+# with SIGUSR2). Rewrites the section between the proxies markers of
+# BENCHMARKS.md and prints it. All traffic stays on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-3}
+SECS=${SECS:-5}
+
+need=()
+command -v nginx >/dev/null 2>&1 || need+=(nginx)
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+if [ ${#need[@]} -gt 0 ]; then
+  # Install without starting the packages' own services.
+  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+  chmod +x /usr/sbin/policy-rc.d
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+fi
+cargo build --release -q -p drover -p drover-bench
+BIN=$PWD/target/release
+D=$(mktemp -d /tmp/drover-proxies.XXXXXX)
+API=127.0.0.1:17270
+P_DROVER=127.0.0.1:18281
+P_NGINX=127.0.0.1:18282
+P_HAPROXY=127.0.0.1:18283
+HOST=bench.localhost
+export DROVER_SERVER=http://$API
+
+"$BIN/drover" up --data-dir "$D" --nodes 1 --api-addr $API --proxy-addr 127.0.0.1:18280 --poll-interval 0 >"$D/up.log" 2>&1 &
+UP=$!
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$D/nginx/nginx.pid" ] && nginx -p "$D/nginx" -c "$D/nginx/nginx.conf" -s stop 2>/dev/null || true
+  kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null || true
+  rm -rf "$D"
+}
+trap cleanup EXIT
+for _ in $(seq 1 300); do grep -q "press Ctrl-C" "$D/up.log" && break; sleep 0.1; done
+grep -q "press Ctrl-C" "$D/up.log" || { cat "$D/up.log"; exit 1; }
+export DROVER_TOKEN_FILE=$D/server/admin-token
+
+REPO=$D/repo
+mkdir -p "$REPO"
+cp "$BIN/bench-backend" "$REPO/backend"
+cat >"$REPO/drover.toml" <<TOML
+[app]
+name = "bench"
+[build]
+artifact = ["backend", "VERSION"]
+[run]
+command = "exec ./backend"
+instances = 2
+stop_timeout = "2s"
+[health]
+path = "/healthz"
+interval = "50ms"
+healthy_after = 1
+deadline = "30s"
+[route]
+host = "$HOST"
+[deploy]
+strategy = "rolling"
+max_surge = 2
+max_unavailable = 0
+drain_timeout = "5s"
+TOML
+commit() { echo "$1" >"$REPO/VERSION"; git -C "$REPO" add -A; git -C "$REPO" -c user.name=b -c user.email=b@b.invalid commit -qm "$1"; }
+git -C "$REPO" init -q --initial-branch=main
+commit v1
+"$BIN/drover" apps add "$REPO" >/dev/null
+"$BIN/drover" deploy bench --wait >/dev/null 2>&1
+addrs() { "$BIN/drover" status bench --json | python3 -c 'import json,sys; print(" ".join(i["address"] for i in json.load(sys.stdin)["instances"] if i["state"] == "healthy"))'; }
+read -r A B <<<"$(addrs)"
+pin_backends() { for p in $(pgrep -f "exec ./backend|/backend$" || true); do taskset -a -cp 1 "$p" >/dev/null 2>&1 || true; done; }
+pin_backends
+
+# drover's proxy, one thread.
+DROVER_JOIN_TOKEN=$(cat "$D/server/join-token") taskset -c 0 "$BIN/drover" proxy --server "http://$API" \
+  --listen $P_DROVER --name bench-proxy --threads 1 --grace 1 >"$D/drover-proxy.log" 2>&1 &
+DPID=$!
+PIDS+=($DPID)
+
+# nginx: one worker, keep-alive upstream pool, no logs.
+mkdir -p "$D/nginx/logs"
+nginx_conf() { # servers…
+  {
+    echo "worker_processes 1; pid $D/nginx/nginx.pid; error_log $D/nginx/error.log warn; daemon on;"
+    echo "events { worker_connections 4096; }"
+    echo "http { access_log off; keepalive_requests 1000000;"
+    echo "  upstream b { $(for s in "$@"; do printf 'server %s; ' "$s"; done) keepalive 128; }"
+    echo "  server { listen $P_NGINX; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host \$host; } } }"
+  } >"$D/nginx/nginx.conf"
+}
+nginx_conf "$A" "$B"
+taskset -c 0 nginx -p "$D/nginx" -c "$D/nginx/nginx.conf"
+
+# HAProxy: master-worker, one thread, connection reuse, no logs.
+haproxy_conf() { # servers…
+  {
+    echo "global"
+    echo "  nbthread 1"
+    echo "  maxconn 10000"
+    echo "defaults"
+    echo "  mode http"
+    echo "  option http-keep-alive"
+    echo "  timeout connect 2s"
+    echo "  timeout client 30s"
+    echo "  timeout server 30s"
+    echo "  http-reuse always"
+    echo "frontend f"
+    echo "  bind $P_HAPROXY"
+    echo "  default_backend b"
+    echo "backend b"
+    echo "  balance roundrobin"
+    local i=0
+    for s in "$@"; do i=$((i + 1)); echo "  server s$i $s"; done
+  } >"$D/haproxy.cfg"
+}
+haproxy_conf "$A" "$B"
+taskset -c 0 haproxy -W -f "$D/haproxy.cfg" >"$D/haproxy.log" 2>&1 &
+HPID=$!
+PIDS+=($HPID)
+
+for p in $P_DROVER $P_NGINX $P_HAPROXY; do
+  for _ in $(seq 1 100); do curl -fsS -H "Host: $HOST" "http://$p/" 2>/dev/null | grep -q hello && break; sleep 0.1; done
+  curl -fsS -H "Host: $HOST" "http://$p/" | grep -q hello || { echo "no answer through $p"; cat "$D"/*.log; exit 1; }
+done
+
+# The processes of a proxy, for RSS.
+proc_pids() {
+  case $1 in
+    drover) echo "$DPID" ;;
+    nginx) echo "$(cat "$D/nginx/nginx.pid") $(pgrep -P "$(cat "$D/nginx/nginx.pid")" | tr '\n' ' ')" ;;
+    haproxy) echo "$HPID $(pgrep -P $HPID | tr '\n' ' ')" ;;
+  esac
+}
+rss_mb() { # pids… → total RSS in MB
+  local kb=0
+  for p in "$@"; do
+    v=$(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+    kb=$((kb + ${v:-0}))
+  done
+  python3 -c "print(round($kb / 1024, 1))"
+}
+addr_of() { case $1 in drover) echo $P_DROVER ;; nginx) echo $P_NGINX ;; haproxy) echo $P_HAPROXY ;; direct) echo "$A" ;; esac; }
+load() { taskset -c 1 "$BIN/loadgen" "$@"; }
+# median of RUNS loadgen runs: prints "rps p50 p99 errors"
+median() { # addr args…
+  local addr=$1; shift
+  for _ in $(seq 1 "$RUNS"); do load "$addr" $HOST "$@"; done | python3 -c '
+import json, statistics, sys
+rows = [json.loads(l) for l in sys.stdin if l.strip()]
+m = lambda k: statistics.median(r[k] for r in rows)
+print(int(m("rps")), int(m("p50_us")), int(m("p99_us")), sum(r["errors"] for r in rows))'
+}
+
+declare -A RPS50 RPSNEW P50_1 P99_1 P50_H P99_H IDLE BUSY ERR
+for who in direct drover nginx haproxy; do
+  addr=$(addr_of $who)
+  if [ $who != direct ]; then IDLE[$who]=$(rss_mb $(proc_pids $who)); fi
+  if [ $who != direct ]; then
+    # RSS sampled in the middle of a 50-connection run.
+    (sleep "$(python3 -c "print($SECS / 2)")"; rss_mb $(proc_pids $who) >"$D/busy.$who") &
+    SAMPLER=$!
+  fi
+  read -r RPS50[$who] _ _ e1 <<<"$(median "$addr" 50 "$SECS")"
+  if [ $who != direct ]; then
+    wait $SAMPLER
+    BUSY[$who]=$(cat "$D/busy.$who")
+  fi
+  read -r RPSNEW[$who] _ _ e2 <<<"$(median "$addr" 4 "$SECS" --new-conn)"
+  read -r _ P50_1[$who] P99_1[$who] e3 <<<"$(median "$addr" 1 "$SECS")"
+  half=$(( ${RPS50[$who]} / 2 ))
+  read -r _ P50_H[$who] P99_H[$who] e4 <<<"$(median "$addr" 10 "$SECS" --rate $half)"
+  ERR[$who]=$((e1 + e2 + e3 + e4))
+done
+
+# 20 switches between the two backend sets under load (4 keep-alive
+# connections), counting failed requests.
+SWITCH_SECS=${SWITCH_SECS:-20}
+switch_errors() { # who
+  local who=$1 addr
+  addr=$(addr_of "$who")
+  load "$addr" $HOST 4 "$SWITCH_SECS" >"$D/switch.$who" &
+  local L=$!
+  sleep 1
+  for i in $(seq 1 20); do
+    case $who in
+      nginx)
+        if [ $((i % 2)) = 1 ]; then nginx_conf "$B"; else nginx_conf "$A"; fi
+        nginx -p "$D/nginx" -c "$D/nginx/nginx.conf" -s reload
+        sleep 0.5 ;;
+      haproxy)
+        if [ $((i % 2)) = 1 ]; then haproxy_conf "$B"; else haproxy_conf "$A"; fi
+        kill -USR2 $HPID
+        sleep 0.5 ;;
+    esac
+  done
+  wait $L
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["errors"], r["requests"])' "$D/switch.$who"
+}
+read -r SW_NGINX SWN_REQ <<<"$(switch_errors nginx)"
+read -r SW_HAPROXY SWH_REQ <<<"$(switch_errors haproxy)"
+# drover: 20 rollouts (each a new release on new instances, the old ones
+# drained and stopped) while the load runs.
+rm -f "$D/stop"
+load $P_DROVER $HOST 4 900 --until "$D/stop" >"$D/switch.drover" &
+L=$!
+sleep 1
+for i in $(seq 1 20); do
+  commit "switch $i"
+  "$BIN/drover" deploy bench --wait >/dev/null 2>&1
+  pin_backends
+done
+sleep 1
+touch "$D/stop"
+wait $L
+read -r SW_DROVER SWD_REQ <<<"$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["errors"], r["requests"])' "$D/switch.drover")"
+
+row() { # name
+  local w=$1
+  echo "| $w | ${RPS50[$w]} | ${RPSNEW[$w]} | ${P50_1[$w]} µs | ${P99_1[$w]} µs | ${P50_H[$w]} µs | ${P99_H[$w]} µs | ${IDLE[$w]:-–} MB | ${BUSY[$w]:-–} MB | ${ERR[$w]} |"
+}
+ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
+OUT=$D/section.md
+{
+  echo "## Proxies side by side: drover, nginx, HAProxy"
+  echo
+  echo "\`bash bench/proxies.sh\` (RUNS=$RUNS, SECS=$SECS), $(date -u +%Y-%m-%d), $(nproc) cores. Each proxy has one worker/thread pinned to core 0; the load generator and the two backends are on core 1; medians of $RUNS runs. nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), HAProxy $(haproxy -v | head -1 | awk '{print $3}')."
+  echo
+  echo "| proxy | req/s, 50 keep-alive conns | req/s, new conn per request (4) | p50, 1 conn | p99, 1 conn | p50 at half peak | p99 at half peak | RSS idle | RSS under load | errors |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
+  row direct
+  row drover
+  row nginx
+  row haproxy
+  echo
+  echo "Ratios (drover / other, 50 keep-alive connections): $(ratio "${RPS50[drover]}" "${RPS50[nginx]}") × nginx, $(ratio "${RPS50[drover]}" "${RPS50[haproxy]}") × HAProxy. Added p99 at 1 connection over calling the instance directly: drover $(( ${P99_1[drover]} - ${P99_1[direct]} )) µs, nginx $(( ${P99_1[nginx]} - ${P99_1[direct]} )) µs, HAProxy $(( ${P99_1[haproxy]} - ${P99_1[direct]} )) µs."
+  echo
+  echo "Switches under load (4 keep-alive connections), 20 each:"
+  echo
+  echo "| proxy | how | requests | failed |"
+  echo "|---|---|---|---|"
+  echo "| nginx | \`nginx -s reload\` every 0.5 s, upstream A ↔ B | $SWN_REQ | $SW_NGINX |"
+  echo "| HAProxy | master-worker reload (SIGUSR2) every 0.5 s, server A ↔ B | $SWH_REQ | $SW_HAPROXY |"
+  echo "| drover | 20 rolling rollouts (\`drover deploy --wait\`), each to a new release on new instances | $SWD_REQ | $SW_DROVER |"
+} >"$OUT"
+cat "$OUT"
+# Rewrite the section between the markers in BENCHMARKS.md.
+python3 - "$OUT" <<'PY'
+import re, sys
+new = open(sys.argv[1]).read().rstrip() + "\n"
+path = "BENCHMARKS.md"
+text = open(path).read()
+begin, end = "<!-- proxies:begin -->\n", "<!-- proxies:end -->"
+if begin in text:
+    pre, rest = text.split(begin, 1)
+    post = rest.split(end, 1)[1]
+    text = pre + begin + new + end + post
+else:
+    marker = "## History"
+    block = begin + new + end + "\n\n"
+    text = text.replace(marker, block + marker, 1) if marker in text else text + "\n" + block
+open(path, "w").write(text)
+PY
