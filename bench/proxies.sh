@@ -117,7 +117,7 @@ haproxy_conf() { # servers…
   {
     echo "global"
     echo "  nbthread 1"
-    echo "  maxconn 10000"
+    echo "  maxconn 4000"
     echo "defaults"
     echo "  mode http"
     echo "  option http-keep-alive"
