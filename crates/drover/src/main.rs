@@ -11,5 +11,9 @@ mod up;
 mod watch;
 
 fn main() -> std::process::ExitCode {
+    // One rustls provider for the whole process (STACK.md): pingora links
+    // ring, everything else aws-lc-rs, and a library that asks for the
+    // process default would otherwise find two and panic.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     cli::main()
 }

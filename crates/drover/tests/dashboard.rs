@@ -99,6 +99,9 @@ async fn browser(driver: &Driver, profile: &Path) -> Client {
     let serde_json::Value::Object(caps) = caps else {
         unreachable!()
     };
+    // Two rustls providers are linked (pingora's ring, everyone else's
+    // aws-lc-rs): fantoccini takes the process default, so name it.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     ClientBuilder::rustls()
         .expect("rustls connector")
         .capabilities(caps)
