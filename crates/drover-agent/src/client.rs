@@ -97,7 +97,8 @@ pub struct ControlClient {
     identity_file: Option<std::path::PathBuf>,
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the epoch.
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -14,7 +14,7 @@ use tokio::sync::Mutex as AsyncMutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::client::{ClientError, ControlClient};
+use crate::client::{now_ms, ClientError, ControlClient};
 use crate::supervisor::Supervisor;
 
 /// Long-poll wait asked of the server.
@@ -227,13 +227,6 @@ impl Session {
             _ = tokio::time::sleep(d) => {}
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// `POST /v1/agent/register` until it succeeds; `None` on shutdown.

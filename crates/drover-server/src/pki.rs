@@ -104,7 +104,8 @@ impl Pki {
             params.not_before = now - BACKDATE;
             params.not_after = now + CA_TTL;
             let cert = params.self_signed(&key)?;
-            write_private(&key_file, key.serialize_pem().as_bytes())?;
+            crate::auth::write_secret(&key_file, key.serialize_pem().trim_end())
+                .with_context(|| format!("cannot write {}", key_file.display()))?;
             std::fs::write(&cert_file, cert.pem())
                 .with_context(|| format!("cannot write {}", cert_file.display()))?;
             tracing::info!(dir = %dir.display(), "created the cluster's certificate authority");
@@ -265,20 +266,6 @@ pub fn peer_node(der: &[u8]) -> Option<PeerNode> {
         node,
         serial: hex::encode(cert.raw_serial()),
     })
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -230,11 +230,13 @@ fn post_json_as(c: &Cluster, token: &str, path: &str, body: &str) -> (u16, Strin
     (code, body)
 }
 
-/// An HTTPS call to the agent port as a node with `identity` (its
-/// certificate and key, PEM; "" for none), trusting `ca_pem`: the status and
-/// body, or why the connection failed.
-fn agent_call(
-    c: &Cluster,
+/// An HTTPS request to `addr` for the name `host`, trusting only
+/// `ca_pem`, as the holder of `identity` (certificate and key, PEM; "" for
+/// none): a POST of JSON `post`, else a GET. The status and body, or why
+/// the connection failed.
+fn https(
+    addr: &str,
+    host: &str,
     identity: &str,
     ca_pem: &str,
     post: Option<&str>,
@@ -249,13 +251,13 @@ fn agent_call(
             .no_proxy()
             .timeout(Duration::from_secs(10))
             .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
-            .resolve("server.drover", c.agent_addr.parse().unwrap());
+            .resolve(host, addr.parse().unwrap());
         if !identity.is_empty() {
             b = b.identity(reqwest::Identity::from_pem(identity.as_bytes()).unwrap());
         }
         let http = b.build().unwrap();
-        let port = c.agent_addr.rsplit(':').next().unwrap();
-        let url = format!("https://server.drover:{port}{path}");
+        let port = addr.rsplit(':').next().unwrap();
+        let url = format!("https://{host}:{port}{path}");
         let req = match post {
             Some(body) => http
                 .post(url)
@@ -275,6 +277,22 @@ fn agent_call(
         let code = resp.status().as_u16();
         Ok((code, resp.text().await.unwrap_or_default()))
     })
+}
+
+/// A call to the cluster's agent port as the holder of `identity`.
+fn agent_call(
+    c: &Cluster,
+    identity: &str,
+    ca_pem: &str,
+    post: Option<&str>,
+    path: &str,
+) -> Result<(u16, String), String> {
+    https(&c.agent_addr, "server.drover", identity, ca_pem, post, path)
+}
+
+/// An HTTPS GET with no client certificate.
+fn https_get(addr: &str, host: &str, ca_pem: &str, path: &str) -> Result<(u16, String), String> {
+    https(addr, host, "", ca_pem, None, path)
 }
 
 /// Node `i`'s saved identity: (certificate + key PEM, CA PEM, serial as
@@ -655,32 +673,6 @@ fn spec_strings_are_never_evaluated_and_checks_cannot_be_pointed_elsewhere() {
         r#"{"name":"KEY","value":"x"}"#,
     );
     assert_eq!(code, 403, "{body}");
-}
-
-/// An HTTPS GET of `path` at `addr` for the name `host`, trusting only
-/// `ca_pem`: the status and body, or why it failed.
-fn https_get(addr: &str, host: &str, ca_pem: &str, path: &str) -> Result<(u16, String), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(10))
-            .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
-            .resolve(host, addr.parse().unwrap())
-            .build()
-            .unwrap();
-        let port = addr.rsplit(':').next().unwrap();
-        let resp = http
-            .get(format!("https://{host}:{port}{path}"))
-            .send()
-            .await
-            .map_err(|e| format!("{e:?}"))?;
-        let code = resp.status().as_u16();
-        Ok((code, resp.text().await.unwrap_or_default()))
-    })
 }
 
 /// TLS listeners: given an operator's certificate, the API (`drover server
