@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # drover's proxy side by side with nginx and HAProxy. Usage (root):
 #   bash bench/proxies.sh            # RUNS=3 SECS=5 by default
+#   QUICK=1 ONLY="drover nginx" bash bench/proxies.sh   # while tuning: the
+#       named proxies' figures, printed only
+#   HOLD=1 bash bench/proxies.sh     # set up and wait, for profiling
+#   CALLGRIND="/tmp/drover-old target/release/drover" bash bench/proxies.sh
+#       # user-space instructions per proxied request of each binary
+#   COMPARE=/tmp/drover-old QUICK=1 ONLY="before drover nginx" bash bench/proxies.sh
+#       # another drover binary's proxy beside this one's, as "before"
 #
 # Installs nginx and haproxy from Debian's packages (their services are not
 # started), builds release binaries, starts `drover up` with one node and an
@@ -9,7 +16,8 @@
 # pools and no access log: drover's (`drover proxy --threads 1`), nginx
 # (worker_processes 1, upstream keepalive) and HAProxy (nbthread 1, http-reuse
 # always). The proxy under test is pinned to core 0; the load generator and
-# the backends to core 1. Each figure is the median of RUNS runs of SECS s.
+# the backends to core 1. Each figure is the median of RUNS runs of SECS s,
+# the runs interleaved across the proxies.
 # Measured: requests/s at 50 keep-alive connections and with a new
 # connection per request (4 at a time); p50/p99 at 1 connection and at half
 # of the proxy's peak rate (10 connections); RSS idle and under load; and
@@ -97,6 +105,14 @@ DROVER_JOIN_TOKEN=$(cat "$D/server/join-token") taskset -c 0 "$BIN/drover" proxy
   --listen $P_DROVER --name bench-proxy --threads 1 --grace 1 >"$D/drover-proxy.log" 2>&1 &
 DPID=$!
 PIDS+=($DPID)
+# COMPARE=/path/to/another/drover: its proxy too, as "before" (tuning steps).
+P_BEFORE=127.0.0.1:18284
+if [ -n "${COMPARE:-}" ]; then
+  DROVER_JOIN_TOKEN=$(cat "$D/server/join-token") taskset -c 0 "$COMPARE" proxy --server "http://$API" \
+    --listen $P_BEFORE --name bench-before --threads 1 --grace 1 >"$D/before-proxy.log" 2>&1 &
+  BPID=$!
+  PIDS+=($BPID)
+fi
 
 # nginx: one worker, keep-alive upstream pool, no logs.
 mkdir -p "$D/nginx/logs"
@@ -139,15 +155,47 @@ taskset -c 0 haproxy -W -f "$D/haproxy.cfg" >"$D/haproxy.log" 2>&1 &
 HPID=$!
 PIDS+=($HPID)
 
-for p in $P_DROVER $P_NGINX $P_HAPROXY; do
+for p in $P_DROVER $P_NGINX $P_HAPROXY ${COMPARE:+$P_BEFORE}; do
   for _ in $(seq 1 100); do curl -fsS -H "Host: $HOST" "http://$p/" 2>/dev/null | grep -q hello && break; sleep 0.1; done
   curl -fsS -H "Host: $HOST" "http://$p/" | grep -q hello || { echo "no answer through $p"; cat "$D"/*.log; exit 1; }
 done
+
+if [ -n "${HOLD:-}" ]; then
+  # HOLD=1: set up, print where everything is, and wait (for profiling).
+  echo "drover proxy pid $DPID on $P_DROVER, nginx on $P_NGINX, HAProxy on $P_HAPROXY, backends $A $B; Host: $HOST"
+  echo "load: taskset -c 1 $BIN/loadgen $P_DROVER $HOST 50 5"
+  wait $DPID
+fi
+
+if [ -n "${CALLGRIND:-}" ]; then
+  # CALLGRIND="BIN…": user-space instructions per request of each drover
+  # binary's proxy under valgrind's callgrind (deterministic: the same
+  # binary and load give the same count whatever else the machine does).
+  # 2,000 requests warm up, then 5,000 over 10 keep-alive connections.
+  command -v valgrind >/dev/null || { apt-get install -y -qq valgrind >/dev/null; }
+  for bin in $CALLGRIND; do
+    out=$D/callgrind.out
+    DROVER_JOIN_TOKEN=$(cat "$D/server/join-token") valgrind --tool=callgrind --callgrind-out-file="$out" \
+      "$bin" proxy --server "http://$API" --listen 127.0.0.1:18290 --name bench-cg --threads 1 --grace 1 >"$D/cg.log" 2>&1 &
+    V=$!
+    for _ in $(seq 1 300); do curl -fsS -H "Host: $HOST" http://127.0.0.1:18290/ 2>/dev/null | grep -q hello && break; sleep 0.5; done
+    "$BIN/loadgen" 127.0.0.1:18290 $HOST 10 600 --max 2000 >/dev/null
+    callgrind_control -z $V >/dev/null
+    "$BIN/loadgen" 127.0.0.1:18290 $HOST 10 600 --max 5000 >/dev/null
+    callgrind_control -d $V >/dev/null
+    kill -INT $V; wait $V 2>/dev/null || true
+    total=$(awk '/^(summary|totals):/ {print $2}' "$out".1 | tail -1)
+    echo "$bin: $((total / 5000)) instructions per request (user space, all threads)"
+    rm -f "$out"*
+  done
+  exit 0
+fi
 
 # The processes of a proxy, for RSS.
 proc_pids() {
   case $1 in
     drover) echo "$DPID" ;;
+    before) echo "$BPID" ;;
     nginx) echo "$(cat "$D/nginx/nginx.pid") $(pgrep -P "$(cat "$D/nginx/nginx.pid")" | tr '\n' ' ')" ;;
     haproxy) echo "$HPID $(pgrep -P $HPID | tr '\n' ' ')" ;;
   esac
@@ -160,38 +208,91 @@ rss_mb() { # pids… → total RSS in MB
   done
   python3 -c "print(round($kb / 1024, 1))"
 }
-addr_of() { case $1 in drover) echo $P_DROVER ;; nginx) echo $P_NGINX ;; haproxy) echo $P_HAPROXY ;; direct) echo "$A" ;; esac; }
+cpu_ticks() { # pids… → utime+stime of all their threads, in clock ticks
+  local t=0
+  for p in "$@"; do
+    v=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)
+    t=$((t + ${v:-0}))
+  done
+  echo $t
+}
+CLK=$(getconf CLK_TCK)
+addr_of() { case $1 in drover) echo $P_DROVER ;; before) echo $P_BEFORE ;; nginx) echo $P_NGINX ;; haproxy) echo $P_HAPROXY ;; direct) echo "$A" ;; esac; }
 load() { taskset -c 1 "$BIN/loadgen" "$@"; }
 # median of RUNS loadgen runs: prints "rps p50 p99 errors"
-median() { # addr args…
-  local addr=$1; shift
-  for _ in $(seq 1 "$RUNS"); do load "$addr" $HOST "$@"; done | python3 -c '
+# One measurement, interleaved: round r runs the test once against every
+# proxy in turn, so that a slow minute on this shared machine lands on all of
+# them alike rather than on whichever ran then. Appends each loadgen line to
+# $D/res.TEST.WHO and the proxy's CPU ticks over the run to $D/cpu.TEST.WHO.
+measure() { # test conns secs [loadgen args…]; rate per proxy from RATE_<who>
+  local test=$1 conns=$2 secs=$3; shift 3
+  for _ in $(seq 1 "$RUNS"); do
+    for who in $ONLY; do
+      local extra=()
+      if [ "$test" = half ]; then extra=(--rate "${HALF[$who]}"); fi
+      local c0 c1
+      c0=$(cpu_ticks $(proc_pids $who))
+      load "$(addr_of $who)" $HOST "$conns" "$secs" "$@" "${extra[@]}" >>"$D/res.$test.$who"
+      c1=$(cpu_ticks $(proc_pids $who))
+      echo $((c1 - c0)) >>"$D/cpu.$test.$who"
+    done
+  done
+}
+# Medians of a test for one proxy: "rps p50 p99 errors requests cpu_ticks"
+median() { # test who
+  python3 - "$D/res.$1.$2" "$D/cpu.$1.$2" <<'PY'
 import json, statistics, sys
-rows = [json.loads(l) for l in sys.stdin if l.strip()]
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+ticks = sum(int(l) for l in open(sys.argv[2]) if l.strip())
 m = lambda k: statistics.median(r[k] for r in rows)
-print(int(m("rps")), int(m("p50_us")), int(m("p99_us")), sum(r["errors"] for r in rows))'
+print(int(m("rps")), int(m("p50_us")), int(m("p99_us")), sum(r["errors"] for r in rows),
+      sum(r["requests"] for r in rows), ticks)
+PY
 }
 
-declare -A RPS50 RPSNEW P50_1 P99_1 P50_H P99_H IDLE BUSY ERR
-for who in direct drover nginx haproxy; do
-  addr=$(addr_of $who)
+declare -A RPS50 RPSNEW P50_1 P99_1 P50_H P99_H IDLE BUSY ERR CPU EFF HALF
+ONLY=${ONLY:-direct drover nginx haproxy}
+for who in $ONLY; do
   if [ $who != direct ]; then IDLE[$who]=$(rss_mb $(proc_pids $who)); fi
-  if [ $who != direct ]; then
-    # RSS sampled in the middle of a 50-connection run.
-    (sleep "$(python3 -c "print($SECS / 2)")"; rss_mb $(proc_pids $who) >"$D/busy.$who") &
-    SAMPLER=$!
-  fi
-  read -r RPS50[$who] _ _ e1 <<<"$(median "$addr" 50 "$SECS")"
-  if [ $who != direct ]; then
-    wait $SAMPLER
-    BUSY[$who]=$(cat "$D/busy.$who")
-  fi
-  read -r RPSNEW[$who] _ _ e2 <<<"$(median "$addr" 4 "$SECS" --new-conn)"
-  read -r _ P50_1[$who] P99_1[$who] e3 <<<"$(median "$addr" 1 "$SECS")"
-  half=$(( ${RPS50[$who]} / 2 ))
-  read -r _ P50_H[$who] P99_H[$who] e4 <<<"$(median "$addr" 10 "$SECS" --rate $half)"
-  ERR[$who]=$((e1 + e2 + e3 + e4))
 done
+# RSS under load: sampled in the middle of a 50-connection run of each proxy.
+for who in $ONLY; do
+  [ $who = direct ] && continue
+  (sleep "$(python3 -c "print($SECS / 2)")"; rss_mb $(proc_pids $who) >"$D/busy.$who") &
+  load "$(addr_of $who)" $HOST 50 "$SECS" >/dev/null
+  wait $!
+  BUSY[$who]=$(cat "$D/busy.$who")
+done
+measure k50 50 "$SECS"
+measure new 4 "$SECS" --new-conn
+measure one 1 "$SECS"
+for who in $ONLY; do
+  read -r RPS50[$who] _ _ e1 total ticks <<<"$(median k50 $who)"
+  HALF[$who]=$(( ${RPS50[$who]} / 2 ))
+  if [ $who != direct ]; then
+    # The proxy's CPU time over the 50-connection runs: its share of core 0,
+    # and requests per CPU-second (what it could do with a whole core).
+    read -r CPU[$who] EFF[$who] <<<"$(python3 -c "
+s = $ticks / $CLK
+print('%d%%' % round(100 * s / ($RUNS * $SECS)), int($total / max(s, 1e-9)))")"
+  fi
+  read -r RPSNEW[$who] _ _ e2 _ _ <<<"$(median new $who)"
+  read -r _ P50_1[$who] P99_1[$who] e3 _ _ <<<"$(median one $who)"
+  ERR[$who]=$((e1 + e2 + e3))
+done
+measure half 10 "$SECS"
+for who in $ONLY; do
+  read -r _ P50_H[$who] P99_H[$who] e4 _ _ <<<"$(median half $who)"
+  ERR[$who]=$(( ${ERR[$who]} + e4 ))
+done
+
+if [ -n "${QUICK:-}" ]; then
+  # QUICK=1: the throughput table only, printed, BENCHMARKS.md untouched.
+  for w in $ONLY; do
+    echo "| $w | ${RPS50[$w]} | ${CPU[$w]:-–} | ${EFF[$w]:-–} | ${RPSNEW[$w]} | ${P50_1[$w]} µs | ${P99_1[$w]} µs | ${P50_H[$w]} µs | ${P99_H[$w]} µs | ${IDLE[$w]:-–} MB | ${BUSY[$w]:-–} MB | ${ERR[$w]} |"
+  done
+  exit 0
+fi
 
 # 20 switches between the two backend sets under load (4 keep-alive
 # connections), counting failed requests.
@@ -237,17 +338,17 @@ read -r SW_DROVER SWD_REQ <<<"$(python3 -c 'import json,sys; r=json.load(open(sy
 
 row() { # name
   local w=$1
-  echo "| $w | ${RPS50[$w]} | ${RPSNEW[$w]} | ${P50_1[$w]} µs | ${P99_1[$w]} µs | ${P50_H[$w]} µs | ${P99_H[$w]} µs | ${IDLE[$w]:-–} MB | ${BUSY[$w]:-–} MB | ${ERR[$w]} |"
+  echo "| $w | ${RPS50[$w]} | ${CPU[$w]:-–} | ${EFF[$w]:-–} | ${RPSNEW[$w]} | ${P50_1[$w]} µs | ${P99_1[$w]} µs | ${P50_H[$w]} µs | ${P99_H[$w]} µs | ${IDLE[$w]:-–} MB | ${BUSY[$w]:-–} MB | ${ERR[$w]} |"
 }
 ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
 OUT=$D/section.md
 {
   echo "## Proxies side by side: drover, nginx, HAProxy"
   echo
-  echo "\`bash bench/proxies.sh\` (RUNS=$RUNS, SECS=$SECS), $(date -u +%Y-%m-%d), $(nproc) cores. Each proxy has one worker/thread pinned to core 0; the load generator and the two backends are on core 1; medians of $RUNS runs. nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), HAProxy $(haproxy -v | head -1 | awk '{print $3}')."
+  echo "\`bash bench/proxies.sh\` (RUNS=$RUNS, SECS=$SECS), $(date -u +%Y-%m-%d), $(nproc) cores. Each proxy has one worker/thread pinned to core 0; the load generator and the two backends are on core 1; medians of $RUNS runs, interleaved across the proxies. \"proxy CPU\" is the proxy's user+system CPU time over its 50-connection runs (of one core), and \"req per proxy CPU-second\" its requests divided by that time: what it would serve with a whole core, whichever side of the machine ran out first. nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), HAProxy $(haproxy -v | head -1 | awk '{print $3}')."
   echo
-  echo "| proxy | req/s, 50 keep-alive conns | req/s, new conn per request (4) | p50, 1 conn | p99, 1 conn | p50 at half peak | p99 at half peak | RSS idle | RSS under load | errors |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"
+  echo "| proxy | req/s, 50 keep-alive conns | proxy CPU (of 1 core) | req per proxy CPU-second | req/s, new conn per request (4) | p50, 1 conn | p99, 1 conn | p50 at half peak | p99 at half peak | RSS idle | RSS under load | errors |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
   row direct
   row drover
   row nginx

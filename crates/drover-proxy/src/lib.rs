@@ -104,6 +104,10 @@ pub fn server_conf(config: &ProxyConfig) -> ServerConf {
     ServerConf {
         daemon: false,
         threads: config.threads.max(1),
+        // One current-thread runtime per thread, a connection staying on the
+        // thread that accepted it (nginx's worker model): no work-stealing
+        // scheduler on the request path (BENCHMARKS.md, proxy tuning).
+        work_stealing: false,
         grace_period_seconds: Some(config.grace_period_secs),
         graceful_shutdown_timeout_seconds: Some(5),
         max_retries: table::MAX_TRIES,

@@ -284,8 +284,13 @@ impl ProxyHttp for DroverProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(u) = ctx.chosen_upstream() {
-            upstream_response.insert_header("x-drover-release", u.release.as_str())?;
-            upstream_response.insert_header("x-drover-instance", u.instance.as_str())?;
+            // Values made when the table was built: a refcount, no copy.
+            if let Some(v) = &u.release_header {
+                upstream_response.insert_header("x-drover-release", v.clone())?;
+            }
+            if let Some(v) = &u.instance_header {
+                upstream_response.insert_header("x-drover-instance", v.clone())?;
+            }
         }
         if let Some(cookie) = ctx.set_cookie.take() {
             // Appended: the app's own cookies stay.

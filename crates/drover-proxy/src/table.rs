@@ -55,6 +55,10 @@ pub struct UpstreamEntry {
     pub side: Side,
     /// Per-(app, env, release) counters this upstream's requests are recorded in.
     pub counters: Arc<ReleaseCounters>,
+    /// `release` and `instance` as header values, made once per table
+    /// rather than per response (None: not a valid header value).
+    pub release_header: Option<http::HeaderValue>,
+    pub instance_header: Option<http::HeaderValue>,
 }
 
 /// The upstreams of a route a request may use.
@@ -286,6 +290,8 @@ fn build_upstream(
         weight: u.weight,
         side,
         counters: stats.counters(app, env, &u.release),
+        release_header: http::HeaderValue::from_str(&u.release).ok(),
+        instance_header: http::HeaderValue::from_str(&u.instance).ok(),
     })
 }
 

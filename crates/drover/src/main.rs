@@ -10,6 +10,12 @@ mod output;
 mod up;
 mod watch;
 
+// mimalloc: the proxy's request path (pingora) allocates and frees several
+// small buffers per request; glibc's malloc cost ~10% of the proxy's CPU
+// (BENCHMARKS.md, "proxy tuning").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     // One rustls provider for the whole process (STACK.md): pingora links
     // ring, everything else aws-lc-rs, and a library that asks for the
