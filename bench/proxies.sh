@@ -6,11 +6,12 @@
 #   HOLD=1 bash bench/proxies.sh     # set up and wait, for profiling
 #   CALLGRIND="/tmp/drover-old target/release/drover" bash bench/proxies.sh
 #       # user-space instructions per proxied request of each binary
+#       # ("nginx" in the list: nginx itself, for reference)
 #   COMPARE=/tmp/drover-old QUICK=1 ONLY="before drover nginx" bash bench/proxies.sh
 #       # another drover binary's proxy beside this one's, as "before"
 #
 # Installs nginx and haproxy from Debian's packages (their services are not
-# started), builds release binaries, starts `drover up` with one node and an
+# started), builds drover with the dist profile (DROVER=path: another binary), starts `drover up` with one node and an
 # app of two `bench-backend` instances, and puts three proxies in front of
 # the same two instances, each with one worker/thread, keep-alive upstream
 # pools and no access log: drover's (`drover proxy --threads 1`), nginx
@@ -41,8 +42,12 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   rm -f /usr/sbin/policy-rc.d
 fi
-cargo build --release -q -p drover -p drover-bench
+# drover as it is built for production (the dist profile: fat LTO, one
+# codegen unit; ~10 min the first time); the load tools as usual.
+cargo build --profile dist -q -p drover
+cargo build --release -q -p drover-bench
 BIN=$PWD/target/release
+DROVER=${DROVER:-$PWD/target/dist/drover}
 D=$(mktemp -d /tmp/drover-proxies.XXXXXX)
 API=127.0.0.1:17270
 P_DROVER=127.0.0.1:18281
@@ -51,7 +56,7 @@ P_HAPROXY=127.0.0.1:18283
 HOST=bench.localhost
 export DROVER_SERVER=http://$API
 
-"$BIN/drover" up --data-dir "$D" --nodes 1 --api-addr $API --proxy-addr 127.0.0.1:18280 --poll-interval 0 >"$D/up.log" 2>&1 &
+"$DROVER" up --data-dir "$D" --nodes 1 --api-addr $API --proxy-addr 127.0.0.1:18280 --poll-interval 0 >"$D/up.log" 2>&1 &
 UP=$!
 PIDS=()
 cleanup() {
@@ -93,15 +98,15 @@ TOML
 commit() { echo "$1" >"$REPO/VERSION"; git -C "$REPO" add -A; git -C "$REPO" -c user.name=b -c user.email=b@b.invalid commit -qm "$1"; }
 git -C "$REPO" init -q --initial-branch=main
 commit v1
-"$BIN/drover" apps add "$REPO" >/dev/null
-"$BIN/drover" deploy bench --wait >/dev/null 2>&1
-addrs() { "$BIN/drover" status bench --json | python3 -c 'import json,sys; print(" ".join(i["address"] for i in json.load(sys.stdin)["instances"] if i["state"] == "healthy"))'; }
+"$DROVER" apps add "$REPO" >/dev/null
+"$DROVER" deploy bench --wait >/dev/null 2>&1
+addrs() { "$DROVER" status bench --json | python3 -c 'import json,sys; print(" ".join(i["address"] for i in json.load(sys.stdin)["instances"] if i["state"] == "healthy"))'; }
 read -r A B <<<"$(addrs)"
 pin_backends() { for p in $(pgrep -f "exec ./backend|/backend$" || true); do taskset -a -cp 1 "$p" >/dev/null 2>&1 || true; done; }
 pin_backends
 
 # drover's proxy, one thread.
-DROVER_JOIN_TOKEN=$(cat "$D/server/join-token") taskset -c 0 "$BIN/drover" proxy --server "http://$API" \
+DROVER_JOIN_TOKEN=$(cat "$D/server/join-token") taskset -c 0 "$DROVER" proxy --server "http://$API" \
   --listen $P_DROVER --name bench-proxy --threads 1 --grace 1 >"$D/drover-proxy.log" 2>&1 &
 DPID=$!
 PIDS+=($DPID)
@@ -167,26 +172,39 @@ if [ -n "${HOLD:-}" ]; then
   wait $DPID
 fi
 
-if [ -n "${CALLGRIND:-}" ]; then
-  # CALLGRIND="BIN…": user-space instructions per request of each drover
-  # binary's proxy under valgrind's callgrind (deterministic: the same
-  # binary and load give the same count whatever else the machine does).
-  # 2,000 requests warm up, then 5,000 over 10 keep-alive connections.
-  command -v valgrind >/dev/null || { apt-get install -y -qq valgrind >/dev/null; }
-  for bin in $CALLGRIND; do
-    out=$D/callgrind.out
+# User-space instructions per request of a drover binary's proxy (or of
+# nginx itself, for BIN=nginx) under valgrind's callgrind: independent of CPU
+# speed and of the machine's other load (it varies only with how requests
+# batch per wake-up), so a tuning step shows even on a noisy machine.
+# 2,000 requests warm up, then 5,000 over 10 keep-alive connections.
+instructions() { # BIN|nginx
+  local bin=$1 out=$D/callgrind.out V total
+  command -v valgrind >/dev/null || apt-get install -y -qq valgrind >/dev/null
+  if [ "$bin" = nginx ]; then
+    # nginx itself, one process (no master), same upstream settings.
+    mkdir -p "$D/nginx-cg/logs"
+    sed -e "s|daemon on;|daemon off; master_process off;|" -e "s|$P_NGINX|127.0.0.1:18290|" \
+      -e "s|$D/nginx/nginx.pid|$D/nginx-cg/nginx.pid|" "$D/nginx/nginx.conf" >"$D/nginx-cg/nginx.conf"
+    valgrind --tool=callgrind --callgrind-out-file="$out" \
+      nginx -p "$D/nginx-cg" -c "$D/nginx-cg/nginx.conf" >"$D/cg.log" 2>&1 &
+  else
     DROVER_JOIN_TOKEN=$(cat "$D/server/join-token") valgrind --tool=callgrind --callgrind-out-file="$out" \
       "$bin" proxy --server "http://$API" --listen 127.0.0.1:18290 --name bench-cg --threads 1 --grace 1 >"$D/cg.log" 2>&1 &
-    V=$!
-    for _ in $(seq 1 300); do curl -fsS -H "Host: $HOST" http://127.0.0.1:18290/ 2>/dev/null | grep -q hello && break; sleep 0.5; done
-    "$BIN/loadgen" 127.0.0.1:18290 $HOST 10 600 --max 2000 >/dev/null
-    callgrind_control -z $V >/dev/null
-    "$BIN/loadgen" 127.0.0.1:18290 $HOST 10 600 --max 5000 >/dev/null
-    callgrind_control -d $V >/dev/null
-    kill -INT $V; wait $V 2>/dev/null || true
-    total=$(awk '/^(summary|totals):/ {print $2}' "$out".1 | tail -1)
-    echo "$bin: $((total / 5000)) instructions per request (user space, all threads)"
-    rm -f "$out"*
+  fi
+  V=$!
+  for _ in $(seq 1 300); do curl -fsS -H "Host: $HOST" http://127.0.0.1:18290/ 2>/dev/null | grep -q hello && break; sleep 0.5; done
+  "$BIN/loadgen" 127.0.0.1:18290 $HOST 10 600 --max 2000 >/dev/null
+  callgrind_control -z $V >/dev/null
+  "$BIN/loadgen" 127.0.0.1:18290 $HOST 10 600 --max 5000 >/dev/null
+  callgrind_control -d $V >/dev/null
+  kill -INT $V; wait $V 2>/dev/null || true
+  total=$(awk '/^(summary|totals):/ {print $2}' "$out".1 | tail -1)
+  rm -f "$out"*
+  echo $((total / 5000))
+}
+if [ -n "${CALLGRIND:-}" ]; then
+  for bin in $CALLGRIND; do
+    echo "$bin: $(instructions "$bin") instructions per request (user space, all threads)"
   done
   exit 0
 fi
@@ -328,13 +346,16 @@ L=$!
 sleep 1
 for i in $(seq 1 20); do
   commit "switch $i"
-  "$BIN/drover" deploy bench --wait >/dev/null 2>&1
+  "$DROVER" deploy bench --wait >/dev/null 2>&1
   pin_backends
 done
 sleep 1
 touch "$D/stop"
 wait $L
 read -r SW_DROVER SWD_REQ <<<"$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["errors"], r["requests"])' "$D/switch.drover")"
+
+INSTR_DROVER=$(instructions "$DROVER")
+INSTR_NGINX=$(instructions nginx)
 
 row() { # name
   local w=$1
@@ -345,7 +366,7 @@ OUT=$D/section.md
 {
   echo "## Proxies side by side: drover, nginx, HAProxy"
   echo
-  echo "\`bash bench/proxies.sh\` (RUNS=$RUNS, SECS=$SECS), $(date -u +%Y-%m-%d), $(nproc) cores. Each proxy has one worker/thread pinned to core 0; the load generator and the two backends are on core 1; medians of $RUNS runs, interleaved across the proxies. \"proxy CPU\" is the proxy's user+system CPU time over its 50-connection runs (of one core), and \"req per proxy CPU-second\" its requests divided by that time: what it would serve with a whole core, whichever side of the machine ran out first. nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), HAProxy $(haproxy -v | head -1 | awk '{print $3}')."
+  echo "\`bash bench/proxies.sh\` (RUNS=$RUNS, SECS=$SECS), $(date -u +%Y-%m-%d), $(nproc) cores, drover built with \`--profile dist\`. Each proxy has one worker/thread pinned to core 0; the load generator and the two backends are on core 1; medians of $RUNS runs, interleaved across the proxies. \"proxy CPU\" is the proxy's user+system CPU time over its 50-connection runs (of one core), and \"req per proxy CPU-second\" its requests divided by that time: what it would serve with a whole core, whichever side of the machine ran out first. nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), HAProxy $(haproxy -v | head -1 | awk '{print $3}')."
   echo
   echo "| proxy | req/s, 50 keep-alive conns | proxy CPU (of 1 core) | req per proxy CPU-second | req/s, new conn per request (4) | p50, 1 conn | p99, 1 conn | p50 at half peak | p99 at half peak | RSS idle | RSS under load | errors |"
   echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
@@ -354,7 +375,9 @@ OUT=$D/section.md
   row nginx
   row haproxy
   echo
-  echo "Ratios (drover / other, 50 keep-alive connections): $(ratio "${RPS50[drover]}" "${RPS50[nginx]}") × nginx, $(ratio "${RPS50[drover]}" "${RPS50[haproxy]}") × HAProxy. Added p99 at 1 connection over calling the instance directly: drover $(( ${P99_1[drover]} - ${P99_1[direct]} )) µs, nginx $(( ${P99_1[nginx]} - ${P99_1[direct]} )) µs, HAProxy $(( ${P99_1[haproxy]} - ${P99_1[direct]} )) µs."
+  echo "Ratios (drover / other, 50 keep-alive connections): $(ratio "${RPS50[drover]}" "${RPS50[nginx]}") × nginx, $(ratio "${RPS50[drover]}" "${RPS50[haproxy]}") × HAProxy; per proxy CPU-second: $(ratio "${EFF[drover]}" "${EFF[nginx]}") × nginx, $(ratio "${EFF[drover]}" "${EFF[haproxy]}") × HAProxy. Added p99 at 1 connection over calling the instance directly: drover $(( ${P99_1[drover]} - ${P99_1[direct]} )) µs, nginx $(( ${P99_1[nginx]} - ${P99_1[direct]} )) µs, HAProxy $(( ${P99_1[haproxy]} - ${P99_1[direct]} )) µs."
+  echo
+  echo "User-space instructions per proxied request (callgrind, 5,000 requests over 10 keep-alive connections, all threads): drover $INSTR_DROVER, nginx $INSTR_NGINX."
   echo
   echo "Switches under load (4 keep-alive connections), 20 each:"
   echo
