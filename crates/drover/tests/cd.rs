@@ -590,6 +590,13 @@ fn deploys_from_a_webhook_the_cli_and_the_api_at_once_take_turns_and_a_dead_hold
         std::fs::read_to_string(&log).unwrap(),
         "start\nstart\nend\n"
     );
+    // `--wait` follows the rollout; the run records its deploy step's end
+    // just after, when the pipeline sees the rollout finish.
+    c.wait_until(
+        "the new run recorded as succeeded",
+        Duration::from_secs(30),
+        |c| c.runs("web")[0]["state"] == "succeeded",
+    );
     let runs = c.runs("web");
     let killed = &runs[1];
     assert_eq!(killed["state"], "failed", "{killed:#}");
