@@ -11,8 +11,8 @@
 #       # another drover binary's proxy beside this one's, as "before"
 #
 # Installs nginx and haproxy from Debian's packages (their services are not
-# started), builds drover with the dist profile (DROVER=path: another binary), starts `drover up` with one node and an
-# app of two `bench-backend` instances, and puts three proxies in front of
+# started), builds drover with the dist profile (DROVER=path: another
+# binary), starts `drover up` with one node and an app of two `bench-backend` instances, and puts three proxies in front of
 # the same two instances, each with one worker/thread, keep-alive upstream
 # pools and no access log: drover's (`drover proxy --threads 1`), nginx
 # (worker_processes 1, upstream keepalive) and HAProxy (nbthread 1, http-reuse
@@ -105,16 +105,25 @@ read -r A B <<<"$(addrs)"
 pin_backends() { for p in $(pgrep -f "exec ./backend|/backend$" || true); do taskset -a -cp 1 "$p" >/dev/null 2>&1 || true; done; }
 pin_backends
 
-# drover's proxy, one thread.
-DROVER_JOIN_TOKEN=$(cat "$D/server/join-token") taskset -c 0 "$DROVER" proxy --server "http://$API" \
-  --listen $P_DROVER --name bench-proxy --threads 1 --grace 1 >"$D/drover-proxy.log" 2>&1 &
+# A drover binary's proxy, one thread, run by WRAPPER… (taskset, valgrind).
+# Call it with `&`: it execs, so $! is the proxy's (or the wrapper's) pid.
+drover_proxy() { # bin listen name [WRAPPER…]
+  local bin=$1 listen=$2 name=$3; shift 3
+  DROVER_JOIN_TOKEN=$(cat "$D/server/join-token") exec "$@" "$bin" proxy --server "http://$API" \
+    --listen "$listen" --name "$name" --threads 1 --grace 1
+}
+# Waits until ADDR answers through to the app; false if it never does.
+answers() { # addr
+  for _ in $(seq 1 300); do curl -fsS -H "Host: $HOST" "http://$1/" 2>/dev/null | grep -q hello && return 0; sleep 0.1; done
+  return 1
+}
+drover_proxy "$DROVER" $P_DROVER bench-proxy taskset -c 0 >"$D/drover-proxy.log" 2>&1 &
 DPID=$!
 PIDS+=($DPID)
 # COMPARE=/path/to/another/drover: its proxy too, as "before" (tuning steps).
 P_BEFORE=127.0.0.1:18284
 if [ -n "${COMPARE:-}" ]; then
-  DROVER_JOIN_TOKEN=$(cat "$D/server/join-token") taskset -c 0 "$COMPARE" proxy --server "http://$API" \
-    --listen $P_BEFORE --name bench-before --threads 1 --grace 1 >"$D/before-proxy.log" 2>&1 &
+  drover_proxy "$COMPARE" $P_BEFORE bench-before taskset -c 0 >"$D/before-proxy.log" 2>&1 &
   BPID=$!
   PIDS+=($BPID)
 fi
@@ -161,8 +170,7 @@ HPID=$!
 PIDS+=($HPID)
 
 for p in $P_DROVER $P_NGINX $P_HAPROXY ${COMPARE:+$P_BEFORE}; do
-  for _ in $(seq 1 100); do curl -fsS -H "Host: $HOST" "http://$p/" 2>/dev/null | grep -q hello && break; sleep 0.1; done
-  curl -fsS -H "Host: $HOST" "http://$p/" | grep -q hello || { echo "no answer through $p"; cat "$D"/*.log; exit 1; }
+  answers "$p" || { echo "no answer through $p"; cat "$D"/*.log; exit 1; }
 done
 
 if [ -n "${HOLD:-}" ]; then
@@ -170,6 +178,7 @@ if [ -n "${HOLD:-}" ]; then
   echo "drover proxy pid $DPID on $P_DROVER, nginx on $P_NGINX, HAProxy on $P_HAPROXY, backends $A $B; Host: $HOST"
   echo "load: taskset -c 1 $BIN/loadgen $P_DROVER $HOST 50 5"
   wait $DPID
+  exit 0
 fi
 
 # User-space instructions per request of a drover binary's proxy (or of
@@ -188,11 +197,10 @@ instructions() { # BIN|nginx
     valgrind --tool=callgrind --callgrind-out-file="$out" \
       nginx -p "$D/nginx-cg" -c "$D/nginx-cg/nginx.conf" >"$D/cg.log" 2>&1 &
   else
-    DROVER_JOIN_TOKEN=$(cat "$D/server/join-token") valgrind --tool=callgrind --callgrind-out-file="$out" \
-      "$bin" proxy --server "http://$API" --listen 127.0.0.1:18290 --name bench-cg --threads 1 --grace 1 >"$D/cg.log" 2>&1 &
+    drover_proxy "$bin" 127.0.0.1:18290 bench-cg valgrind --tool=callgrind --callgrind-out-file="$out" >"$D/cg.log" 2>&1 &
   fi
   V=$!
-  for _ in $(seq 1 300); do curl -fsS -H "Host: $HOST" http://127.0.0.1:18290/ 2>/dev/null | grep -q hello && break; sleep 0.5; done
+  answers 127.0.0.1:18290 || answers 127.0.0.1:18290 || { cat "$D/cg.log"; exit 1; }
   "$BIN/loadgen" 127.0.0.1:18290 $HOST 10 600 --max 2000 >/dev/null
   callgrind_control -z $V >/dev/null
   "$BIN/loadgen" 127.0.0.1:18290 $HOST 10 600 --max 5000 >/dev/null
@@ -227,7 +235,7 @@ rss_mb() { # pids… → total RSS in MB
   python3 -c "print(round($kb / 1024, 1))"
 }
 cpu_ticks() { # pids… → utime+stime of all their threads, in clock ticks
-  local t=0
+  local t=0 v
   for p in "$@"; do
     v=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)
     t=$((t + ${v:-0}))
@@ -237,12 +245,11 @@ cpu_ticks() { # pids… → utime+stime of all their threads, in clock ticks
 CLK=$(getconf CLK_TCK)
 addr_of() { case $1 in drover) echo $P_DROVER ;; before) echo $P_BEFORE ;; nginx) echo $P_NGINX ;; haproxy) echo $P_HAPROXY ;; direct) echo "$A" ;; esac; }
 load() { taskset -c 1 "$BIN/loadgen" "$@"; }
-# median of RUNS loadgen runs: prints "rps p50 p99 errors"
 # One measurement, interleaved: round r runs the test once against every
 # proxy in turn, so that a slow minute on this shared machine lands on all of
 # them alike rather than on whichever ran then. Appends each loadgen line to
 # $D/res.TEST.WHO and the proxy's CPU ticks over the run to $D/cpu.TEST.WHO.
-measure() { # test conns secs [loadgen args…]; rate per proxy from RATE_<who>
+measure() { # test conns secs [loadgen args…]; test "half": at HALF[who] req/s
   local test=$1 conns=$2 secs=$3; shift 3
   for _ in $(seq 1 "$RUNS"); do
     for who in $ONLY; do
@@ -304,11 +311,13 @@ for who in $ONLY; do
   ERR[$who]=$(( ${ERR[$who]} + e4 ))
 done
 
+row() { # name
+  local w=$1
+  echo "| $w | ${RPS50[$w]} | ${CPU[$w]:-–} | ${EFF[$w]:-–} | ${RPSNEW[$w]} | ${P50_1[$w]} µs | ${P99_1[$w]} µs | ${P50_H[$w]} µs | ${P99_H[$w]} µs | ${IDLE[$w]:-–} MB | ${BUSY[$w]:-–} MB | ${ERR[$w]} |"
+}
 if [ -n "${QUICK:-}" ]; then
   # QUICK=1: the throughput table only, printed, BENCHMARKS.md untouched.
-  for w in $ONLY; do
-    echo "| $w | ${RPS50[$w]} | ${CPU[$w]:-–} | ${EFF[$w]:-–} | ${RPSNEW[$w]} | ${P50_1[$w]} µs | ${P99_1[$w]} µs | ${P50_H[$w]} µs | ${P99_H[$w]} µs | ${IDLE[$w]:-–} MB | ${BUSY[$w]:-–} MB | ${ERR[$w]} |"
-  done
+  for w in $ONLY; do row "$w"; done
   exit 0
 fi
 
@@ -357,10 +366,6 @@ read -r SW_DROVER SWD_REQ <<<"$(python3 -c 'import json,sys; r=json.load(open(sy
 INSTR_DROVER=$(instructions "$DROVER")
 INSTR_NGINX=$(instructions nginx)
 
-row() { # name
-  local w=$1
-  echo "| $w | ${RPS50[$w]} | ${CPU[$w]:-–} | ${EFF[$w]:-–} | ${RPSNEW[$w]} | ${P50_1[$w]} µs | ${P99_1[$w]} µs | ${P50_H[$w]} µs | ${P99_H[$w]} µs | ${IDLE[$w]:-–} MB | ${BUSY[$w]:-–} MB | ${ERR[$w]} |"
-}
 ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
 OUT=$D/section.md
 {
