@@ -162,6 +162,29 @@ impl ArtifactStore {
         Ok(dir)
     }
 
+    /// The archive of a container image release (a compressed `docker
+    /// save`), downloaded and verified if absent; the caller loads it into
+    /// the engine. One download per digest at once.
+    pub async fn ensure_image_archive(
+        &self,
+        a: &Assignment,
+        retrying: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<PathBuf, ArtifactError> {
+        let sha = a.artifact.sha256.to_ascii_lowercase();
+        if !is_sha256_hex(&sha) {
+            return Err(ArtifactError::Invalid(format!(
+                "artifact digest {:?} is not a sha256 hex string",
+                a.artifact.sha256
+            )));
+        }
+        let lock = {
+            let mut locks = self.locks.lock().expect("locks poisoned");
+            locks.entry(sha.clone()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        self.ensure_archive(a, &sha, retrying).await
+    }
+
     /// `data_dir/artifacts/<sha>.tar.zst`, downloaded and verified if absent.
     async fn ensure_archive(
         &self,

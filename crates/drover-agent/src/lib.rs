@@ -135,4 +135,33 @@ pub fn stop_recorded_apps(data_dir: &std::path::Path, grace: std::time::Duration
     for (pid, start) in &procs {
         signal_group(*pid, *start, Signal::SIGKILL);
     }
+    // Containers (docker driver): `docker stop` with the same grace, then
+    // removed. On a thread of its own, so callers inside a runtime can
+    // block here too.
+    let containers: Vec<String> = loaded
+        .state
+        .instances
+        .values()
+        .filter_map(|i| i.container.clone())
+        .collect();
+    if !containers.is_empty() {
+        let secs = grace.as_secs().min(i32::MAX as u64) as i32;
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok(d) = drover_docker::connect().await else {
+                    return;
+                };
+                for id in containers {
+                    let _ = drover_docker::stop_and_remove(&d, &id, secs).await;
+                }
+            });
+        })
+        .join();
+    }
 }

@@ -62,6 +62,9 @@ pub struct InstanceRecord {
     /// so an agent restart does not make a healthy instance look new.
     #[serde(default)]
     pub health: Option<InstanceState>,
+    /// The container id, while a container (docker driver) exists for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 impl InstanceRecord {
@@ -77,6 +80,7 @@ impl InstanceRecord {
             restarts: 0,
             crash_streak: 0,
             health: None,
+            container: None,
         }
     }
 }

@@ -154,9 +154,24 @@ struct Shared {
     /// (it was lost or damaged), found at start: adopted by the first
     /// reconcile if still assigned to run, stopped otherwise.
     orphans: Mutex<Option<HashMap<String, process::Orphan>>>,
+    /// The local Docker Engine, connected when a container is first wanted
+    /// (a node without containers never needs one).
+    docker: tokio::sync::Mutex<Option<drover_docker::Docker>>,
 }
 
 impl Shared {
+    /// The Docker Engine, connecting on first use (and again after a
+    /// failure).
+    async fn docker(&self) -> Result<drover_docker::Docker, String> {
+        let mut d = self.docker.lock().await;
+        if let Some(d) = d.as_ref() {
+            return Ok(d.clone());
+        }
+        let c = drover_docker::connect().await?;
+        *d = Some(c.clone());
+        Ok(c)
+    }
+
     fn book(&self) -> std::sync::MutexGuard<'_, Book> {
         self.book.lock().expect("book poisoned")
     }
@@ -219,10 +234,25 @@ impl Shared {
     }
 }
 
+/// What an instance runs from, once fetched.
+enum Prepared {
+    /// The unpacked release directory (process driver).
+    Dir(PathBuf),
+    /// The engine, which has the image (docker driver).
+    Image(drover_docker::Docker),
+}
+
 /// How an instance task begins.
 enum Initial {
     Fresh,
-    Adopt { pid: u32, start: u64 },
+    Adopt {
+        pid: u32,
+        start: u64,
+    },
+    /// A container was recorded: adopted if it still runs.
+    AdoptContainer {
+        id: String,
+    },
     CrashedWhileAway,
 }
 
@@ -231,6 +261,7 @@ pub struct Supervisor {
     shared: Arc<Shared>,
     load_problem: Option<String>,
     _log_task: AbortOnDrop,
+    _sweep_task: AbortOnDrop,
 }
 
 impl Supervisor {
@@ -272,7 +303,9 @@ impl Supervisor {
                 _ => None,
             };
             let run = rec.assignment.desired == DesiredState::Run;
-            let how = if let Some((pid, start)) = alive {
+            let how = if let Some(cid) = rec.container.clone() {
+                Initial::AdoptContainer { id: cid }
+            } else if let Some((pid, start)) = alive {
                 info!(instance = %id, app = %rec.assignment.app, release = %rec.assignment.release,
                     pid, "re-adopting running instance");
                 Initial::Adopt { pid, start }
@@ -289,7 +322,7 @@ impl Supervisor {
                 rec.start_time = None;
             }
             let state = match how {
-                Initial::Adopt { .. } => {
+                Initial::Adopt { .. } | Initial::AdoptContainer { .. } => {
                     HealthTracker::new(rec.health.unwrap_or(InstanceState::Starting)).state
                 }
                 Initial::CrashedWhileAway => InstanceState::Crashed,
@@ -325,6 +358,7 @@ impl Supervisor {
             changed,
             agent_dir,
             orphans: Mutex::new(Some(orphans)),
+            docker: tokio::sync::Mutex::new(None),
         });
         shared.persist();
         {
@@ -349,10 +383,21 @@ impl Supervisor {
                 }
             }))
         };
+        let sweep_task = {
+            let shared = shared.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                tokio::time::sleep(STRAY_SWEEP_FIRST).await;
+                loop {
+                    sweep_strays(&shared).await;
+                    tokio::time::sleep(STRAY_SWEEP_EVERY).await;
+                }
+            }))
+        };
         Ok(Supervisor {
             shared,
             load_problem: loaded.problem,
             _log_task: log_task,
+            _sweep_task: sweep_task,
         })
     }
 
@@ -475,7 +520,10 @@ impl Supervisor {
                 instance: e.rec.instance.clone(),
                 state: e.status.state,
                 pid: e.rec.pid,
-                address: match (e.rec.pid, e.rec.port) {
+                address: match (
+                    e.rec.pid.or(e.rec.container.as_ref().map(|_| 0)),
+                    e.rec.port,
+                ) {
                     (Some(_), Some(port)) => {
                         Some(format!("{}:{port}", self.shared.cfg.advertise_host))
                     }
@@ -553,7 +601,7 @@ fn spawn_instance(shared: &Arc<Shared>, a: Assignment, how: Initial) -> Slot {
     Slot { tx, handle }
 }
 
-/// The process of a running instance.
+/// The process (or container) of a running instance.
 enum Proc {
     Child {
         child: tokio::process::Child,
@@ -564,16 +612,26 @@ enum Proc {
         pid: u32,
         start: u64,
     },
+    /// A container of the docker driver (started or adopted), with the task
+    /// copying its output to the instance's log file.
+    Container {
+        id: String,
+        docker: drover_docker::Docker,
+        _logs: AbortOnDrop,
+    },
 }
 
 impl Proc {
-    fn ids(&self) -> (u32, u64) {
+    /// Pid and start time of a process; `None` for a container.
+    fn ids(&self) -> Option<(u32, u64)> {
         match self {
-            Proc::Child { pid, start, .. } | Proc::Adopted { pid, start } => (*pid, *start),
+            Proc::Child { pid, start, .. } | Proc::Adopted { pid, start } => Some((*pid, *start)),
+            Proc::Container { .. } => None,
         }
     }
 
-    /// Waits for the group leader to exit; describes how. Cancel-safe.
+    /// Waits for the group leader (or the container) to exit; describes
+    /// how. Cancel-safe.
     async fn wait_exit(&mut self) -> String {
         if let Proc::Child { child, .. } = self {
             match child.wait().await {
@@ -581,7 +639,12 @@ impl Proc {
                 Err(e) => warn!(error = %e, "cannot wait for child; polling /proc instead"),
             }
         }
-        let (pid, start) = self.ids();
+        let (pid, start) = match self {
+            Proc::Container { id, docker, .. } => {
+                return drover_docker::wait_exit(docker, id).await;
+            }
+            Proc::Child { pid, start, .. } | Proc::Adopted { pid, start } => (*pid, *start),
+        };
         loop {
             if !process::is_alive(pid, start) {
                 return "exited (status unknown: the process was adopted)".to_string();
@@ -622,6 +685,7 @@ impl InstanceTask {
         match how {
             Initial::Fresh => {}
             Initial::Adopt { pid, start } => self.adopt(pid, start),
+            Initial::AdoptContainer { id } => self.adopt_container(id).await,
             Initial::CrashedWhileAway => {
                 self.crashed("exited while the agent was down".to_string(), None)
             }
@@ -743,39 +807,14 @@ impl InstanceTask {
             );
             return Err(self.wait_change().await);
         }
-        let needs_fetch = !crate::artifacts::release_dir(
-            &self.shared.cfg.data_dir,
-            &a.app,
-            &a.release,
-            &a.artifact.sha256.to_ascii_lowercase(),
-        )
-        .is_dir();
-        if needs_fetch {
-            self.shared.update(&self.id, true, |e| {
-                e.status.state = InstanceState::Preparing;
-                e.status.message = Some(format!(
-                    "fetching artifact {}",
-                    &a.artifact.sha256[..12.min(a.artifact.sha256.len())]
-                ));
-            });
-        }
-        let artifacts = self.shared.artifacts.clone();
-        let (shared, id) = (self.shared.clone(), self.id.clone());
-        let short = a.artifact.sha256[..12.min(a.artifact.sha256.len())].to_string();
-        let retrying = move |why: String| {
-            shared.update(&id, true, |e| {
-                e.status.message = Some(format!("fetching artifact {short}: {why}"));
-            });
-        };
         let prepared = tokio::select! {
-            r = artifacts.ensure_release_reporting(a, &retrying) => r,
+            r = Self::prepare(self.shared.clone(), self.id.clone(), a) => r,
             r = self.rx.changed() => return Err(if r.is_ok() { Step::Again } else { Step::Exit }),
         };
-        let dir = match prepared {
-            Ok(dir) => dir,
-            Err(e) => {
-                let retry = e.is_retryable();
-                self.fail(e.to_string(), retry);
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err((msg, retry)) => {
+                self.fail(msg, retry);
                 return Err(if retry {
                     Step::Again
                 } else {
@@ -788,22 +827,264 @@ impl InstanceTask {
                 e.rec.restarts = e.rec.restarts.saturating_add(1)
             });
         }
-        match self.start(a, dir) {
-            Ok(r) => Ok(r),
-            Err(msg) => {
-                self.fail(msg, true);
-                Err(Step::Again)
+        let started = match prepared {
+            Prepared::Dir(dir) => self.start(a, dir),
+            Prepared::Image(docker) => {
+                let image = a.image.clone().unwrap_or_default();
+                self.start_container(a, &image, docker).await
             }
-        }
+        };
+        started.map_err(|msg| {
+            self.fail(msg, true);
+            Step::Again
+        })
     }
 
-    fn start(&mut self, a: &Assignment, dir: PathBuf) -> Result<Running, String> {
+    /// What an instance runs from, fetched: the unpacked release (process
+    /// driver) or the engine holding the image (docker driver). Errors say
+    /// whether to retry.
+    async fn prepare(
+        shared: Arc<Shared>,
+        id: String,
+        a: &Assignment,
+    ) -> Result<Prepared, (String, bool)> {
+        if let Some(image) = &a.image {
+            return Self::prepare_image(shared, id, a, image)
+                .await
+                .map(Prepared::Image);
+        }
+        let needs_fetch = !crate::artifacts::release_dir(
+            &shared.cfg.data_dir,
+            &a.app,
+            &a.release,
+            &a.artifact.sha256.to_ascii_lowercase(),
+        )
+        .is_dir();
+        if needs_fetch {
+            shared.update(&id, true, |e| {
+                e.status.state = InstanceState::Preparing;
+                e.status.message = Some(format!(
+                    "fetching artifact {}",
+                    &a.artifact.sha256[..12.min(a.artifact.sha256.len())]
+                ));
+            });
+        }
+        let short = a.artifact.sha256[..12.min(a.artifact.sha256.len())].to_string();
+        let (sh, iid) = (shared.clone(), id);
+        let retrying = move |why: String| {
+            sh.update(&iid, true, |e| {
+                e.status.message = Some(format!("fetching artifact {short}: {why}"));
+            });
+        };
+        shared
+            .artifacts
+            .ensure_release_reporting(a, &retrying)
+            .await
+            .map(Prepared::Dir)
+            .map_err(|e| {
+                let retry = e.is_retryable();
+                (e.to_string(), retry)
+            })
+    }
+
+    /// The engine, with `image` in it. Errors say whether to retry.
+    async fn prepare_image(
+        shared: Arc<Shared>,
+        id: String,
+        a: &Assignment,
+        image: &str,
+    ) -> Result<drover_docker::Docker, (String, bool)> {
+        let docker = shared.docker().await.map_err(|e| {
+            (
+                format!("release {} is a container image, but {e}", a.release),
+                true,
+            )
+        })?;
+        if drover_docker::has_image(&docker, image)
+            .await
+            .map_err(|e| (e, true))?
+        {
+            return Ok(docker);
+        }
+        if let Some(reference) = &a.image_ref {
+            shared.update(&id, true, |e| {
+                e.status.state = InstanceState::Preparing;
+                e.status.message = Some(format!("pulling image {reference}"));
+            });
+            let login = a.registry_auth.as_ref().map(|l| drover_docker::Login {
+                username: l.username.clone(),
+                password: l.password.clone(),
+            });
+            drover_docker::pull_image(&docker, reference, image, login.as_ref())
+                .await
+                .map_err(|e| (e, true))?;
+            info!(image, reference = %reference, "image pulled from the registry");
+            return Ok(docker);
+        }
+        let short = a.artifact.sha256[..12.min(a.artifact.sha256.len())].to_string();
+        shared.update(&id, true, |e| {
+            e.status.state = InstanceState::Preparing;
+            e.status.message = Some(format!("fetching image archive {short}"));
+        });
+        let (sh, iid) = (shared.clone(), id.clone());
+        let retrying = move |why: String| {
+            sh.update(&iid, true, |e| {
+                e.status.message = Some(format!("fetching image archive {short}: {why}"));
+            });
+        };
+        let archive = shared
+            .artifacts
+            .ensure_image_archive(a, &retrying)
+            .await
+            .map_err(|e| {
+                let retry = e.is_retryable();
+                (e.to_string(), retry)
+            })?;
+        // Loading the same image twice at once is harmless; the engine
+        // keeps one copy.
+        shared.update(&id, true, |e| {
+            e.status.message = Some(format!("loading image {image}"));
+        });
+        drover_docker::load_image(&docker, &archive, image)
+            .await
+            .map_err(|e| (e, true))?;
+        info!(image, "image loaded into the Docker Engine");
+        Ok(docker)
+    }
+
+    async fn start_container(
+        &mut self,
+        a: &Assignment,
+        image: &str,
+        docker: drover_docker::Docker,
+    ) -> Result<Running, String> {
+        let (port, log_path, mut log, restarts) = self.start_parts(a)?;
+        // The port is taken in the book before the await below.
+        self.shared
+            .update(&self.id, false, |e| e.rec.port = Some(port));
+        let name = drover_docker::container_name(&a.instance);
+        let _ = logs::agent_line(
+            &mut log,
+            &format!(
+                "starting container {name} (release {}, image {image}, port {port}, restarts {restarts})",
+                a.release
+            ),
+        );
+        let mut env: Vec<String> = a.run.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.extend([
+            format!("PORT={port}"),
+            "HOST=0.0.0.0".to_string(),
+            format!("DROVER_APP={}", a.app),
+            format!("DROVER_RELEASE={}", a.release),
+            format!("DROVER_INSTANCE={}", a.instance),
+        ]);
+        let spec = drover_docker::ContainerSpec {
+            name: name.clone(),
+            image: image.to_string(),
+            command: a.run.command.clone(),
+            env,
+            labels: HashMap::from([
+                (
+                    drover_docker::LABEL_AGENT.to_string(),
+                    self.shared.agent_dir.clone(),
+                ),
+                (
+                    drover_docker::LABEL_INSTANCE.to_string(),
+                    a.instance.clone(),
+                ),
+                (drover_docker::LABEL_APP.to_string(), a.app.clone()),
+                (drover_docker::LABEL_RELEASE.to_string(), a.release.clone()),
+            ]),
+            port,
+            host_ip: bind_host(&self.shared.cfg.advertise_host).to_string(),
+            memory_bytes: a.run.memory_bytes,
+            cpus: a.run.cpus,
+        };
+        let cid = match drover_docker::run_container(&docker, &spec).await {
+            Ok(id) => id,
+            Err(e) => {
+                self.shared.update(&self.id, false, |e| e.rec.port = None);
+                let _ = logs::agent_line(&mut log, &e);
+                return Err(e);
+            }
+        };
+        info!(container = %&cid[..12.min(cid.len())], port, "container started");
+        self.started(None, Some(cid.clone()), port, None);
+        let proc = container_proc(&docker, &cid, log_path, 0);
+        Ok(self.running(proc, port, InstanceState::Starting, &a.health))
+    }
+
+    /// Takes over the recorded container if it still runs; otherwise the
+    /// instance crashed while the agent was away (or was stopped).
+    async fn adopt_container(&mut self, cid: String) {
+        let running = match self.shared.docker().await {
+            Ok(d) => match drover_docker::is_running(&d, &cid).await {
+                Ok(Some(true)) => Some(d),
+                Ok(_) => {
+                    let _ = drover_docker::remove(&d, &cid).await;
+                    None
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot inspect the recorded container; starting a new one");
+                    None
+                }
+            },
+            Err(e) => {
+                warn!(error = %e, "cannot reach the Docker Engine to adopt the recorded container");
+                None
+            }
+        };
+        let Some(docker) = running else {
+            let run = self.shared.update(&self.id, true, |e| {
+                e.rec.container = None;
+                e.rec.port = None;
+                e.rec.health = None;
+                e.rec.assignment.desired == DesiredState::Run
+            });
+            self.shared.persist();
+            if run == Some(true) {
+                self.crashed(
+                    "container exited while the agent was down".to_string(),
+                    None,
+                );
+            } else {
+                self.shared.update(&self.id, true, |e| {
+                    e.status.state = InstanceState::Stopped;
+                });
+            }
+            return;
+        };
+        let log_path = logs::log_path(&self.shared.cfg.data_dir, &self.id);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i32)
+            .unwrap_or(0);
+        let what = format!("adopted container {cid:.12}");
+        let id = self.id.clone();
+        self.take_over(&what, move |port| {
+            info!(container = %&cid[..12.min(cid.len())], port, "re-adopting running container");
+            if let Ok(mut log) = logs::open_log(&log_path) {
+                let _ = logs::agent_line(
+                    &mut log,
+                    &format!(
+                        "re-adopted container {cid:.12}; its output while the agent was down is in `docker logs {}`",
+                        drover_docker::container_name(&id)
+                    ),
+                );
+            }
+            container_proc(&docker, &cid, log_path, now)
+        });
+    }
+
+    /// What every start needs: a free port, the instance's log (opened for
+    /// appending) and its restart count so far.
+    fn start_parts(&self, a: &Assignment) -> Result<(u16, PathBuf, std::fs::File, u32), String> {
         let port = self
             .shared
             .allocate_port()
             .ok_or_else(|| format!("no free port in {:?}", self.shared.cfg.port_range))?;
         let log_path = logs::log_path(&self.shared.cfg.data_dir, &a.instance);
-        let mut log = logs::open_log(&log_path)
+        let log = logs::open_log(&log_path)
             .map_err(|e| format!("cannot open log {}: {e}", log_path.display()))?;
         let restarts = self
             .shared
@@ -812,6 +1093,11 @@ impl InstanceTask {
             .get(&self.id)
             .map(|e| e.rec.restarts)
             .unwrap_or(0);
+        Ok((port, log_path, log, restarts))
+    }
+
+    fn start(&mut self, a: &Assignment, dir: PathBuf) -> Result<Running, String> {
+        let (port, _, mut log, restarts) = self.start_parts(a)?;
         let _ = logs::agent_line(
             &mut log,
             &format!(
@@ -834,19 +1120,7 @@ impl InstanceTask {
         .map_err(|e| format!("cannot start `sh -c` in {}: {e}", dir.display()))?;
         let (pid, start) = (spawned.pid, spawned.start_time);
         info!(pid, port, "instance started");
-        self.shared.update(&self.id, true, |e| {
-            e.rec.pid = Some(pid);
-            e.rec.start_time = Some(start);
-            e.rec.port = Some(port);
-            e.rec.release_dir = Some(dir.clone());
-            e.rec.health = Some(InstanceState::Starting);
-            e.status = Status {
-                state: InstanceState::Starting,
-                health: HealthReport::default(),
-                message: None,
-            };
-        });
-        self.shared.persist();
+        self.started(Some((pid, start)), None, port, Some(dir.clone()));
         Ok(self.running(
             Proc::Child {
                 child: spawned.child,
@@ -884,6 +1158,14 @@ impl InstanceTask {
     }
 
     fn adopt(&mut self, pid: u32, start: u64) {
+        let what = format!("adopted process {pid}");
+        self.take_over(&what, |_| Proc::Adopted { pid, start });
+    }
+
+    /// Runs an adopted process or container (`make` builds it once the
+    /// record's port is known): health checks resume from the recorded
+    /// verdict. Without a recorded port there is nothing to check: logged.
+    fn take_over(&mut self, what: &str, make: impl FnOnce(u16) -> Proc) {
         let Some((port, health, spec)) = self.shared.book().instances.get(&self.id).map(|e| {
             (
                 e.rec.port,
@@ -894,13 +1176,10 @@ impl InstanceTask {
             return;
         };
         let Some(port) = port else {
-            warn!(
-                pid,
-                "adopted process has no recorded port; health checks cannot run"
-            );
+            warn!("{what} has no recorded port; health checks cannot run");
             return;
         };
-        let r = self.running(Proc::Adopted { pid, start }, port, health, &spec);
+        let r = self.running(make(port), port, health, &spec);
         let state = r.tracker.state;
         self.shared
             .update(&self.id, true, |e| e.status.state = state);
@@ -914,11 +1193,12 @@ impl InstanceTask {
             .as_ref()
             .and_then(|r| r.healthy_since)
             .is_some_and(|t| t.elapsed() >= BACKOFF_RESET_AFTER);
-        if let Some(r) = &r {
-            let (pid, start) = r.proc.ids();
+        if let Some((pid, start)) = r.as_ref().and_then(|r| r.proc.ids()) {
             // Leftover members of its group would hold the port.
             process::signal_group(pid, start, Signal::SIGKILL);
         }
+        // A container that exited stays (for `docker logs`) until the
+        // restart replaces it under the same name.
         let id = self.id.clone();
         let info = self.shared.update(&id, true, |e| {
             if healthy_long {
@@ -929,6 +1209,7 @@ impl InstanceTask {
             e.rec.pid = None;
             e.rec.start_time = None;
             e.rec.health = None;
+            e.rec.container = None;
             let message = format!(
                 "waiting {} before restart #{} ({how})",
                 fmt_duration(delay),
@@ -976,8 +1257,11 @@ impl InstanceTask {
     /// SIGTERM to the group, wait up to `timeout_ms` for the whole group to
     /// go, then SIGKILL.
     async fn stop(&mut self, mut r: Running, timeout_ms: u64) {
-        let (pid, start) = r.proc.ids();
         let timeout = Duration::from_millis(timeout_ms);
+        let Some((pid, start)) = r.proc.ids() else {
+            self.stop_container(r, timeout).await;
+            return;
+        };
         self.shared.update(&self.id, true, |e| {
             e.status.state = InstanceState::Stopping;
             e.status.message = Some(format!(
@@ -1014,9 +1298,41 @@ impl InstanceTask {
             }
         }
         drop(r);
+        self.stopped();
+        info!(pid, "instance stopped");
+    }
+
+    /// Records what now runs for the instance (a process: pid and start
+    /// time; or a container), starting.
+    fn started(
+        &self,
+        process: Option<(u32, u64)>,
+        container: Option<String>,
+        port: u16,
+        dir: Option<PathBuf>,
+    ) {
+        self.shared.update(&self.id, true, |e| {
+            e.rec.pid = process.map(|p| p.0);
+            e.rec.start_time = process.map(|p| p.1);
+            e.rec.container = container;
+            e.rec.port = Some(port);
+            e.rec.release_dir = dir;
+            e.rec.health = Some(InstanceState::Starting);
+            e.status = Status {
+                state: InstanceState::Starting,
+                health: HealthReport::default(),
+                message: None,
+            };
+        });
+        self.shared.persist();
+    }
+
+    /// Records that nothing runs for the instance any more.
+    fn stopped(&self) {
         self.shared.update(&self.id, true, |e| {
             e.rec.pid = None;
             e.rec.start_time = None;
+            e.rec.container = None;
             e.rec.health = None;
             e.status = Status {
                 state: InstanceState::Stopped,
@@ -1025,7 +1341,31 @@ impl InstanceTask {
             };
         });
         self.shared.persist();
-        info!(pid, "instance stopped");
+    }
+
+    /// `docker stop` (the image's stop signal, SIGKILL after `timeout`),
+    /// then the container is removed.
+    async fn stop_container(&mut self, r: Running, timeout: Duration) {
+        let Proc::Container { id, docker, .. } = &r.proc else {
+            return;
+        };
+        let (id, docker) = (id.clone(), docker.clone());
+        self.shared.update(&self.id, true, |e| {
+            e.status.state = InstanceState::Stopping;
+            e.status.message = Some(format!(
+                "docker stop sent, waiting up to {} before SIGKILL",
+                fmt_duration(timeout)
+            ));
+        });
+        info!(container = %&id[..12.min(id.len())], "stopping: docker stop");
+        let secs = timeout.as_millis().div_ceil(1000).min(i32::MAX as u128) as i32;
+        if let Err(e) = drover_docker::stop_and_remove(&docker, &id, secs).await {
+            // It is retried by the stray sweep once forgotten.
+            error!(error = %e, "cannot stop the container");
+        }
+        drop(r);
+        self.stopped();
+        info!("instance stopped");
     }
 
     /// Forgets the instance unless it was listed again meanwhile.
@@ -1042,6 +1382,74 @@ impl InstanceTask {
         self.shared.persist();
         self.shared.bump();
         true
+    }
+}
+
+/// A running container with a task appending its output (from `since`,
+/// unix seconds; 0: all of it) to the instance's log file.
+fn container_proc(docker: &drover_docker::Docker, id: &str, log_path: PathBuf, since: i32) -> Proc {
+    let (d, cid) = (docker.clone(), id.to_string());
+    let logs = tokio::spawn(async move {
+        use futures::StreamExt;
+        use std::io::Write;
+        let mut stream = std::pin::pin!(drover_docker::follow_logs(&d, &cid, since));
+        while let Some(chunk) = stream.next().await {
+            let Ok(bytes) = chunk else { break };
+            // Opened per chunk: rotation (copy-truncate) keeps working, and
+            // a full disk does not stop the container.
+            if let Ok(mut f) = logs::open_log(&log_path) {
+                let _ = f.write_all(&bytes);
+            }
+        }
+    });
+    Proc::Container {
+        id: id.to_string(),
+        docker: docker.clone(),
+        _logs: AbortOnDrop(logs),
+    }
+}
+
+/// First sweep for stray containers after the supervisor starts, then how
+/// often.
+const STRAY_SWEEP_FIRST: Duration = Duration::from_secs(2);
+const STRAY_SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// Removes containers labelled as this agent's whose instance it does not
+/// know (left by a lost state file, an interrupted stop, or made by hand).
+/// Skipped quietly when no Docker Engine is reachable.
+async fn sweep_strays(shared: &Arc<Shared>) {
+    let docker = {
+        let connected = shared.docker.lock().await.clone();
+        match connected {
+            Some(d) => d,
+            None => match drover_docker::connect().await {
+                Ok(d) => d,
+                Err(_) => return,
+            },
+        }
+    };
+    let Ok(list) = drover_docker::list_agent_containers(&docker, &shared.agent_dir).await else {
+        return;
+    };
+    for c in list {
+        let known = shared
+            .book()
+            .instances
+            .get(&c.instance)
+            .map(|e| e.rec.container.clone());
+        let stray = match known {
+            None => true,
+            // Another container of a known instance that has exited (a
+            // crash's leftover is replaced at restart; this one is older).
+            Some(cur) => cur.as_deref() != Some(c.id.as_str()) && !c.running,
+        };
+        if stray {
+            warn!(container = %&c.id[..12.min(c.id.len())], instance = %c.instance,
+                "removing a stray container with this agent's labels: no such instance here");
+            if let Err(e) = drover_docker::remove(&docker, &c.id).await {
+                warn!(error = %e, "cannot remove stray container");
+            }
+        }
     }
 }
 

@@ -131,9 +131,37 @@ pub struct Assignment {
     /// Release name, e.g. `r2`.
     pub release: String,
     pub artifact: ArtifactRef,
+    /// A container image release: the image id (`sha256:…`) the artifact
+    /// holds (a `docker save` archive, zstd-compressed), run by the docker
+    /// driver. `None`: a process release, unpacked and run with `sh -c`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// With a `[registry]`: where to pull the image from, by digest
+    /// (`host/repo@sha256:…`); the artifact is then not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_ref: Option<String>,
+    /// The registry's login, when it asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_auth: Option<RegistryAuth>,
     pub run: RunSpec,
     pub health: HealthSpec,
     pub desired: DesiredState,
+}
+
+/// A registry login (the password is an app secret's value).
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+pub struct RegistryAuth {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAuth")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -148,10 +176,18 @@ pub struct ArtifactRef {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunSpec {
     /// Run with `sh -c` in the unpacked release directory. Gets `PORT`.
+    /// For an image: empty runs the image's own command, anything else
+    /// runs with `sh -c` inside the container.
     pub command: String,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     pub stop_timeout_ms: u64,
+    /// Containers only: memory limit in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Containers only: CPU limit in CPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -600,6 +636,12 @@ pub struct ReleaseInfo {
     pub commit: String,
     pub artifact_sha256: String,
     pub artifact_size: u64,
+    /// A container image release: its image id (`sha256:…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Pushed to a registry: `host/repo@sha256:…`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_ref: Option<String>,
     pub created_at_ms: u64,
     /// Live in the last environment (production).
     pub live: bool,

@@ -31,6 +31,31 @@ pub struct AppSpec {
     /// `[[notify]]`: webhooks called on rollout events, in file order.
     #[serde(default)]
     pub notify: Vec<NotifySpec>,
+    /// `[registry]`: a container image release is pushed there and the
+    /// agents pull it (instead of the server's archive).
+    #[serde(default)]
+    pub registry: Option<RegistrySpec>,
+}
+
+/// `[registry]`: where a container image release is pushed, as
+/// `<server>/<repository>:rN`, and pulled from by digest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistrySpec {
+    /// `host[:port]`, e.g. `registry.example.com` or `127.0.0.1:5000`.
+    pub server: String,
+    /// The repository path on it (default: the app's name).
+    pub repository: String,
+    /// For a registry that asks for a login: the user name, and the name
+    /// of the app's secret holding the password.
+    pub username: Option<String>,
+    pub password_secret: Option<String>,
+}
+
+impl RegistrySpec {
+    /// `<server>/<repository>`.
+    pub fn image_repo(&self) -> String {
+        format!("{}/{}", self.server, self.repository)
+    }
 }
 
 /// One `[[notify]]` table: a webhook called with a signed JSON body when a
@@ -75,6 +100,26 @@ pub struct BuildSpec {
     pub command: Option<String>,
     pub artifact: Vec<String>,
     pub timeout_ms: u64,
+    /// `[build] image`: the release is a container image built from
+    /// [`Self::dockerfile`] (run by the agents' docker driver). `None`: an
+    /// image exactly when the checkout has that Dockerfile.
+    #[serde(default)]
+    pub image: Option<bool>,
+    /// The Dockerfile's path in the checkout (`Dockerfile`).
+    #[serde(default = "default_dockerfile")]
+    pub dockerfile: String,
+}
+
+fn default_dockerfile() -> String {
+    "Dockerfile".into()
+}
+
+impl BuildSpec {
+    /// Whether this build makes a container image, given whether the
+    /// checkout has the Dockerfile.
+    pub fn makes_image(&self, has_dockerfile: bool) -> bool {
+        self.image.unwrap_or(has_dockerfile)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,10 +130,17 @@ pub struct CommandSpec {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSpec {
+    /// Empty only for a container image: the image's own command runs.
     pub command: String,
     pub instances: u32,
     pub stop_timeout_ms: u64,
     pub env: BTreeMap<String, String>,
+    /// `[run] memory`: a container's memory limit, in bytes.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    /// `[run] cpus`: a container's CPU limit, in CPUs (0.5 = half of one).
+    #[serde(default)]
+    pub cpus: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -243,6 +295,17 @@ struct Raw {
     environments: BTreeMap<String, Spanned<RawEnvironment>>,
     #[serde(default)]
     notify: Vec<Spanned<RawNotify>>,
+    #[serde(default)]
+    registry: Option<Spanned<RawRegistry>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    server: Spanned<String>,
+    repository: Option<Spanned<String>>,
+    username: Option<Spanned<String>>,
+    password_secret: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -267,6 +330,8 @@ struct RawBuild {
     #[serde(default)]
     artifact: Option<Spanned<Vec<Spanned<String>>>>,
     timeout: Option<Spanned<String>>,
+    image: Option<bool>,
+    dockerfile: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -279,8 +344,10 @@ struct RawCommand {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRun {
-    command: Spanned<String>,
+    command: Option<Spanned<String>>,
     instances: Option<Spanned<i64>>,
+    memory: Option<Spanned<String>>,
+    cpus: Option<Spanned<f64>>,
     stop_timeout: Option<Spanned<String>>,
     #[serde(default)]
     env: BTreeMap<String, String>,
@@ -476,6 +543,8 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
             command: None,
             artifact: vec![".".into()],
             timeout_ms: 600_000,
+            image: None,
+            dockerfile: default_dockerfile(),
         },
         Some(b) => {
             let timeout_ms = ctx.duration(&b.timeout, "build.timeout", 600_000)?;
@@ -496,10 +565,29 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
                     out
                 }
             };
+            let dockerfile = match &b.dockerfile {
+                None => default_dockerfile(),
+                Some(d) => {
+                    let s = d.get_ref();
+                    if s.is_empty() || s.starts_with('/') || s.split('/').any(|c| c == "..") {
+                        return Err(ctx.err(d.span(), "build.dockerfile", format!("{s:?} must be a relative path inside the checkout (no leading '/', no '..'), e.g. \"Dockerfile\"")));
+                    }
+                    s.clone()
+                }
+            };
+            if let (Some(false), Some(d)) = (b.image, &b.dockerfile) {
+                return Err(ctx.err(
+                    d.span(),
+                    "build.dockerfile",
+                    "is set but [build] image = false; remove one of them",
+                ));
+            }
             BuildSpec {
                 command: b.command.filter(|c| !c.trim().is_empty()),
                 artifact,
                 timeout_ms,
+                image: b.image,
+                dockerfile,
             }
         }
     };
@@ -520,11 +608,51 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
     };
 
     let r = raw.run.get_ref();
+    let command = match &r.command {
+        Some(c) => nonempty(&ctx, c, "run.command")?,
+        None if build.image == Some(false) => {
+            return Err(ctx.err(raw.run.span(), "run.command", "is missing; an app that is not a container image needs the command that starts it, e.g. command = \"./app\""));
+        }
+        // A container image's own command (decided at build time: an app
+        // without an image is refused then).
+        None => String::new(),
+    };
+    let memory_bytes = match &r.memory {
+        None => None,
+        Some(m) => Some(parse_bytes(m.get_ref()).ok_or_else(|| {
+            ctx.err(
+                m.span(),
+                "run.memory",
+                format!(
+                    "{:?} is not a size; use a number with k, m or g, e.g. \"256m\" (at least 6m)",
+                    m.get_ref()
+                ),
+            )
+        })?),
+    };
+    let cpus = match &r.cpus {
+        None => None,
+        Some(c) if c.get_ref().is_finite() && *c.get_ref() >= 0.01 && *c.get_ref() <= 1024.0 => {
+            Some(*c.get_ref())
+        }
+        Some(c) => {
+            return Err(ctx.err(
+                c.span(),
+                "run.cpus",
+                format!(
+                    "{} is out of range; use a number of CPUs from 0.01 to 1024, e.g. 0.5",
+                    c.get_ref()
+                ),
+            ))
+        }
+    };
     let run = RunSpec {
-        command: nonempty(&ctx, &r.command, "run.command")?,
+        command,
         instances: ctx.count(&r.instances, "run.instances", 1, 1, 1000)?,
         stop_timeout_ms: ctx.duration(&r.stop_timeout, "run.stop_timeout", 10_000)?,
         env: r.env.clone(),
+        memory_bytes,
+        cpus,
     };
     for k in r.env.keys() {
         if !valid_env_name(k) {
@@ -873,6 +1001,11 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
         notify.push(parse_notify(&ctx, i, n)?);
     }
 
+    let registry = match raw.registry {
+        None => None,
+        Some(r) => Some(parse_registry(&ctx, r, name.get_ref())?),
+    };
+
     Ok(AppSpec {
         name: name.into_inner(),
         build,
@@ -884,6 +1017,86 @@ pub fn parse_spec(file: &str, src: &str) -> Result<AppSpec, SpecError> {
         release,
         environments,
         notify,
+        registry,
+    })
+}
+
+fn parse_registry(
+    ctx: &Ctx<'_>,
+    r: Spanned<RawRegistry>,
+    app: &str,
+) -> Result<RegistrySpec, SpecError> {
+    let span = r.span();
+    let r = r.into_inner();
+    let server = r.server.get_ref().trim().to_string();
+    let host_ok = !server.is_empty()
+        && server.len() <= 255
+        && server
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+        && !server.starts_with(['.', '-', ':']);
+    if !host_ok {
+        return Err(ctx.err(
+            r.server.span(),
+            "registry.server",
+            format!(
+                "{:?} is not a registry host; give host[:port] without a scheme, e.g. \"registry.example.com\" or \"127.0.0.1:5000\"",
+                r.server.get_ref()
+            ),
+        ));
+    }
+    let repository = match &r.repository {
+        None => app.to_string(),
+        Some(p) => {
+            let s = p.get_ref();
+            let ok = !s.is_empty()
+                && s.len() <= 200
+                && s.split('/').all(|part| {
+                    !part.is_empty()
+                        && part.chars().all(|c| {
+                            c.is_ascii_lowercase()
+                                || c.is_ascii_digit()
+                                || matches!(c, '.' | '_' | '-')
+                        })
+                        && part.starts_with(|c: char| c.is_ascii_alphanumeric())
+                });
+            if !ok {
+                return Err(ctx.err(
+                    p.span(),
+                    "registry.repository",
+                    format!("{s:?} is not a repository path; use lowercase letters, digits, '.', '_', '-' and '/', e.g. \"team/shop\""),
+                ));
+            }
+            s.clone()
+        }
+    };
+    let username = r.username.as_ref().map(|u| u.get_ref().clone());
+    let password_secret = r.password_secret.as_ref().map(|p| p.get_ref().clone());
+    match (&username, &r.password_secret) {
+        (Some(_), None) => {
+            return Err(ctx.err(
+                span,
+                "registry.password_secret",
+                "is missing; with a username, name the app secret that holds the password, e.g. password_secret = \"REGISTRY_PASSWORD\" (set it with `drover secrets set`)",
+            ))
+        }
+        (None, Some(p)) => {
+            return Err(ctx.err(p.span(), "registry.username", "is missing; a password needs its user name"))
+        }
+        (_, Some(p)) if !secret_name_shape(p.get_ref()) => {
+            return Err(ctx.err(
+                p.span(),
+                "registry.password_secret",
+                format!("{:?} is not a secret name; use upper-case letters, digits and '_', e.g. \"REGISTRY_PASSWORD\"", p.get_ref()),
+            ))
+        }
+        _ => {}
+    }
+    Ok(RegistrySpec {
+        server,
+        repository,
+        username,
+        password_secret,
     })
 }
 
@@ -952,6 +1165,21 @@ fn parse_notify(ctx: &Ctx<'_>, i: usize, n: Spanned<RawNotify>) -> Result<Notify
         secret: name.clone(),
         events,
     })
+}
+
+/// `256m`, `1g`, `512k`, `1048576`: bytes, at least 6 MiB (Docker's floor).
+fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim().to_ascii_lowercase();
+    let s = s.strip_suffix('b').unwrap_or(&s);
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'k') => (&s[..i], 1u64 << 10),
+        (i, 'm') => (&s[..i], 1 << 20),
+        (i, 'g') => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num.trim().parse().ok()?;
+    let bytes = n.checked_mul(mult)?;
+    (bytes >= 6 << 20).then_some(bytes)
 }
 
 fn nonempty(ctx: &Ctx<'_>, s: &Spanned<String>, field: &str) -> Result<String, SpecError> {
@@ -1175,6 +1403,96 @@ max_unavailable = 0
         assert_eq!(s.deploy.max_surge, 1);
         assert_eq!(s.deploy.strategy, Strategy::Rolling);
         assert_eq!(s.route.host, "hello.localhost");
+    }
+
+    const IMAGE_APP: &str =
+        "[app]\nname = \"c\"\n[run]\ninstances = 2\n[route]\nhost = \"c.localhost\"\n";
+
+    #[test]
+    fn a_container_image_app_needs_no_run_command_and_takes_limits() {
+        let s = parse_spec("drover.toml", IMAGE_APP).unwrap();
+        assert_eq!(s.run.command, "", "the image's own command");
+        assert_eq!(s.build.image, None, "decided by the Dockerfile's presence");
+        assert_eq!(s.build.dockerfile, "Dockerfile");
+        assert!(s.build.makes_image(true) && !s.build.makes_image(false));
+        let src = IMAGE_APP.replace(
+            "instances = 2",
+            "instances = 2\nmemory = \"256m\"\ncpus = 0.5\ncommand = \"./serve --fast\"",
+        ) + "[build]\nimage = true\ndockerfile = \"deploy/Containerfile\"\n";
+        let s = parse_spec("drover.toml", &src).unwrap();
+        assert_eq!(s.run.memory_bytes, Some(256 << 20));
+        assert_eq!(s.run.cpus, Some(0.5));
+        assert_eq!(s.run.command, "./serve --fast");
+        assert!(s.build.makes_image(false), "image = true wins");
+        assert_eq!(s.build.dockerfile, "deploy/Containerfile");
+        // GOOD's process app is not an image unless its checkout has a Dockerfile.
+        let s = parse_spec("drover.toml", GOOD).unwrap();
+        assert!(!s.build.makes_image(false));
+    }
+
+    #[test]
+    fn a_registry_is_host_and_repository_with_an_optional_login() {
+        let src = IMAGE_APP.to_string() + "[registry]\nserver = \"127.0.0.1:5000\"\n";
+        let r = parse_spec("drover.toml", &src).unwrap().registry.unwrap();
+        assert_eq!(
+            r.image_repo(),
+            "127.0.0.1:5000/c",
+            "the app's name by default"
+        );
+        assert_eq!((r.username, r.password_secret), (None, None));
+        let src = IMAGE_APP.to_string()
+            + "[registry]\nserver = \"r.example.com\"\nrepository = \"team/shop\"\nusername = \"ci\"\npassword_secret = \"REG_PW\"\n";
+        let r = parse_spec("drover.toml", &src).unwrap().registry.unwrap();
+        assert_eq!(r.image_repo(), "r.example.com/team/shop");
+        assert_eq!(r.password_secret.as_deref(), Some("REG_PW"));
+        for (bad, field) in [
+            ("server = \"https://r.example.com\"", "registry.server"),
+            (
+                "server = \"r\"\nrepository = \"Team/Shop\"",
+                "registry.repository",
+            ),
+            (
+                "server = \"r\"\nrepository = \"a//b\"",
+                "registry.repository",
+            ),
+            (
+                "server = \"r\"\nusername = \"ci\"",
+                "registry.password_secret",
+            ),
+            (
+                "server = \"r\"\npassword_secret = \"PW\"",
+                "registry.username",
+            ),
+            (
+                "server = \"r\"\nusername = \"ci\"\npassword_secret = \"pw\"",
+                "registry.password_secret",
+            ),
+        ] {
+            let e = err(&(IMAGE_APP.to_string() + "[registry]\n" + bad + "\n"));
+            assert_eq!(e.field, field, "{bad}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn bad_container_settings_name_the_field() {
+        let e = err(&(IMAGE_APP.to_string() + "[build]\nimage = false\n"));
+        assert_eq!(e.field, "run.command");
+        assert!(e.message.contains("is missing"), "{}", e.message);
+        for (bad, field) in [
+            ("memory = \"lots\"", "run.memory"),
+            ("memory = \"1m\"", "run.memory"),
+            ("cpus = 0.0", "run.cpus"),
+            ("cpus = -1.0", "run.cpus"),
+        ] {
+            let e = err(&IMAGE_APP.replace("instances = 2", &format!("instances = 2\n{bad}")));
+            assert_eq!(e.field, field, "{bad}: {e:?}");
+            assert_eq!(e.line, 5, "{bad}: {e:?}");
+        }
+        let e = err(&(IMAGE_APP.to_string() + "[build]\ndockerfile = \"../Dockerfile\"\n"));
+        assert_eq!(e.field, "build.dockerfile");
+        let e = err(&(IMAGE_APP.to_string() + "[build]\nimage = false\ndockerfile = \"D\"\n"));
+        assert_eq!(e.field, "build.dockerfile");
+        assert!(e.message.contains("image = false"), "{}", e.message);
     }
 
     #[test]

@@ -934,6 +934,8 @@ pub async fn release_list(s: &Server, app: &str) -> Result<Vec<api::ReleaseInfo>
             commit: r.commit.clone(),
             artifact_sha256: r.artifact_sha256.clone(),
             artifact_size: r.artifact_size,
+            image: r.image.clone(),
+            image_ref: r.image_ref.clone(),
             created_at_ms: r.created_at,
             live: live.as_deref() == Some(&r.name()),
             status: r.status.clone(),
@@ -1446,7 +1448,31 @@ async fn agent_assignments(
         match &releases[&key] {
             Ok((rel, spec, secrets)) => {
                 let mut a = view::assignment(&rec, rel, spec);
-                a.run.env.extend(secrets.iter().cloned());
+                // The registry's password goes to the driver, not the app.
+                let pw = spec
+                    .registry
+                    .as_ref()
+                    .and_then(|r| r.password_secret.clone());
+                a.run.env.extend(
+                    secrets
+                        .iter()
+                        .filter(|(k, _)| Some(k) != pw.as_ref())
+                        .cloned(),
+                );
+                if let (Some(reg), Some(_)) = (&spec.registry, &a.image_ref) {
+                    if let (Some(user), Some(pw)) = (&reg.username, &pw) {
+                        // A missing secret: the pull is refused and says so.
+                        let password = secrets
+                            .iter()
+                            .find(|(k, _)| k == pw)
+                            .map(|(_, v)| v.clone())
+                            .unwrap_or_default();
+                        a.registry_auth = Some(api::RegistryAuth {
+                            username: user.clone(),
+                            password,
+                        });
+                    }
+                }
                 out.push(a);
             }
             // The app is in error: its instances stay as they are.

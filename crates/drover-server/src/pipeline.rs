@@ -31,7 +31,7 @@ use crate::{artifact, git, now_ms, view, Server};
 use drover_api as api;
 use drover_core::spec::{parse_spec, AppSpec, Promote};
 use drover_core::{Rollout, RolloutState};
-use drover_store::{AppRecord, ReleaseRecord, RunRecord};
+use drover_store::{AppRecord, NewRelease, ReleaseRecord, RunRecord};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -540,40 +540,122 @@ async fn build_release(
         return Err(r.supersede(reason).await);
     }
 
-    r.begin("pack").await;
-    let artifacts = server.data_dir.join("artifacts");
-    let paths = spec.build.artifact.clone();
-    let w = work.to_path_buf();
-    let packed = tokio::task::spawn_blocking(move || artifact::pack(&w, &paths, &artifacts))
-        .await
-        .map_err(|e| ApiErr::Internal(e.to_string()))?;
-    let packed = match packed {
-        Ok(p) => p,
-        Err(e) => {
-            r.log_line(&e).await;
-            r.end(false).await;
-            return Err(ApiErr::Failed(e));
+    let has_dockerfile = work.join(&spec.build.dockerfile).is_file();
+    let makes_image = spec.build.makes_image(has_dockerfile);
+    let kind_problem = if makes_image && !has_dockerfile {
+        Some(format!(
+            "drover.toml: [build] image = true, but commit {short} has no {}; add it or set [build] dockerfile",
+            spec.build.dockerfile
+        ))
+    } else if !makes_image && spec.run.command.is_empty() {
+        Some(format!(
+            "drover.toml: [run] command is missing, and commit {short} has no {} to build a container image from; add the command that starts the app, or a Dockerfile",
+            spec.build.dockerfile
+        ))
+    } else {
+        None
+    };
+    if let Some(p) = kind_problem {
+        r.begin("pack").await;
+        r.log_line(&p).await;
+        r.end(false).await;
+        return Err(ApiErr::Failed(p));
+    }
+
+    let (packed, image, image_ref) = if makes_image {
+        r.begin("image").await;
+        match build_image(r, app, &spec, work).await {
+            Ok((packed, id, image_ref)) => (packed, Some(id), image_ref),
+            Err(e) => {
+                r.log_line(&e).await;
+                r.end(false).await;
+                return Err(ApiErr::Failed(e));
+            }
+        }
+    } else {
+        r.begin("pack").await;
+        let artifacts = server.data_dir.join("artifacts");
+        let paths = spec.build.artifact.clone();
+        let w = work.to_path_buf();
+        let packed = tokio::task::spawn_blocking(move || artifact::pack(&w, &paths, &artifacts))
+            .await
+            .map_err(|e| ApiErr::Internal(e.to_string()))?;
+        match packed {
+            Ok(p) => (p, None, None),
+            Err(e) => {
+                r.log_line(&e).await;
+                r.end(false).await;
+                return Err(ApiErr::Failed(e));
+            }
         }
     };
     let spec_json = serde_json::to_string(&spec).map_err(|e| ApiErr::Internal(e.to_string()))?;
     let release = server
         .store
         .create_release(
-            &app.name,
-            &commit,
-            &packed.sha256,
-            packed.size,
-            &spec_json,
+            NewRelease {
+                app: &app.name,
+                commit: &commit,
+                sha256: &packed.sha256,
+                size: packed.size,
+                image: image.as_deref(),
+                image_ref: image_ref.as_deref(),
+                spec: &spec_json,
+            },
             now_ms(),
         )
         .await?;
-    r.log_line(&format!(
-        "==> packed {} (sha256 {}, {} bytes)",
-        release.name(),
-        packed.sha256,
-        packed.size
-    ))
-    .await;
+    if let Some(id) = &image {
+        // Tagged by release too, for `docker images` on the server (and
+        // in the registry: pulls go by digest, people by name).
+        let tagged = async {
+            let d = drover_docker::connect().await?;
+            drover_docker::tag_image(&d, id, &image_repo(&app.name), &release.name()).await?;
+            if let Some(reg) = &spec.registry {
+                let login = registry_login(&server, &app.name, &spec).await?;
+                drover_docker::push_image(
+                    &d,
+                    id,
+                    &reg.image_repo(),
+                    &release.name(),
+                    login.as_ref(),
+                    &mut |_| {},
+                )
+                .await?;
+            }
+            Ok::<(), String>(())
+        }
+        .await;
+        if let Err(e) = tagged {
+            r.log_line(&format!("warning: {e}")).await;
+        }
+        match &image_ref {
+            Some(reference) => {
+                r.log_line(&format!(
+                    "==> {} is image {id}, pushed as {reference}",
+                    release.name()
+                ))
+                .await
+            }
+            None => {
+                r.log_line(&format!(
+                    "==> {} is image {id} (archive sha256 {}, {} bytes)",
+                    release.name(),
+                    packed.sha256,
+                    packed.size
+                ))
+                .await
+            }
+        }
+    } else {
+        r.log_line(&format!(
+            "==> packed {} (sha256 {}, {} bytes)",
+            release.name(),
+            packed.sha256,
+            packed.size
+        ))
+        .await;
+    }
     r.run.release = Some(release.name());
     r.end(true).await;
     server
@@ -612,6 +694,136 @@ async fn build_release(
         }
     }
     Ok((spec, release))
+}
+
+/// The image repository of an app's releases on the server's engine:
+/// `drover/<app>`, tagged by commit when built and by release once made.
+pub(crate) fn image_repo(app: &str) -> String {
+    format!("drover/{app}")
+}
+
+/// The registry login of `spec`'s `[registry]`, its password the app's
+/// secret in the first environment (where releases enter).
+async fn registry_login(
+    server: &Server,
+    app: &str,
+    spec: &AppSpec,
+) -> Result<Option<drover_docker::Login>, String> {
+    let Some(reg) = &spec.registry else {
+        return Ok(None);
+    };
+    let (Some(user), Some(secret)) = (&reg.username, &reg.password_secret) else {
+        return Ok(None);
+    };
+    let env = spec.env_names().into_iter().next().unwrap_or_default();
+    let rec = server
+        .store
+        .list_secrets(app)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|s| s.env == env && &s.name == secret)
+        .ok_or_else(|| {
+            format!(
+                "[registry] password_secret {secret} is not set for {app}{}; set it with `drover secrets set {app} {secret}`{}",
+                view::in_env(&env),
+                if env.is_empty() { String::new() } else { format!(" --env {env}") }
+            )
+        })?;
+    let password = server.secrets.open(app, &env, secret, &rec.ciphertext)?;
+    Ok(Some(drover_docker::Login {
+        username: user.clone(),
+        password,
+    }))
+}
+
+/// `docker build` of the checkout through the Engine API (output into the
+/// run log), then `docker save` of the image into the artifact store — or,
+/// with a `[registry]`, `docker push` there. Returns the artifact (for a
+/// pushed image: its manifest digest, no archive), the image id and the
+/// pushed reference.
+async fn build_image(
+    r: &Running,
+    app: &AppRecord,
+    spec: &AppSpec,
+    work: &Path,
+) -> Result<(artifact::Packed, String, Option<String>), String> {
+    let commit = &r.run.commit;
+    let docker = drover_docker::connect().await.map_err(|e| {
+        format!(
+            "the commit builds a container image from {}, but {e} (or set [build] image = false)",
+            spec.build.dockerfile
+        )
+    })?;
+    let tag = format!(
+        "{}:{}",
+        image_repo(&app.name),
+        &commit[..12.min(commit.len())]
+    );
+    r.log_line(&format!(
+        "==> docker build -f {} -t {tag}",
+        spec.build.dockerfile
+    ))
+    .await;
+    let labels = std::collections::HashMap::from([
+        (drover_docker::LABEL_APP.to_string(), app.name.clone()),
+        (drover_docker::LABEL_COMMIT.to_string(), commit.clone()),
+    ]);
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&r.log)
+        .ok();
+    let mut write = |line: &str| {
+        if let Some(f) = log.as_mut() {
+            use std::io::Write;
+            let _ = writeln!(f, "{line}");
+        }
+    };
+    let build = drover_docker::build_image(
+        &docker,
+        work,
+        &spec.build.dockerfile,
+        &tag,
+        &labels,
+        &mut write,
+    );
+    let id = tokio::select! {
+        res = tokio::time::timeout(Duration::from_millis(spec.build.timeout_ms), build) => match res {
+            Ok(res) => res?,
+            Err(_) => return Err(format!("docker build timed out after {}", drover_core::duration::format_ms(spec.build.timeout_ms))),
+        },
+        _ = r.cancel.cancelled() => return Err("cancelled".to_string()),
+    };
+    if let Some(reg) = &spec.registry {
+        let repo = reg.image_repo();
+        let tag = &commit[..12.min(commit.len())];
+        r.log_line(&format!("==> built image {id}; docker push {repo}:{tag}"))
+            .await;
+        let login = registry_login(&r.server, &app.name, spec).await?;
+        let reference =
+            drover_docker::push_image(&docker, &id, &repo, tag, login.as_ref(), &mut write).await?;
+        let digest = reference
+            .rsplit_once("@sha256:")
+            .map(|(_, d)| d.to_string())
+            .unwrap_or_default();
+        let packed = artifact::Packed {
+            sha256: digest,
+            size: 0,
+            path: PathBuf::new(),
+        };
+        return Ok((packed, id, Some(reference)));
+    }
+    r.log_line(&format!("==> built image {id}; saving it"))
+        .await;
+    let saved =
+        drover_docker::save_image(&docker, &id, &r.server.data_dir.join("artifacts")).await?;
+    let packed = artifact::Packed {
+        sha256: saved.sha256,
+        size: saved.size,
+        path: saved.path,
+    };
+    Ok((packed, id, None))
 }
 
 /// Moves `release` through the app's environments, from the one at index

@@ -9,6 +9,34 @@ use crate::Server;
 use drover_store::Store;
 use std::collections::BTreeSet;
 
+/// A pruned image release's tags on the server's engine go too (the image
+/// with them, unless a kept release of the same commit still has it).
+/// Best effort: the artifact, not the engine, is what releases run from.
+async fn untag_image(
+    app: &str,
+    release: &str,
+    commit: &str,
+    releases: &[drover_store::ReleaseRecord],
+    protected: &BTreeSet<String>,
+) {
+    let Ok(d) = drover_docker::connect().await else {
+        return;
+    };
+    let repo = crate::pipeline::image_repo(app);
+    let mut tags = vec![format!("{repo}:{release}")];
+    let commit_kept = releases
+        .iter()
+        .any(|o| o.commit == commit && protected.contains(&o.name()));
+    if !commit_kept {
+        tags.push(format!("{repo}:{}", &commit[..12.min(commit.len())]));
+    }
+    for t in tags {
+        if let Err(e) = drover_docker::untag(&d, &t).await {
+            tracing::warn!(app, release, error = %e, "cannot remove a pruned release's image tag");
+        }
+    }
+}
+
 pub async fn prune(
     server: &Server,
     app: &str,
@@ -58,6 +86,9 @@ pub async fn prune(
                     continue;
                 }
             }
+        }
+        if r.image.is_some() {
+            untag_image(app, &r.name(), &r.commit, &releases, &protected).await;
         }
         let n = view::parse_release_name(&r.name()).unwrap_or(r.number);
         store.set_release_status(app, n, "pruned").await?;

@@ -139,6 +139,9 @@ pub fn assignment(
             size: release.artifact_size,
             path: format!("/v1/artifacts/{}", release.artifact_sha256),
         },
+        image: release.image.clone(),
+        image_ref: release.image_ref.clone(),
+        registry_auth: None,
         run: api::RunSpec {
             command: spec.run.command.clone(),
             env: {
@@ -149,6 +152,8 @@ pub fn assignment(
                 env
             },
             stop_timeout_ms: spec.run.stop_timeout_ms,
+            memory_bytes: spec.run.memory_bytes,
+            cpus: spec.run.cpus,
         },
         health: api::HealthSpec {
             path: spec.health.path.clone(),

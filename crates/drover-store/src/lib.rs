@@ -79,11 +79,32 @@ pub struct ReleaseRecord {
     pub commit: String,
     pub artifact_sha256: String,
     pub artifact_size: u64,
+    /// A container image release: the image id (`sha256:…`) its artifact
+    /// (a `docker save` archive) holds.
+    pub image: Option<String>,
+    /// Pushed to a registry: where agents pull it, `host/repo@sha256:…`.
+    pub image_ref: Option<String>,
     /// JSON snapshot of the spec of that commit.
     pub spec: String,
     pub created_at: Millis,
     /// `ok`, or `failed` when its `[release]` command failed (never deployed).
     pub status: String,
+}
+
+/// What a new release is made of (its number is the store's to give).
+#[derive(Debug, Clone, Copy)]
+pub struct NewRelease<'a> {
+    pub app: &'a str,
+    pub commit: &'a str,
+    /// The artifact's sha256 (hex) and size.
+    pub sha256: &'a str,
+    pub size: u64,
+    /// A container image release: the image id its artifact holds.
+    pub image: Option<&'a str>,
+    /// Pushed to a registry: `host/repo@sha256:…`.
+    pub image_ref: Option<&'a str>,
+    /// JSON snapshot of the spec of that commit.
+    pub spec: &'a str,
 }
 
 impl ReleaseRecord {
@@ -282,15 +303,7 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts a release with the next number and, in the same
     /// transaction, the copy of the app's current secrets it runs with;
     /// returns it.
-    async fn create_release(
-        &self,
-        app: &str,
-        commit: &str,
-        sha256: &str,
-        size: u64,
-        spec: &str,
-        now: Millis,
-    ) -> Result<ReleaseRecord>;
+    async fn create_release(&self, new: NewRelease<'_>, now: Millis) -> Result<ReleaseRecord>;
     async fn get_release(&self, app: &str, number: i64) -> Result<ReleaseRecord>;
     async fn set_release_status(&self, app: &str, number: i64, status: &str) -> Result<()>;
     async fn list_releases(&self, app: &str) -> Result<Vec<ReleaseRecord>>;

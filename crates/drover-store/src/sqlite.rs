@@ -128,6 +128,8 @@ fn release_from_row(r: &sqlx::sqlite::SqliteRow) -> ReleaseRecord {
         commit: r.get("commit_sha"),
         artifact_sha256: r.get("artifact_sha256"),
         artifact_size: r.get::<i64, _>("artifact_size") as u64,
+        image: r.get("image"),
+        image_ref: r.get("image_ref"),
         spec: r.get("spec"),
         created_at: r.get::<i64, _>("created_at") as u64,
         status: r.get("status"),
@@ -262,27 +264,30 @@ impl Store for SqliteStore {
         Ok(rows.iter().map(deployment_from_row).collect())
     }
 
-    async fn create_release(
-        &self,
-        app: &str,
-        commit: &str,
-        sha256: &str,
-        size: u64,
-        spec: &str,
-        now: Millis,
-    ) -> Result<ReleaseRecord> {
+    async fn create_release(&self, new: NewRelease<'_>, now: Millis) -> Result<ReleaseRecord> {
+        let NewRelease {
+            app,
+            commit,
+            sha256,
+            size,
+            image,
+            image_ref,
+            spec,
+        } = new;
         let mut tx = self.write_tx().await?;
         let number: i64 =
             sqlx::query_scalar("SELECT COALESCE(MAX(number), 0) + 1 FROM releases WHERE app = ?")
                 .bind(app)
                 .fetch_one(&mut *tx)
                 .await?;
-        sqlx::query("INSERT INTO releases (app, number, commit_sha, artifact_sha256, artifact_size, spec, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO releases (app, number, commit_sha, artifact_sha256, artifact_size, image, image_ref, spec, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(app)
             .bind(number)
             .bind(commit)
             .bind(sha256)
             .bind(size as i64)
+            .bind(image)
+            .bind(image_ref)
             .bind(spec)
             .bind(now as i64)
             .execute(&mut *tx)
@@ -299,6 +304,8 @@ impl Store for SqliteStore {
             commit: commit.into(),
             artifact_sha256: sha256.into(),
             artifact_size: size,
+            image: image.map(str::to_string),
+            image_ref: image_ref.map(str::to_string),
             spec: spec.into(),
             created_at: now,
             status: "ok".into(),

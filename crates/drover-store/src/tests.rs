@@ -60,11 +60,33 @@ async fn releases_are_numbered_per_app_and_live_release_remembers_the_previous()
     let (_d, s) = open().await;
     s.insert_app(&app("a")).await.unwrap();
     let r1 = s
-        .create_release("a", "c1", "d1", 10, "{}", 1)
+        .create_release(
+            NewRelease {
+                app: "a",
+                commit: "c1",
+                sha256: "d1",
+                size: 10,
+                image: None,
+                image_ref: None,
+                spec: "{}",
+            },
+            1,
+        )
         .await
         .unwrap();
     let r2 = s
-        .create_release("a", "c2", "d2", 10, "{}", 2)
+        .create_release(
+            NewRelease {
+                app: "a",
+                commit: "c2",
+                sha256: "d2",
+                size: 10,
+                image: Some("sha256:feed"),
+                image_ref: Some("r:5000/a@sha256:beef"),
+                spec: "{}",
+            },
+            2,
+        )
         .await
         .unwrap();
     assert_eq!((r1.name(), r2.name()), ("r1".to_string(), "r2".to_string()));
@@ -76,6 +98,16 @@ async fn releases_are_numbered_per_app_and_live_release_remembers_the_previous()
         (Some("r2"), Some("r1"))
     );
     assert_eq!(s.list_releases("a").await.unwrap().len(), 2);
+    // A container image release keeps its image id; a process release has none.
+    assert_eq!(s.get_release("a", 1).await.unwrap().image, None);
+    assert_eq!(
+        s.get_release("a", 2).await.unwrap().image.as_deref(),
+        Some("sha256:feed")
+    );
+    assert_eq!(
+        s.get_release("a", 2).await.unwrap().image_ref.as_deref(),
+        Some("r:5000/a@sha256:beef")
+    );
 }
 
 #[tokio::test]
@@ -322,8 +354,19 @@ async fn concurrent_writers_wait_for_each_other_instead_of_failing_busy() {
         tasks.push(tokio::spawn(async move {
             for i in 0..15 {
                 // Read-then-write transactions, interleaved with plain writes.
-                s.create_release("a", &format!("c{t}-{i}"), "d", 1, "{}", 1)
-                    .await?;
+                s.create_release(
+                    NewRelease {
+                        app: "a",
+                        commit: &format!("c{t}-{i}"),
+                        sha256: "d",
+                        size: 1,
+                        image: None,
+                        image_ref: None,
+                        spec: "{}",
+                    },
+                    1,
+                )
+                .await?;
                 s.apply_instance_changes(&[InstanceChange::Insert(InstanceRecord {
                     id: format!("i{t}-{i}"),
                     app: "a".into(),
@@ -481,7 +524,18 @@ async fn a_release_keeps_the_secrets_of_when_it_was_made() {
         .await
         .unwrap();
     let r1 = s
-        .create_release("a", "c1", "sha", 1, "{}", 2)
+        .create_release(
+            NewRelease {
+                app: "a",
+                commit: "c1",
+                sha256: "sha",
+                size: 1,
+                image: None,
+                image_ref: None,
+                spec: "{}",
+            },
+            2,
+        )
         .await
         .unwrap();
     s.set_secret(&put("", "DB_URL", "sealed-2", 3))
@@ -491,7 +545,18 @@ async fn a_release_keeps_the_secrets_of_when_it_was_made() {
         .await
         .unwrap();
     let r2 = s
-        .create_release("a", "c2", "sha", 1, "{}", 4)
+        .create_release(
+            NewRelease {
+                app: "a",
+                commit: "c2",
+                sha256: "sha",
+                size: 1,
+                image: None,
+                image_ref: None,
+                spec: "{}",
+            },
+            4,
+        )
         .await
         .unwrap();
     let names = |v: Vec<SecretRecord>| -> Vec<(String, String)> {

@@ -255,7 +255,11 @@ pub fn releases(rs: &[api::ReleaseInfo], as_json: bool) -> anyhow::Result<()> {
         t.add_row(vec![
             r.name.clone(),
             r.commit[..12.min(r.commit.len())].to_string(),
-            r.artifact_sha256[..12].to_string(),
+            match &r.image {
+                // A container image: its id (the artifact is its archive).
+                Some(id) => format!("image {}", &id[..19.min(id.len())]),
+                None => r.artifact_sha256[..12].to_string(),
+            },
             r.artifact_size.to_string(),
             match (r.live_in.as_slice(), r.live) {
                 ([], false) => r.status.clone(),

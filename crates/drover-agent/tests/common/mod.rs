@@ -261,10 +261,15 @@ pub fn assignment(instance: &str, command: &str) -> Assignment {
             size: 1,
             path: format!("/v1/artifacts/{FAKE_SHA}"),
         },
+        image: None,
+        image_ref: None,
+        registry_auth: None,
         run: RunSpec {
             command: command.to_string(),
             env: BTreeMap::new(),
             stop_timeout_ms: 2000,
+            memory_bytes: None,
+            cpus: None,
         },
         health: HealthSpec {
             path: "/healthz".to_string(),

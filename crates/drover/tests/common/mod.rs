@@ -718,6 +718,30 @@ pub struct LoadStats {
     pub failures: Vec<String>,
 }
 
+impl LoadStats {
+    /// No request failed, enough were sent to mean something, and every
+    /// answer came from one of `versions`; `logs` for the failure message.
+    pub fn assert_clean(&self, versions: &[&str], logs: &str) {
+        assert_eq!(
+            self.failed, 0,
+            "failed requests: {:?}\n{logs}",
+            self.failures
+        );
+        assert!(
+            self.sent > 100,
+            "too little load to mean anything: {}",
+            self.sent
+        );
+        assert!(
+            self.by_version
+                .keys()
+                .all(|v| versions.contains(&v.as_str())),
+            "answers from other versions than {versions:?}: {:?}",
+            self.by_version
+        );
+    }
+}
+
 /// Sends requests through the proxy until stopped: one task over a
 /// keep-alive connection, one with a fresh connection per request, one
 /// with slow (in-flight during drains) requests. Bounded by `max_time`.
