@@ -2,8 +2,10 @@
 //! agents and proxy as processes on 127.0.0.1, the app a container image
 //! built by the pipeline from the repository's Dockerfile.
 //!
-//! No registry and no pull: the app is `tests/apps/greeter.c` compiled
-//! static here, and its Dockerfile is `FROM scratch`.
+//! Nothing is pulled from outside: the app is `tests/apps/greeter.c`
+//! compiled static here, and its Dockerfile is `FROM scratch`. Images go
+//! to the agents as artifacts, or through Debian's `docker-registry` run
+//! by the test (with a login) when the app has a `[registry]`.
 
 mod common;
 
@@ -563,6 +565,7 @@ fn with_a_registry_images_are_pushed_with_its_login_and_pulled_by_digest() {
     );
 
     set_secret(&c, APP2, "REGISTRY_PASSWORD", REGISTRY_PASSWORD);
+    set_secret(&c, APP2, "API_TOKEN", "tok-123");
     c.cli_ok(&["deploy", APP2, "--wait"]);
     c.wait_until("v1 answers", Duration::from_secs(20), |c| {
         all_answer_at(c, HOST2, "v1")
@@ -593,6 +596,10 @@ fn with_a_registry_images_are_pushed_with_its_login_and_pulled_by_digest() {
         !env.contains(REGISTRY_PASSWORD) && env.contains("GREETING=v1"),
         "{env}"
     );
+    assert!(
+        env.contains("API_TOKEN=tok-123"),
+        "the app's secrets are its env: {env}"
+    );
 
     // r2, then r1's image removed from the engine: the rollback pulls it.
     commit_spec(&repo, "v2", &spec);
@@ -617,5 +624,22 @@ fn with_a_registry_images_are_pushed_with_its_login_and_pulled_by_digest() {
     assert!(
         agent_log.contains("image pulled from the registry"),
         "{agent_log}"
+    );
+
+    // The same node runs a process app beside the containers.
+    let web = Repo::create(
+        &c.dir.path().join("web"),
+        &common::spec("web", 2, "30s"),
+        &Behavior::ok("p1"),
+    );
+    c.cli_ok(&["apps", "add", &web.path.to_string_lossy()]);
+    c.cli_ok(&["deploy", "web", "--wait"]);
+    c.wait_until("both apps answer", Duration::from_secs(20), |c| {
+        all_answer_at(c, "web.localhost", "p1") && all_answer_at(c, HOST2, "v1")
+    });
+    assert!(
+        c.pids("web").iter().all(|p| p.1 > 0),
+        "web runs as processes: {:?}",
+        c.pids("web")
     );
 }
