@@ -157,6 +157,9 @@ struct Shared {
     /// The local Docker Engine, connected when a container is first wanted
     /// (a node without containers never needs one).
     docker: tokio::sync::Mutex<Option<drover_docker::Docker>>,
+    /// One load or pull per image at a time (instances of one release
+    /// start together).
+    image_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Shared {
@@ -359,6 +362,7 @@ impl Supervisor {
             agent_dir,
             orphans: Mutex::new(Some(orphans)),
             docker: tokio::sync::Mutex::new(None),
+            image_locks: Mutex::new(HashMap::new()),
         });
         shared.persist();
         {
@@ -520,11 +524,9 @@ impl Supervisor {
                 instance: e.rec.instance.clone(),
                 state: e.status.state,
                 pid: e.rec.pid,
-                address: match (
-                    e.rec.pid.or(e.rec.container.as_ref().map(|_| 0)),
-                    e.rec.port,
-                ) {
-                    (Some(_), Some(port)) => {
+                // Something runs (a process or a container) on a known port.
+                address: match e.rec.port {
+                    Some(port) if e.rec.pid.is_some() || e.rec.container.is_some() => {
                         Some(format!("{}:{port}", self.shared.cfg.advertise_host))
                     }
                     _ => None,
@@ -900,6 +902,14 @@ impl InstanceTask {
                 true,
             )
         })?;
+        let lock = shared
+            .image_locks
+            .lock()
+            .expect("image locks poisoned")
+            .entry(image.to_string())
+            .or_default()
+            .clone();
+        let _one_at_a_time = lock.lock().await;
         if drover_docker::has_image(&docker, image)
             .await
             .map_err(|e| (e, true))?
@@ -940,8 +950,6 @@ impl InstanceTask {
                 let retry = e.is_retryable();
                 (e.to_string(), retry)
             })?;
-        // Loading the same image twice at once is harmless; the engine
-        // keeps one copy.
         shared.update(&id, true, |e| {
             e.status.message = Some(format!("loading image {image}"));
         });

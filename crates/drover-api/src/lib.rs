@@ -373,6 +373,32 @@ pub struct Upstream {
     pub weight: u32,
 }
 
+/// `GET /v1/discovery/{app}`: the app's serving instances in one
+/// environment, by the part of its traffic they take. A blocking query
+/// (`?index=I`) answers once the index has passed `I`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Discovery {
+    pub index: u64,
+    pub app: String,
+    pub environment: String,
+    pub live_release: Option<String>,
+    /// Where the app's ordinary traffic goes.
+    pub stable: Vec<Endpoint>,
+    /// A new release taking a share of the users (canary, partial).
+    pub canary: Vec<Endpoint>,
+    /// A new release reachable by preview only (blue/green before the switch).
+    pub preview: Vec<Endpoint>,
+}
+
+/// One serving instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub instance: String,
+    pub release: String,
+    /// `host:port`.
+    pub address: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ProxyReport {
     pub proxy: String,

@@ -465,6 +465,15 @@ pub async fn run_container(d: &Docker, spec: &ContainerSpec) -> Result<String, S
                 host_port: Some(spec.port.to_string()),
             }]),
         )])),
+        // The engine's own copy of the output (read back by the agent into
+        // the instance log, which it rotates) is bounded too.
+        log_config: Some(bollard::models::HostConfigLogConfig {
+            typ: Some("json-file".into()),
+            config: Some(HashMap::from([
+                ("max-size".to_string(), "10m".to_string()),
+                ("max-file".to_string(), "2".to_string()),
+            ])),
+        }),
         memory: spec.memory_bytes.map(|m| m as i64),
         nano_cpus: spec.cpus.map(|c| (c * 1e9) as i64),
         ..Default::default()

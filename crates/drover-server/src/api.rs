@@ -110,6 +110,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/runs/{id}", Viewer, get(run))
         .route("/v1/runs/{id}/cancel", Deployer, post(cancel_run))
         .route("/v1/runs/{id}/log", Viewer, get(run_log))
+        .route("/v1/discovery/{app}", Viewer, get(discovery))
         .route("/v1/nodes", Viewer, get(nodes))
         .route("/v1/events", Viewer, get(events))
         .route("/v1/apps/{app}/deliveries", Viewer, get(deliveries))
@@ -1379,6 +1380,29 @@ struct WaitQuery {
     node: Option<String>,
     index: Option<u64>,
     wait_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct DiscoveryQuery {
+    env: Option<String>,
+    index: Option<u64>,
+    wait_ms: Option<u64>,
+}
+
+/// The app's serving instances by set; with `?index=I`, a blocking query.
+async fn discovery(
+    State(s): S,
+    Path(app): Path<String>,
+    Query(q): Query<DiscoveryQuery>,
+) -> R<api::Discovery> {
+    if q.index.is_some() {
+        // Unknown app or environment: said at once, not after the wait.
+        crate::discovery::discover(&s, &app, q.env.as_deref()).await?;
+        wait_for_index(&s, q.index, q.wait_ms).await;
+    }
+    Ok(Json(
+        crate::discovery::discover(&s, &app, q.env.as_deref()).await?,
+    ))
 }
 
 /// Blocks until the index passes `index` or `wait_ms` (≤ 60 s) elapses.

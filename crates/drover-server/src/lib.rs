@@ -25,6 +25,7 @@ pub mod api;
 pub mod artifact;
 pub mod auth;
 pub mod dashboard;
+pub mod discovery;
 pub mod engine;
 pub mod git;
 pub mod metrics;
@@ -61,6 +62,8 @@ pub struct ServerConfig {
     pub addr: SocketAddr,
     /// The agent listener (mutual TLS only).
     pub agent_addr: SocketAddr,
+    /// Service discovery over DNS (UDP) here: `<app>.service.drover`.
+    pub dns_addr: Option<SocketAddr>,
     /// The API's certificate chain and key (PEM files): it serves HTTPS.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// How long an agent's certificate is valid (renewed at 2/3 of it).
@@ -197,6 +200,13 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         .with_context(|| format!("cannot listen on {}", config.addr))?;
     tracing::info!(addr = %listener.local_addr()?, agent_addr = %agent_listener.local_addr()?,
         data_dir = %config.data_dir.display(), "drover server listening");
+    if let Some(dns) = config.dns_addr {
+        let socket = tokio::net::UdpSocket::bind(dns)
+            .await
+            .with_context(|| format!("cannot listen for DNS on {dns} (--dns-addr)"))?;
+        tracing::info!(addr = %socket.local_addr()?, "service discovery over DNS: <app>.service.drover");
+        tokio::spawn(discovery::serve_dns(server.clone(), socket));
+    }
     let engine_task = tokio::spawn(engine::run(server.clone(), engine_rx));
     tokio::spawn(source::poll_loop(server.clone(), config.poll_interval));
     tokio::spawn(timeseries::sample_loop(server.clone()));

@@ -130,6 +130,11 @@ enum Cmd {
         /// port + 1.
         #[arg(long)]
         agent_addr: Option<std::net::SocketAddr>,
+        /// Answer DNS (UDP) here for service discovery: A and SRV records
+        /// of `[stable.|canary.|preview.]<app>[.<env>].service.drover`
+        /// (e.g. 127.0.0.1:8600). Off by default.
+        #[arg(long)]
+        dns_addr: Option<std::net::SocketAddr>,
         /// How long an agent's certificate is valid; agents renew it at
         /// two thirds of that.
         #[arg(long, default_value = "72h", value_parser = parse_duration)]
@@ -584,6 +589,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             header_timeout,
             body_timeout,
             agent_addr,
+            dns_addr,
             agent_cert_ttl,
             tls_cert,
             tls_key,
@@ -598,6 +604,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         agent_addr: agent_addr.unwrap_or_else(|| {
                             std::net::SocketAddr::new(addr.ip(), addr.port().wrapping_add(1))
                         }),
+                        dns_addr,
                         agent_cert_ttl,
                         tls: tls_cert.zip(tls_key),
                         data_dir,
