@@ -394,19 +394,4 @@ OUT=$D/section.md
 } >"$OUT"
 cat "$OUT"
 # Rewrite the section between the markers in BENCHMARKS.md.
-python3 - "$OUT" <<'PY'
-import re, sys
-new = open(sys.argv[1]).read().rstrip() + "\n"
-path = "BENCHMARKS.md"
-text = open(path).read()
-begin, end = "<!-- proxies:begin -->\n", "<!-- proxies:end -->"
-if begin in text:
-    pre, rest = text.split(begin, 1)
-    post = rest.split(end, 1)[1]
-    text = pre + begin + new + end + post
-else:
-    marker = "## History"
-    block = begin + new + end + "\n\n"
-    text = text.replace(marker, block + marker, 1) if marker in text else text + "\n" + block
-open(path, "w").write(text)
-PY
+python3 bench/section.py proxies "$OUT"

@@ -78,10 +78,39 @@ impl NodeIdentity {
 /// The mutual-TLS client of an identity.
 #[derive(Debug, Clone)]
 struct Tls {
+    /// HTTP/2 when the server offers it: the long poll, reports and logs
+    /// share one connection (one file descriptor per agent on the server).
     http: reqwest::Client,
+    /// HTTP/1.1 only, no idle connection kept: to tell why a connection
+    /// failed. Over HTTP/2 the server's TLS alert for a refused client
+    /// certificate is lost (the request only sees the connection close);
+    /// over HTTP/1.1 it surfaces as the rustls error it is.
+    probe: reqwest::Client,
     /// `https://server.drover:<agent port>`.
     base: String,
     identity: NodeIdentity,
+}
+
+impl Tls {
+    /// The error of a failed request to the agent port: when it is not
+    /// plainly a TLS failure, one HTTP/1.1 request tells whether the server
+    /// refuses this node's certificate (Refused) or is not there.
+    async fn why(&self, e: &reqwest::Error) -> ClientError {
+        let err = transport(e);
+        if err.is_refusal() {
+            return err;
+        }
+        match self
+            .probe
+            .get(format!("{}/v1/agent/probe", self.base))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
+            Err(p) if is_tls_error(&p) => transport(&p),
+            _ => err,
+        }
+    }
 }
 
 /// A client of one control plane.
@@ -115,8 +144,12 @@ impl ControlClient {
             url.host_str().is_some(),
             "the server URL {base:?} names no host"
         );
+        // Only for registering with the join token (rare): no connection
+        // is kept open for it — with thousands of agents, the server's
+        // file descriptors are for their agent-port connections.
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(0)
             .no_proxy()
             .tls_certs_merge(drover_api::trusted_cas().map_err(|e| anyhow::anyhow!(e))?)
             .build()?;
@@ -174,16 +207,23 @@ impl ControlClient {
             .map_err(|e| bad("the CA is not a certificate", e))?;
         let me = reqwest::Identity::from_pem(format!("{}{}", id.cert_pem, id.key_pem).as_bytes())
             .map_err(|e| bad("this node's certificate or key does not load", e))?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .no_proxy()
-            .tls_certs_only([ca])
-            .identity(me)
-            .dns_resolver(ServerHost(host))
-            .build()
-            .map_err(|e| bad("cannot build the TLS client", e))?;
+        let build = |http1: bool| {
+            let b = reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .no_proxy()
+                .tls_certs_only([ca.clone()])
+                .identity(me.clone())
+                .dns_resolver(ServerHost(host.clone()));
+            let b = if http1 {
+                b.http1_only().pool_max_idle_per_host(0)
+            } else {
+                b
+            };
+            b.build().map_err(|e| bad("cannot build the TLS client", e))
+        };
         Ok(Tls {
-            http,
+            http: build(false)?,
+            probe: build(true)?,
             base: format!("https://{SERVER_NAME}:{}", id.agent_port),
             identity: id,
         })
@@ -347,7 +387,7 @@ impl ControlClient {
         };
         let res = match build(&tls.http, &tls.base).send().await {
             Ok(r) => check_status(r).await,
-            Err(e) => Err(transport(&e)),
+            Err(e) => Err(tls.why(&e).await),
         };
         match res {
             Err(e) if e.is_refusal() => {
@@ -372,8 +412,11 @@ impl ControlClient {
             .timeout(Duration::from_secs(10))
             .json(body)
             .send()
-            .await
-            .map_err(|e| transport(&e))?;
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => return Err(tls.why(&e).await),
+        };
         decode(resp).await
     }
 

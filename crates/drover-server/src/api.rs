@@ -1356,12 +1356,16 @@ async fn agent_report(
             )
         })
         .collect();
-    // Also the heartbeat; NotFound when the node never registered.
-    s.store
-        .record_observations(&rep.node, &observed, now_ms())
+    // Also the heartbeat; NotFound when the node never registered. The
+    // writer pokes the engine once per batch.
+    s.heartbeats
+        .record(drover_store::Observations {
+            node: rep.node.clone(),
+            observed,
+            now: now_ms(),
+        })
         .await
         .map_err(|e| unregistered(&rep.node, e))?;
-    s.engine.poke();
     Ok(StatusCode::NO_CONTENT)
 }
 

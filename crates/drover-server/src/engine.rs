@@ -159,6 +159,7 @@ pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
         was_ready: HashMap::new(),
         steps: HashMap::new(),
     };
+    let mut last_poked = std::time::Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -178,10 +179,24 @@ pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
                 None => break,
             },
             _ = ticker.tick() => engine.tick_all().await,
-            _ = rx.poke.notified() => engine.tick_all().await,
+            _ = rx.poke.notified() => {
+                // Pokes come with every batch of agents' reports: at most
+                // one tick per MIN_POKE_GAP for them (a poke meanwhile is
+                // kept and served after the gap), so thousands of agents do
+                // not keep the engine ticking back to back.
+                let since = last_poked.elapsed();
+                if since < MIN_POKE_GAP {
+                    tokio::time::sleep(MIN_POKE_GAP - since).await;
+                }
+                last_poked = std::time::Instant::now();
+                engine.tick_all().await
+            }
         }
     }
 }
+
+/// The shortest time between two ticks caused by pokes.
+const MIN_POKE_GAP: Duration = Duration::from_millis(20);
 
 /// What every app's plan of one tick shares.
 struct Cluster {

@@ -28,6 +28,7 @@ pub mod dashboard;
 pub mod discovery;
 pub mod engine;
 pub mod git;
+pub mod heartbeat;
 pub mod metrics;
 pub mod notify;
 pub mod pipeline;
@@ -112,6 +113,8 @@ pub struct Server {
     pub pki: Arc<pki::Pki>,
     /// The agent listener's port, told to agents when they register.
     pub agent_port: u16,
+    /// Agents' reports, written in batches.
+    pub heartbeats: heartbeat::Heartbeats,
 }
 
 impl Server {
@@ -177,7 +180,12 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
     };
     let (index_tx, _) = watch::channel(index);
     let (engine_handle, engine_rx) = engine::channel();
+    let heartbeats = {
+        let engine = engine_handle.clone();
+        heartbeat::Heartbeats::spawn(store.clone(), move || engine.poke())
+    };
     let server = Arc::new(Server {
+        heartbeats,
         store,
         data_dir: config.data_dir.clone(),
         index: index_tx,

@@ -91,6 +91,15 @@ pub struct ReleaseRecord {
     pub status: String,
 }
 
+/// One agent's report: its heartbeat and what it observed of its instances
+/// (JSON per instance id).
+#[derive(Debug, Clone)]
+pub struct Observations {
+    pub node: String,
+    pub observed: Vec<(String, String)>,
+    pub now: Millis,
+}
+
 /// What a new release is made of (its number is the store's to give).
 #[derive(Debug, Clone, Copy)]
 pub struct NewRelease<'a> {
@@ -335,6 +344,11 @@ pub trait Store: Send + Sync + 'static {
         observed: &[(String, String)],
         now: Millis,
     ) -> Result<()>;
+    /// Many agents' [`Store::record_observations`] in one transaction (one
+    /// commit for all: heartbeats arrive by the thousand). One result per
+    /// report, in order — NotFound for a node never registered, which does
+    /// not hold up the others; an error of the transaction itself fails all.
+    async fn record_observations_batch(&self, batch: &[Observations]) -> Result<Vec<Result<()>>>;
 
     async fn upsert_node(
         &self,

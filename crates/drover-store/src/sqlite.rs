@@ -645,6 +645,36 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn record_observations_batch(&self, batch: &[Observations]) -> Result<Vec<Result<()>>> {
+        let mut tx = self.write_tx().await?;
+        let mut out = Vec::with_capacity(batch.len());
+        for o in batch {
+            let seen = sqlx::query("UPDATE nodes SET last_seen = ? WHERE name = ?")
+                .bind(o.now as i64)
+                .bind(&o.node)
+                .execute(&mut *tx)
+                .await?;
+            if seen.rows_affected() == 0 {
+                out.push(Err(StoreError::NotFound(format!("node {}", o.node))));
+                continue;
+            }
+            for (id, json) in &o.observed {
+                sqlx::query(
+                    "UPDATE instances SET observed = ?, observed_at = ? WHERE id = ? AND node = ?",
+                )
+                .bind(json)
+                .bind(o.now as i64)
+                .bind(id)
+                .bind(&o.node)
+                .execute(&mut *tx)
+                .await?;
+            }
+            out.push(Ok(()));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
     async fn upsert_node(
         &self,
         name: &str,
