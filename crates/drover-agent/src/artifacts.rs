@@ -140,10 +140,7 @@ impl ArtifactStore {
         if dir.is_dir() {
             return Ok(dir);
         }
-        let lock = {
-            let mut locks = self.locks.lock().expect("locks poisoned");
-            locks.entry(sha.clone()).or_default().clone()
-        };
+        let lock = self.digest_lock(&sha);
         let _guard = lock.lock().await;
         if dir.is_dir() {
             return Ok(dir);
@@ -177,12 +174,15 @@ impl ArtifactStore {
                 a.artifact.sha256
             )));
         }
-        let lock = {
-            let mut locks = self.locks.lock().expect("locks poisoned");
-            locks.entry(sha.clone()).or_default().clone()
-        };
+        let lock = self.digest_lock(&sha);
         let _guard = lock.lock().await;
         self.ensure_archive(a, &sha, retrying).await
+    }
+
+    /// One download (and unpack) per digest at a time.
+    fn digest_lock(&self, sha: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().expect("locks poisoned");
+        locks.entry(sha.to_string()).or_default().clone()
     }
 
     /// `data_dir/artifacts/<sha>.tar.zst`, downloaded and verified if absent.

@@ -1401,7 +1401,7 @@ async fn discovery(
 ) -> R<api::Discovery> {
     if q.index.is_some() {
         // Unknown app or environment: said at once, not after the wait.
-        crate::discovery::discover(&s, &app, q.env.as_deref()).await?;
+        crate::discovery::environment(&s, &app, q.env.as_deref()).await?;
         wait_for_index(&s, q.index, q.wait_ms).await;
     }
     Ok(Json(

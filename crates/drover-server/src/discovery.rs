@@ -90,7 +90,7 @@ pub fn sets(route: &api::Route) -> Sets {
 
 /// The environment a query means: the one named (checked), or the app's
 /// last (where `[route] host` points: production).
-async fn environment(s: &Server, app: &str, env: Option<&str>) -> Result<String, ApiErr> {
+pub async fn environment(s: &Server, app: &str, env: Option<&str>) -> Result<String, ApiErr> {
     s.store.get_app(app).await?;
     let names = crate::view::current_spec(s, app).await?.env_names();
     match env {

@@ -37,7 +37,7 @@ impl Heartbeats {
                         Err(_) => break,
                     }
                 }
-                let items: Vec<Observations> = batch.iter().map(|(o, _)| o.clone()).collect();
+                let (items, dones): (Vec<Observations>, Vec<Done>) = batch.drain(..).unzip();
                 let started = std::time::Instant::now();
                 let result = store.record_observations_batch(&items).await;
                 let took = started.elapsed();
@@ -50,12 +50,12 @@ impl Heartbeats {
                 }
                 match result {
                     Ok(results) => {
-                        for ((_, done), r) in batch.drain(..).zip(results) {
+                        for (done, r) in dones.into_iter().zip(results) {
                             let _ = done.send(r);
                         }
                     }
                     Err(e) => {
-                        for (_, done) in batch.drain(..) {
+                        for done in dones {
                             let _ = done.send(Err(StoreError::Db(e.to_string())));
                         }
                     }

@@ -13,15 +13,13 @@ use std::collections::BTreeSet;
 /// with them, unless a kept release of the same commit still has it).
 /// Best effort: the artifact, not the engine, is what releases run from.
 async fn untag_image(
+    d: &drover_docker::Docker,
     app: &str,
     release: &str,
     commit: &str,
     releases: &[drover_store::ReleaseRecord],
     protected: &BTreeSet<String>,
 ) {
-    let Ok(d) = drover_docker::connect().await else {
-        return;
-    };
     let repo = crate::pipeline::image_repo(app);
     let mut tags = vec![format!("{repo}:{release}")];
     let commit_kept = releases
@@ -31,7 +29,7 @@ async fn untag_image(
         tags.push(format!("{repo}:{}", &commit[..12.min(commit.len())]));
     }
     for t in tags {
-        if let Err(e) = drover_docker::untag(&d, &t).await {
+        if let Err(e) = drover_docker::untag(d, &t).await {
             tracing::warn!(app, release, error = %e, "cannot remove a pruned release's image tag");
         }
     }
@@ -71,6 +69,8 @@ pub async fn prune(
         .map(|r| r.artifact_sha256.clone())
         .collect();
     let mut pruned = Vec::new();
+    // The server's engine, connected at the first pruned image release.
+    let mut docker: Option<Option<drover_docker::Docker>> = None;
     for r in releases
         .iter()
         .filter(|r| !protected.contains(&r.name()) && r.status != "pruned")
@@ -88,7 +88,12 @@ pub async fn prune(
             }
         }
         if r.image.is_some() {
-            untag_image(app, &r.name(), &r.commit, &releases, &protected).await;
+            if docker.is_none() {
+                docker = Some(drover_docker::connect().await.ok());
+            }
+            if let Some(Some(d)) = &docker {
+                untag_image(d, app, &r.name(), &r.commit, &releases, &protected).await;
+            }
         }
         let n = view::parse_release_name(&r.name()).unwrap_or(r.number);
         store.set_release_status(app, n, "pruned").await?;

@@ -343,7 +343,17 @@ pub trait Store: Send + Sync + 'static {
         node: &str,
         observed: &[(String, String)],
         now: Millis,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let one = Observations {
+            node: node.to_string(),
+            observed: observed.to_vec(),
+            now,
+        };
+        self.record_observations_batch(&[one])
+            .await?
+            .pop()
+            .unwrap_or(Ok(()))
+    }
     /// Many agents' [`Store::record_observations`] in one transaction (one
     /// commit for all: heartbeats arrive by the thousand). One result per
     /// report, in order — NotFound for a node never registered, which does

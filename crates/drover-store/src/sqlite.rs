@@ -615,36 +615,6 @@ impl Store for SqliteStore {
             .map_err(|_| StoreError::Corrupt(format!("meta index {v:?}")))
     }
 
-    async fn record_observations(
-        &self,
-        node: &str,
-        observed: &[(String, String)],
-        now: Millis,
-    ) -> Result<()> {
-        let mut tx = self.write_tx().await?;
-        let seen = sqlx::query("UPDATE nodes SET last_seen = ? WHERE name = ?")
-            .bind(now as i64)
-            .bind(node)
-            .execute(&mut *tx)
-            .await?;
-        if seen.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("node {node}")));
-        }
-        for (id, json) in observed {
-            sqlx::query(
-                "UPDATE instances SET observed = ?, observed_at = ? WHERE id = ? AND node = ?",
-            )
-            .bind(json)
-            .bind(now as i64)
-            .bind(id)
-            .bind(node)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
     async fn record_observations_batch(&self, batch: &[Observations]) -> Result<Vec<Result<()>>> {
         let mut tx = self.write_tx().await?;
         let mut out = Vec::with_capacity(batch.len());
