@@ -113,11 +113,14 @@ impl Tls {
     }
 }
 
-/// A client of one control plane.
+/// A client of one control plane (of one or several servers sharing a
+/// database: when the one in use does not answer, the next one is tried).
 #[derive(Debug, Clone)]
 pub struct ControlClient {
-    /// The API port: the first registration, with the join token.
-    base: String,
+    /// The servers' API URLs: the first registration, with the join token.
+    servers: std::sync::Arc<Vec<String>>,
+    /// The one in use.
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     http: reqwest::Client,
     /// The join token: it registers the agent, nothing else.
     join: Option<String>,
@@ -135,15 +138,23 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl ControlClient {
-    /// `base` is the server's URL, e.g. `http://127.0.0.1:7070`.
+    /// `base` is the server's URL, e.g. `http://127.0.0.1:7070`, or
+    /// several servers' URLs separated by commas (servers sharing one
+    /// database: all take agents, the agent moves on when one fails).
     /// `token`: the join token, sent when registering without a certificate.
     pub fn new(base: &str, token: Option<&str>) -> anyhow::Result<Self> {
-        let base = base.trim_end_matches('/').to_string();
-        let url = reqwest::Url::parse(&base)?;
-        anyhow::ensure!(
-            url.host_str().is_some(),
-            "the server URL {base:?} names no host"
-        );
+        let mut servers = Vec::new();
+        for base in base.split(',').map(str::trim).filter(|b| !b.is_empty()) {
+            let base = base.trim_end_matches('/').to_string();
+            let url = reqwest::Url::parse(&base)
+                .map_err(|e| anyhow::anyhow!("the server URL {base:?} does not parse: {e}"))?;
+            anyhow::ensure!(
+                url.host_str().is_some(),
+                "the server URL {base:?} names no host"
+            );
+            servers.push(base);
+        }
+        anyhow::ensure!(!servers.is_empty(), "no server URL given (--server)");
         // Only for registering with the join token (rare): no connection
         // is kept open for it — with thousands of agents, the server's
         // file descriptors are for their agent-port connections.
@@ -154,7 +165,8 @@ impl ControlClient {
             .tls_certs_merge(drover_api::trusted_cas().map_err(|e| anyhow::anyhow!(e))?)
             .build()?;
         Ok(ControlClient {
-            base,
+            servers: std::sync::Arc::new(servers),
+            current: Default::default(),
             http,
             join: token.map(str::to_string),
             tls: Default::default(),
@@ -196,7 +208,7 @@ impl ControlClient {
     /// the name `server.drover`, found at the API host's address.
     fn tls_for(&self, id: NodeIdentity) -> Result<Tls, ClientError> {
         let url =
-            reqwest::Url::parse(&self.base).map_err(|e| ClientError::Decode(e.to_string()))?;
+            reqwest::Url::parse(self.base()).map_err(|e| ClientError::Decode(e.to_string()))?;
         let host = url
             .host_str()
             .unwrap_or("127.0.0.1")
@@ -258,18 +270,40 @@ impl ControlClient {
         *self.tls.write().expect("tls lock") = tls;
     }
 
-    /// The server's base URL (API port), without a trailing slash.
+    /// The base URL (API port) of the server in use, without a trailing
+    /// slash.
     pub fn base(&self) -> &str {
-        &self.base
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        &self.servers[i % self.servers.len()]
     }
 
     /// `base` + `path` (path starts with `/`).
     pub fn url(&self, path: &str) -> String {
         if path.starts_with('/') {
-            format!("{}{}", self.base, path)
+            format!("{}{}", self.base(), path)
         } else {
-            format!("{}/{}", self.base, path)
+            format!("{}/{}", self.base(), path)
         }
+    }
+
+    /// The server in use did not answer: the next one is used from now on
+    /// (with several). Returns the error, for the caller to pass on.
+    fn fail_over(&self, err: ClientError) -> ClientError {
+        if self.servers.len() < 2 || !matches!(err, ClientError::Unreachable(_)) {
+            return err;
+        }
+        let failed = self.base().to_string();
+        self.current
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(failed = %failed, next = %self.base(), error = %err,
+            "the server does not answer; trying the next one");
+        if let Some(tls) = self.tls() {
+            match self.tls_for(tls.identity) {
+                Ok(tls) => *self.tls.write().expect("tls lock") = Some(tls),
+                Err(e) => tracing::warn!(error = %e, "cannot reach the next server's agent port"),
+            }
+        }
+        err
     }
 
     /// `POST /v1/agent/register`.
@@ -309,7 +343,8 @@ impl ControlClient {
         if let Some(t) = &self.join {
             rb = rb.bearer_auth(t);
         }
-        let resp: RegisterResponse = decode(rb.send().await.map_err(|e| transport(&e))?).await?;
+        let resp: RegisterResponse =
+            decode(rb.send().await.map_err(|e| self.fail_over(transport(&e)))?).await?;
         if let Some(join) = &self.join {
             // The CA comes from someone who knows the join token.
             let want = drover_api::ca_mac(join, &resp.ca);
@@ -387,7 +422,7 @@ impl ControlClient {
         };
         let res = match build(&tls.http, &tls.base).send().await {
             Ok(r) => check_status(r).await,
-            Err(e) => Err(tls.why(&e).await),
+            Err(e) => Err(self.fail_over(tls.why(&e).await)),
         };
         match res {
             Err(e) if e.is_refusal() => {
@@ -415,7 +450,7 @@ impl ControlClient {
             .await;
         let resp = match resp {
             Ok(r) => r,
-            Err(e) => return Err(tls.why(&e).await),
+            Err(e) => return Err(self.fail_over(tls.why(&e).await)),
         };
         decode(resp).await
     }

@@ -224,6 +224,46 @@ async fn serve_metrics(listener: std::net::TcpListener, state: Arc<ProxyState>) 
     }
 }
 
+/// The control plane's servers (one, or several sharing a database): the
+/// poller and the reporter use one until it fails, then the next.
+#[derive(Debug)]
+pub struct Servers {
+    list: Vec<String>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+impl Servers {
+    /// `urls`: one URL or several separated by commas.
+    pub fn new(urls: &str) -> Self {
+        let list: Vec<String> = urls
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        Servers {
+            list,
+            current: Default::default(),
+        }
+    }
+
+    /// The one in use.
+    pub fn get(&self) -> &str {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        self.list.get(i % self.list.len().max(1)).map_or("", |s| s)
+    }
+
+    /// `url` failed: the next one is used, unless another caller moved on
+    /// already.
+    pub fn failed(&self, url: &str) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let i = self.current.load(Relaxed);
+        if self.list.len() > 1 && self.get() == url {
+            let _ = self.current.compare_exchange(i, i + 1, Relaxed, Relaxed);
+            tracing::warn!(failed = url, next = self.get(), "trying the next server");
+        }
+    }
+}
+
 /// Starts the route poller, the reporter and (given a listener) the
 /// `/metrics` endpoint on a dedicated thread with a small tokio runtime of
 /// its own (pingora's runtimes are its business).
@@ -252,9 +292,10 @@ pub fn start_control_loop(
                 if let Some(l) = metrics {
                     tokio::spawn(serve_metrics(l, state.clone()));
                 }
+                let servers = Arc::new(Servers::new(&server));
                 tokio::join!(
-                    poller::run(client.clone(), server.clone(), state.clone()),
-                    reporter::run(client, server, state),
+                    poller::run(client.clone(), servers.clone(), state.clone()),
+                    reporter::run(client, servers, state),
                 );
             });
         })

@@ -47,7 +47,7 @@ pub async fn fetch_routes(
 }
 
 /// Runs forever: poll, install, repeat.
-pub async fn run(client: reqwest::Client, server: String, state: Arc<ProxyState>) {
+pub async fn run(client: reqwest::Client, servers: Arc<crate::Servers>, state: Arc<ProxyState>) {
     let mut limiter = WarnLimiter::new(Duration::from_secs(30));
     loop {
         let current = state.tables.load();
@@ -59,6 +59,7 @@ pub async fn run(client: reqwest::Client, server: String, state: Arc<ProxyState>
         };
         let loaded = current.loaded;
         drop(current);
+        let server = servers.get().to_string();
         match fetch_routes(&client, &server, index, wait_ms).await {
             Ok(mut resp) => {
                 let failures = limiter.success();
@@ -85,6 +86,7 @@ pub async fn run(client: reqwest::Client, server: String, state: Arc<ProxyState>
                 } else {
                     tracing::debug!(error = format!("{e:#}"), "route polling failed");
                 }
+                servers.failed(&server);
                 tokio::time::sleep(RETRY_DELAY).await;
             }
         }

@@ -39,7 +39,7 @@ pub async fn send_report(
 }
 
 /// Runs forever.
-pub async fn run(client: reqwest::Client, server: String, state: Arc<ProxyState>) {
+pub async fn run(client: reqwest::Client, servers: Arc<crate::Servers>, state: Arc<ProxyState>) {
     let mut limiter = WarnLimiter::new(Duration::from_secs(30));
     let mut tick = tokio::time::interval(REPORT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -48,6 +48,7 @@ pub async fn run(client: reqwest::Client, server: String, state: Arc<ProxyState>
             _ = tick.tick() => {}
             _ = state.table_installed.notified() => {}
         }
+        let server = servers.get().to_string();
         match send_report(&client, &server, &state).await {
             Ok(()) => {
                 let failures = limiter.success();
@@ -56,6 +57,7 @@ pub async fn run(client: reqwest::Client, server: String, state: Arc<ProxyState>
                 }
             }
             Err(e) => {
+                servers.failed(&server);
                 if limiter.failure() {
                     tracing::warn!(
                         error = format!("{e:#}"),

@@ -50,7 +50,9 @@ impl From<StoreError> for ApiErr {
         match e {
             StoreError::NotFound(what) => ApiErr::NotFound(format!("{what} not found")),
             StoreError::Conflict(what) => ApiErr::Conflict(format!("{what} already exists")),
-            StoreError::NoSpace(_) => ApiErr::Unavailable(e.to_string()),
+            StoreError::NoSpace(_) | StoreError::Fenced { .. } => {
+                ApiErr::Unavailable(e.to_string())
+            }
             other => ApiErr::Internal(other.to_string()),
         }
     }
@@ -87,6 +89,9 @@ pub fn router(server: Arc<Server>) -> Router {
     use crate::auth::{Guarded, Need::*};
     Guarded::new(server.clone())
         .route("/v1/health", Public, get(|| async { "ok\n" }))
+        // Who leads (like Nomad's /v1/status/leader): for operators and
+        // balancers, no token.
+        .route("/v1/leader", Public, get(crate::ha::leader_status))
         .route(
             "/login",
             Public,

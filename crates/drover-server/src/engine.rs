@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
 
 pub enum Command {
     /// Start moving `app`'s environment `env` to `to` (a release name),
@@ -147,7 +148,8 @@ impl Start {
     }
 }
 
-pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
+/// Runs the engine until `term` (the leader's term) ends.
+pub async fn run(server: Arc<Server>, rx: &mut EngineRx, term: CancellationToken) {
     let mut engine = Engine {
         server: server.clone(),
         specs: HashMap::new(),
@@ -164,7 +166,7 @@ pub async fn run(server: Arc<Server>, mut rx: EngineRx) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = server.shutdown.cancelled() => break,
+            _ = term.cancelled() => break,
             cmd = rx.rx.recv() => match cmd {
                 Some(Command::StartRollout { app, env, to, start, reply }) => {
                     let res = engine.start_rollout(&app, &env, &to, &start).await;

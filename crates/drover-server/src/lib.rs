@@ -28,6 +28,7 @@ pub mod dashboard;
 pub mod discovery;
 pub mod engine;
 pub mod git;
+pub mod ha;
 pub mod heartbeat;
 pub mod metrics;
 pub mod notify;
@@ -43,7 +44,7 @@ pub mod traffic;
 pub mod view;
 
 use anyhow::Context;
-use drover_store::{SqliteStore, Store};
+use drover_store::{PgStore, SqliteStore, Store};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -81,6 +82,35 @@ pub struct ServerConfig {
     /// How long a client may take to send a request's headers, and between
     /// the pieces of its body.
     pub timeouts: serve::Timeouts,
+    /// A PostgreSQL URL: the store is there instead of SQLite in the data
+    /// dir, and several servers may share it (one leads; see [`ha`]).
+    pub database: Option<String>,
+    /// This server's name among several (default: the host name and port).
+    pub name: Option<String>,
+    /// Where other servers reach this one's API (default: `http://<addr>`).
+    pub advertise: Option<String>,
+}
+
+impl ServerConfig {
+    /// A single server on SQLite with `data_dir`, listening on `addr`
+    /// (and the agent port next to it); the rest at defaults.
+    pub fn new(addr: SocketAddr, data_dir: PathBuf) -> Self {
+        ServerConfig {
+            addr,
+            agent_addr: SocketAddr::new(addr.ip(), addr.port().wrapping_add(1)),
+            dns_addr: None,
+            tls: None,
+            agent_cert_ttl: std::time::Duration::from_secs(72 * 3600),
+            data_dir,
+            poll_interval: std::time::Duration::from_secs(10),
+            keep_releases: 10,
+            secrets_key_file: None,
+            timeouts: serve::Timeouts::default(),
+            database: None,
+            name: None,
+            advertise: None,
+        }
+    }
 }
 
 /// Shared state of the control plane.
@@ -115,6 +145,8 @@ pub struct Server {
     pub agent_port: u16,
     /// Agents' reports, written in batches.
     pub heartbeats: heartbeat::Heartbeats,
+    /// Who leads when several servers share the database.
+    pub ha: ha::Ha,
 }
 
 impl Server {
@@ -142,25 +174,54 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
     for d in ["artifacts", "repos", "work", "logs"] {
         std::fs::create_dir_all(config.data_dir.join(d))?;
     }
-    let store = SqliteStore::open(&config.data_dir.join("drover.db"))
-        .await
-        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
-    let store: Arc<dyn Store> = Arc::new(store);
-    // Every known node gets a fresh lease, as a new leader does in Nomad:
-    // a server back after a while must not take them all for lost (and
-    // replace their instances) before their agents had a chance to report.
-    store.renew_node_leases(now_ms()).await?;
+    let name = config.name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        format!(
+            "{}:{}",
+            if host.is_empty() { "drover" } else { &host },
+            config.addr.port()
+        )
+    });
+    let (store, pg): (Arc<dyn Store>, Option<PgStore>) = match &config.database {
+        Some(url) => {
+            let pg = PgStore::connect(url)
+                .await
+                .context("cannot open the store (--database)")?;
+            (Arc::new(pg.clone()), Some(pg))
+        }
+        None => {
+            let store = SqliteStore::open(&config.data_dir.join("drover.db"))
+                .await
+                .with_context(|| {
+                    format!("cannot open the store in {}", config.data_dir.display())
+                })?;
+            (Arc::new(store), None)
+        }
+    };
     auth::bootstrap(&*store, &config.data_dir)
         .await
         .context("cannot create the bootstrap tokens")?;
     let index = store.index().await?;
-    let interrupted = store.fail_interrupted_runs(now_ms()).await?;
-    if interrupted > 0 {
-        tracing::warn!(
-            runs = interrupted,
-            "runs interrupted by the last shutdown were marked failed"
-        );
-    }
+    let ha = match &pg {
+        None => ha::Ha::single(name.clone()),
+        Some(pg) => {
+            let api_url = config.advertise.clone().unwrap_or_else(|| {
+                let scheme = if config.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{}", config.addr)
+            });
+            let (role_tx, role_rx) = watch::channel(drover_store::election::Role::Unknown);
+            let election = drover_store::election::Election::new(&name, &api_url);
+            let stop = shutdown.clone();
+            tokio::spawn(election.run(pg.clone(), role_tx, async move { stop.cancelled().await }));
+            ha::Ha::new(Some(pg.clone()), role_rx, name.clone())
+        }
+    };
     let key_file = config
         .secrets_key_file
         .clone()
@@ -185,6 +246,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         heartbeat::Heartbeats::spawn(store.clone(), move || engine.poke())
     };
     let server = Arc::new(Server {
+        ha,
         heartbeats,
         store,
         data_dir: config.data_dir.clone(),
@@ -215,12 +277,36 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         tracing::info!(addr = %socket.local_addr()?, "service discovery over DNS: <app>.service.drover");
         tokio::spawn(discovery::serve_dns(server.clone(), socket));
     }
-    let engine_task = tokio::spawn(engine::run(server.clone(), engine_rx));
-    tokio::spawn(source::poll_loop(server.clone(), config.poll_interval));
+    // The leader's work, one term at a time (with SQLite: one term, now).
+    let poll_interval = config.poll_interval;
+    let engine_rx = Arc::new(Mutex::new(engine_rx));
+    let started = !server.ha.shared();
+    if started {
+        ha::start_term(&server).await?;
+    }
+    let engine_task = tokio::spawn(ha::lead(server.clone(), started, move |server, term| {
+        let engine_rx = engine_rx.clone();
+        async move {
+            tokio::spawn(source::poll_loop(
+                server.clone(),
+                poll_interval,
+                term.clone(),
+            ));
+            tokio::spawn(notify::run(server.clone(), term.clone()));
+            engine::run(server, &mut *engine_rx.lock().await, term).await;
+        }
+    }));
+    if server.ha.shared() {
+        tokio::spawn(ha::follow_index(server.clone()));
+    }
     tokio::spawn(timeseries::sample_loop(server.clone()));
-    tokio::spawn(notify::run(server.clone()));
     tokio::spawn(renew_server_cert(pki, shutdown.clone()));
-    let app = api::router(server.clone()).merge(dashboard::router(server.clone()));
+    let app = api::router(server.clone())
+        .merge(dashboard::router(server.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            server.clone(),
+            ha::forward,
+        ));
     let agents = serve::serve_tls(
         agent_listener,
         api::agent_router(server.clone()),

@@ -140,8 +140,8 @@ fn backoff_ms(attempts: u32) -> u64 {
     (1000u64 << attempts.saturating_sub(1).min(9)).min(300_000)
 }
 
-/// Posts due deliveries until shutdown.
-pub async fn run(server: Arc<Server>) {
+/// Posts due deliveries until `term` (the leader's term) ends.
+pub async fn run(server: Arc<Server>, term: tokio_util::sync::CancellationToken) {
     let client = reqwest::Client::builder()
         .timeout(ATTEMPT_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
@@ -153,7 +153,7 @@ pub async fn run(server: Arc<Server>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = server.shutdown.cancelled() => return,
+            _ = term.cancelled() => return,
             _ = tick.tick() => {}
         }
         let busy = in_flight.lock().map(|s| s.len()).unwrap_or(0);

@@ -20,17 +20,19 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Largest webhook body read.
 pub const HOOK_BODY_LIMIT: usize = 256 * 1024;
 
-pub async fn poll_loop(server: Arc<Server>, interval: Duration) {
+/// Polls tracked branches until `term` (the leader's term) ends.
+pub async fn poll_loop(server: Arc<Server>, interval: Duration, term: CancellationToken) {
     if interval.is_zero() {
         return;
     }
     loop {
         tokio::select! {
-            _ = server.shutdown.cancelled() => return,
+            _ = term.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
         let apps = match server.store.list_apps().await {

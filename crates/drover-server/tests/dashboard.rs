@@ -41,16 +41,10 @@ async fn pages_render_streams_send_parts_and_an_open_stream_ends_at_shutdown() {
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(run(
         ServerConfig {
-            addr: addr.parse().unwrap(),
             agent_addr: "127.0.0.1:0".parse().unwrap(),
-            dns_addr: None,
             agent_cert_ttl: Duration::from_secs(3600),
-            tls: None,
-            data_dir: dir.path().join("server"),
             poll_interval: Duration::ZERO,
-            keep_releases: 10,
-            secrets_key_file: None,
-            timeouts: Default::default(),
+            ..ServerConfig::new(addr.parse().unwrap(), dir.path().join("server"))
         },
         shutdown.clone(),
     ));

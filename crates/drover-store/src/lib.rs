@@ -1,8 +1,16 @@
 //! drover's persistent state.
 //!
-//! [`Store`] is the interface the server uses; [`SqliteStore`] implements it
-//! on an embedded SQLite file in WAL mode. Migrations live in
-//! `migrations/sqlite/` and run at open.
+//! [`Store`] is the interface the server uses. [`SqliteStore`] implements it
+//! on an embedded SQLite file in WAL mode (one server); [`PgStore`] on a
+//! PostgreSQL database that several servers share, one of them leading.
+//! Migrations live in `migrations/sqlite/` and `migrations/postgres/` and
+//! run at open.
+//!
+//! *Fencing*: on PostgreSQL the writes only the leader makes (runs,
+//! releases, rollouts, instances, the index, deployments, node leases,
+//! deliveries) are refused with [`StoreError::Fenced`] once another server
+//! took over leadership (a higher epoch in the `leader` row), so a deposed
+//! leader that still believes it leads cannot change anything.
 //!
 //! *Architecture Invariant*: every write that changes what agents or proxies
 //! should do (instance placement, desired state, routing) bumps the global
@@ -11,8 +19,13 @@
 //! even across server restarts.
 #![forbid(unsafe_code)]
 
+pub mod election;
+mod postgres;
+mod rows;
 mod sqlite;
+pub mod testing;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use drover_core::{Desired, Millis, Rollout};
@@ -31,6 +44,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database error: {0}")]
     Db(String),
+    /// A leader write by a server that does not (or no longer) lead(s):
+    /// the database's fencing epoch is not its own.
+    #[error("this server is no longer the leader (fencing epoch {mine}, the database's is {current}); it stepped down")]
+    Fenced { mine: u64, current: u64 },
 }
 
 impl From<sqlx::Error> for StoreError {

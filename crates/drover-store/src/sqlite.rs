@@ -1,6 +1,7 @@
 //! The SQLite implementation of [`Store`]: one file, WAL journal,
 //! `synchronous = FULL` so an acknowledged write survives a power cut.
 
+use crate::rows::*;
 use crate::*;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
@@ -45,50 +46,6 @@ impl SqliteStore {
     }
 }
 
-fn app_from_row(r: &sqlx::sqlite::SqliteRow) -> AppRecord {
-    AppRecord {
-        name: r.get("name"),
-        repo: r.get("repo"),
-        branch: r.get("branch"),
-        spec: r.get("spec"),
-        created_at: r.get::<i64, _>("created_at") as u64,
-        polled_commit: r.get("polled_commit"),
-        webhook_secret: r.get("webhook_secret"),
-    }
-}
-
-fn secret_from_row(r: &sqlx::sqlite::SqliteRow, updated_at: Millis) -> SecretRecord {
-    SecretRecord {
-        app: r.get("app"),
-        env: r.get("env"),
-        name: r.get("name"),
-        ciphertext: r.get("ciphertext"),
-        updated_at,
-    }
-}
-
-fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> TokenRecord {
-    TokenRecord {
-        id: r.get("id"),
-        name: r.get("name"),
-        role: r.get("role"),
-        secret_hash: r.get("secret_hash"),
-        created_at: r.get::<i64, _>("created_at") as u64,
-        expires_at: r.get::<Option<i64>, _>("expires_at").map(|v| v as u64),
-        revoked_at: r.get::<Option<i64>, _>("revoked_at").map(|v| v as u64),
-    }
-}
-
-fn node_cert_from_row(r: &sqlx::sqlite::SqliteRow) -> NodeCertRecord {
-    NodeCertRecord {
-        serial: r.get("serial"),
-        node: r.get("node"),
-        issued_at: r.get::<i64, _>("issued_at") as u64,
-        not_after: r.get::<i64, _>("not_after") as u64,
-        revoked_at: r.get::<Option<i64>, _>("revoked_at").map(|v| v as u64),
-    }
-}
-
 /// Makes ?1 the live release of (?2 app, ?3 env); the previous live release
 /// becomes the default rollback target.
 const SET_LIVE: &str = "INSERT INTO deployments (app, env, live_release) VALUES (?2, ?3, ?1) ON CONFLICT (app, env) DO UPDATE SET prev_release = CASE WHEN live_release IS NOT NULL AND live_release != ?1 THEN live_release ELSE prev_release END, live_release = ?1";
@@ -110,87 +67,6 @@ async fn write_rollout(
         return Err(StoreError::NotFound(format!("rollout {}", rollout.id)));
     }
     Ok(())
-}
-
-fn deployment_from_row(r: &sqlx::sqlite::SqliteRow) -> DeploymentRecord {
-    DeploymentRecord {
-        app: r.get("app"),
-        env: r.get("env"),
-        live_release: r.get("live_release"),
-        prev_release: r.get("prev_release"),
-    }
-}
-
-fn release_from_row(r: &sqlx::sqlite::SqliteRow) -> ReleaseRecord {
-    ReleaseRecord {
-        app: r.get("app"),
-        number: r.get("number"),
-        commit: r.get("commit_sha"),
-        artifact_sha256: r.get("artifact_sha256"),
-        artifact_size: r.get::<i64, _>("artifact_size") as u64,
-        image: r.get("image"),
-        image_ref: r.get("image_ref"),
-        spec: r.get("spec"),
-        created_at: r.get::<i64, _>("created_at") as u64,
-        status: r.get("status"),
-    }
-}
-
-fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRecord {
-    RunRecord {
-        id: r.get("id"),
-        app: r.get("app"),
-        commit: r.get("commit_sha"),
-        git_ref: r.get("git_ref"),
-        trigger: r.get("trigger"),
-        delivery: r.get("delivery"),
-        state: r.get("state"),
-        steps: r.get("steps"),
-        release: r.get("release"),
-        rollout_id: r.get("rollout_id"),
-        error: r.get("error"),
-        created_at: r.get::<i64, _>("created_at") as u64,
-        updated_at: r.get::<i64, _>("updated_at") as u64,
-    }
-}
-
-fn instance_from_row(r: &sqlx::sqlite::SqliteRow) -> InstanceRecord {
-    let desired: String = r.get("desired");
-    let since: Option<i64> = r.get("drain_since");
-    InstanceRecord {
-        id: r.get("id"),
-        app: r.get("app"),
-        env: r.get("env"),
-        release: r.get("release"),
-        node: r.get("node"),
-        desired: match desired.as_str() {
-            "drain" => Desired::Drain {
-                since: since.unwrap_or(0) as u64,
-            },
-            "stop" => Desired::Stop,
-            _ => Desired::Run,
-        },
-        drain_index: r.get::<Option<i64>, _>("drain_index").map(|v| v as u64),
-        routed: r.get::<i64, _>("routed") != 0,
-        created_at: r.get::<i64, _>("created_at") as u64,
-        observed: r.get("observed"),
-        observed_at: r.get::<Option<i64>, _>("observed_at").map(|v| v as u64),
-    }
-}
-
-fn rollout_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Rollout> {
-    let data: String = r.get("data");
-    let id: i64 = r.get("id");
-    let mut ro: Rollout = serde_json::from_str(&data)
-        .map_err(|e| StoreError::Corrupt(format!("rollout {id}: {e}")))?;
-    ro.id = id;
-    Ok(ro)
-}
-
-macro_rules! instance_select {
-    ($where:literal) => {
-        concat!("SELECT id, app, env, release, node, desired, drain_since, drain_index, routed, created_at, observed, observed_at FROM instances WHERE ", $where, " ORDER BY created_at, id")
-    };
 }
 
 #[async_trait::async_trait]
@@ -952,26 +828,5 @@ impl Store for SqliteStore {
                 message: r.get("message"),
             })
             .collect())
-    }
-}
-
-fn delivery_from_row(r: &sqlx::sqlite::SqliteRow) -> DeliveryRecord {
-    DeliveryRecord {
-        id: r.get("id"),
-        app: r.get("app"),
-        env: r.get("env"),
-        event: r.get("event"),
-        url: r.get("url"),
-        secret: r.get("secret"),
-        body: r.get("body"),
-        state: r.get("state"),
-        attempts: r.get::<i64, _>("attempts") as u32,
-        next_at: r.get::<i64, _>("next_at") as u64,
-        last_status: r
-            .get::<Option<i64>, _>("last_status")
-            .and_then(|s| u16::try_from(s).ok()),
-        last_error: r.get("last_error"),
-        created_at: r.get::<i64, _>("created_at") as u64,
-        updated_at: r.get::<i64, _>("updated_at") as u64,
     }
 }

@@ -1,14 +1,285 @@
-//! Store tests against a real SQLite file.
+//! The store test suite, run against both backends: a real SQLite file
+//! and a real PostgreSQL database (the test process's throwaway cluster,
+//! [`crate::testing`]). Each test is written once, generic over
+//! [`Backend`], and instantiated per backend by `suite!` in `mod sqlite`
+//! and `mod postgres`; tests of PostgreSQL alone (fencing) follow.
 
 use super::*;
 use drover_core::RolloutState;
 
-async fn open() -> (tempfile::TempDir, SqliteStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let s = SqliteStore::open(&dir.path().join("drover.db"))
+/// A kind of database the suite runs on.
+trait Backend {
+    type S: Store;
+    /// Keeps the database alive (and names it, to reopen it).
+    type Guard;
+    /// A store on a new, empty database.
+    async fn open() -> (Self::Guard, Self::S);
+    /// Another store on the same database, as a restarted server opens it.
+    async fn reopen(g: &Self::Guard) -> Self::S;
+}
+
+struct Sqlite;
+
+impl Backend for Sqlite {
+    type S = SqliteStore;
+    type Guard = tempfile::TempDir;
+
+    async fn open() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Self::reopen(&dir).await;
+        (dir, s)
+    }
+
+    async fn reopen(dir: &tempfile::TempDir) -> SqliteStore {
+        SqliteStore::open(&dir.path().join("drover.db"))
+            .await
+            .unwrap()
+    }
+}
+
+struct Postgres;
+
+impl Backend for Postgres {
+    type S = PgStore;
+    /// The database's URL.
+    type Guard = String;
+
+    async fn open() -> (String, PgStore) {
+        let url = testing::shared().fresh_database().await;
+        let s = Self::reopen(&url).await;
+        (url, s)
+    }
+
+    /// Connects and takes the lead (the leader's writes are fenced).
+    async fn reopen(url: &String) -> PgStore {
+        let s = PgStore::connect(url).await.unwrap();
+        s.lead_for_tests().await.unwrap();
+        s
+    }
+}
+
+/// Instantiates every test of the suite for one backend.
+macro_rules! suite {
+    ($backend:ty) => {
+        suite!(@tests $backend;
+            apps_are_unique_and_survive_reopening,
+            releases_are_numbered_per_app_and_live_release_remembers_the_previous,
+            each_environment_has_its_own_live_release_and_rollouts,
+            rollout_progress_is_persisted_at_every_update,
+            instance_changes_bump_the_index_once_per_transaction,
+            nodes_must_register_before_heartbeats,
+            events_are_listed_newest_first,
+            bump_index_moves_the_index_forward,
+            a_webhook_delivery_and_an_automatic_commit_make_one_run_each,
+            runs_left_running_by_a_dead_server_are_marked_failed,
+            observations_from_an_unregistered_node_are_refused,
+            observations_of_a_batch_land_and_unknown_nodes_fail_alone,
+            tokens_are_stored_by_id_listed_and_revoked_once,
+            node_certificates_are_revoked_per_node_and_pruned_once_expired,
+            completing_a_rollout_makes_its_target_live_in_the_same_write,
+            a_release_keeps_the_secrets_of_when_it_was_made,
+            deliveries_come_due_in_order_survive_reopening_and_ended_ones_are_pruned,
+        );
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn concurrent_writers_wait_for_each_other_instead_of_failing_busy() {
+            super::concurrent_writers_wait_for_each_other_instead_of_failing_busy::<$backend>()
+                .await
+        }
+    };
+    (@tests $backend:ty; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                super::$name::<$backend>().await
+            }
+        )*
+    };
+}
+
+mod sqlite {
+    suite!(super::Sqlite);
+}
+
+mod postgres {
+    use super::*;
+
+    suite!(super::Postgres);
+
+    /// What an election's winner does: bumps the epoch, naming itself, and
+    /// leads at the new one.
+    async fn take_over(s: &PgStore, holder: &str) -> u64 {
+        let e: i64 = sqlx::query_scalar(
+            "UPDATE leader SET epoch = epoch + 1, holder = $1 WHERE id = 1 RETURNING epoch",
+        )
+        .bind(holder)
+        .fetch_one(s.pool())
         .await
         .unwrap();
-    (dir, s)
+        s.set_epoch(e as u64);
+        e as u64
+    }
+
+    fn instance(id: &str) -> InstanceRecord {
+        InstanceRecord {
+            id: id.into(),
+            app: "a".into(),
+            env: String::new(),
+            release: "r1".into(),
+            node: "n1".into(),
+            desired: Desired::Run,
+            drain_index: None,
+            routed: true,
+            created_at: 1,
+            observed: None,
+            observed_at: None,
+        }
+    }
+
+    fn release(commit: &str) -> NewRelease<'_> {
+        NewRelease {
+            app: "a",
+            commit,
+            sha256: "d",
+            size: 1,
+            image: None,
+            image_ref: None,
+            spec: "{}",
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deposed_leader_cannot_write_what_only_the_leader_writes() {
+        let url = testing::shared().fresh_database().await;
+        let a = PgStore::connect(&url).await.unwrap();
+        assert_eq!(take_over(&a, "a").await, 1);
+        a.insert_app(&app("a")).await.unwrap();
+        let index = a.index().await.unwrap();
+
+        // B wins an election while A still believes it leads.
+        let b = PgStore::connect(&url).await.unwrap();
+        assert_eq!(take_over(&b, "b").await, 2);
+        assert_eq!(a.epoch(), 1);
+        assert_eq!(
+            a.current_leader().await.unwrap(),
+            (2, "b".to_string(), String::new())
+        );
+
+        let fenced = |r: Result<_>| {
+            matches!(
+                r,
+                Err(StoreError::Fenced {
+                    mine: 1,
+                    current: 2
+                })
+            )
+        };
+        assert!(fenced(
+            a.apply_instance_changes(&[InstanceChange::Insert(instance("i1"))])
+                .await
+                .map(drop)
+        ));
+        assert!(fenced(a.create_rollout(&rollout(), 1).await.map(drop)));
+        assert!(fenced(a.bump_index().await.map(drop)));
+        assert!(fenced(a.create_release(release("c1"), 1).await.map(drop)));
+        assert!(fenced(a.ensure_deployment("a", "staging").await));
+        let err = a.bump_index().await.unwrap_err().to_string();
+        assert!(err.contains("no longer the leader"), "{err}");
+
+        // Nothing A tried is visible.
+        assert!(b.list_instances("a").await.unwrap().is_empty());
+        assert_eq!(b.index().await.unwrap(), index);
+        assert_eq!(b.latest_rollout("a", "").await.unwrap(), None);
+        assert!(b.list_releases("a").await.unwrap().is_empty());
+        assert_eq!(b.get_deployment("a", "staging").await.unwrap(), None);
+
+        // The new leader writes.
+        assert_eq!(
+            b.apply_instance_changes(&[InstanceChange::Insert(instance("i1"))])
+                .await
+                .unwrap(),
+            index + 1
+        );
+        b.create_rollout(&rollout(), 1).await.unwrap();
+        assert_eq!(b.bump_index().await.unwrap(), index + 2);
+        assert_eq!(b.list_instances("a").await.unwrap().len(), 1);
+
+        // Writes that are not the leader's still go through from A.
+        a.upsert_node("n1", &BTreeMap::new(), 1).await.unwrap();
+        a.add_event(Some("a"), "test", "from a", 1).await.unwrap();
+        assert_eq!(b.list_nodes().await.unwrap().len(), 1);
+        assert_eq!(b.list_events(Some("a"), 10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_led_cannot_write_what_only_the_leader_writes() {
+        let url = testing::shared().fresh_database().await;
+        let s = PgStore::connect(&url).await.unwrap();
+        assert_eq!(s.url_redacted(), url, "no password to hide");
+        assert_eq!(s.epoch(), 0);
+        s.insert_app(&app("a")).await.unwrap();
+        assert!(matches!(
+            s.create_run(&run("a", "c1", "poll", None)).await,
+            Err(StoreError::Fenced {
+                mine: 0,
+                current: 0
+            })
+        ));
+        // Nor once another leads.
+        let leader = PgStore::connect(&url).await.unwrap();
+        leader.lead_for_tests().await.unwrap();
+        assert!(matches!(
+            s.create_run(&run("a", "c1", "poll", None)).await,
+            Err(StoreError::Fenced {
+                mine: 0,
+                current: 1
+            })
+        ));
+        assert!(s.list_runs("a", 10).await.unwrap().is_empty());
+        leader
+            .create_run(&run("a", "c1", "poll", None))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_releases_from_two_stores_get_distinct_consecutive_numbers() {
+        let url = testing::shared().fresh_database().await;
+        let a = PgStore::connect(&url).await.unwrap();
+        let epoch = a.lead_for_tests().await.unwrap();
+        // Another pool of the same leader: truly concurrent transactions.
+        let b = PgStore::connect(&url).await.unwrap();
+        b.set_epoch(epoch);
+        a.insert_app(&app("a")).await.unwrap();
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let s = if t % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for i in 0..10 {
+                    got.push(
+                        s.create_release(release(&format!("c{t}-{i}")), 1)
+                            .await?
+                            .number,
+                    );
+                }
+                Ok::<_, StoreError>(got)
+            }));
+        }
+        let mut numbers = Vec::new();
+        for t in tasks {
+            numbers.extend(t.await.unwrap().unwrap());
+        }
+        numbers.sort();
+        assert_eq!(numbers, (1..=80).collect::<Vec<i64>>());
+        let stored: Vec<i64> = a
+            .list_releases("a")
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.number)
+            .collect();
+        assert_eq!(stored, (1..=80).rev().collect::<Vec<i64>>());
+    }
 }
 
 fn app(name: &str) -> AppRecord {
@@ -25,7 +296,7 @@ fn app(name: &str) -> AppRecord {
 
 /// Makes `release` live in (app, env) the way the engine does: a rollout
 /// that succeeds.
-async fn make_live(s: &SqliteStore, app: &str, env: &str, release: &str) {
+async fn make_live(s: &dyn Store, app: &str, env: &str, release: &str) {
     let mut r = s
         .create_rollout(&Rollout::new(app, env, None, release, 1), 1)
         .await
@@ -38,26 +309,21 @@ fn rollout() -> Rollout {
     Rollout::new("a", "", None, "r1", 1)
 }
 
-#[tokio::test]
-async fn apps_are_unique_and_survive_reopening() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("drover.db");
-    {
-        let s = SqliteStore::open(&path).await.unwrap();
-        s.insert_app(&app("a")).await.unwrap();
-        assert!(matches!(
-            s.insert_app(&app("a")).await,
-            Err(StoreError::Conflict(_))
-        ));
-    }
-    let s = SqliteStore::open(&path).await.unwrap();
+async fn apps_are_unique_and_survive_reopening<B: Backend>() {
+    let (g, s) = B::open().await;
+    s.insert_app(&app("a")).await.unwrap();
+    assert!(matches!(
+        s.insert_app(&app("a")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    drop(s);
+    let s = B::reopen(&g).await;
     assert_eq!(s.get_app("a").await.unwrap().name, "a");
     assert!(matches!(s.get_app("b").await, Err(StoreError::NotFound(_))));
 }
 
-#[tokio::test]
-async fn releases_are_numbered_per_app_and_live_release_remembers_the_previous() {
-    let (_d, s) = open().await;
+async fn releases_are_numbered_per_app_and_live_release_remembers_the_previous<B: Backend>() {
+    let (_g, s) = B::open().await;
     s.insert_app(&app("a")).await.unwrap();
     let r1 = s
         .create_release(
@@ -110,9 +376,8 @@ async fn releases_are_numbered_per_app_and_live_release_remembers_the_previous()
     );
 }
 
-#[tokio::test]
-async fn each_environment_has_its_own_live_release_and_rollouts() {
-    let (_d, s) = open().await;
+async fn each_environment_has_its_own_live_release_and_rollouts<B: Backend>() {
+    let (_g, s) = B::open().await;
     s.insert_app(&app("a")).await.unwrap();
     s.ensure_deployment("a", "staging").await.unwrap();
     s.ensure_deployment("a", "staging").await.unwrap();
@@ -146,9 +411,8 @@ async fn each_environment_has_its_own_live_release_and_rollouts() {
     assert_eq!(s.latest_rollout("a", "qa").await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn rollout_progress_is_persisted_at_every_update() {
-    let (_d, s) = open().await;
+async fn rollout_progress_is_persisted_at_every_update<B: Backend>() {
+    let (_g, s) = B::open().await;
     s.insert_app(&app("a")).await.unwrap();
     let mut r = s.create_rollout(&rollout(), 1).await.unwrap();
     r.step = 2;
@@ -157,9 +421,8 @@ async fn rollout_progress_is_persisted_at_every_update() {
     assert_eq!(s.latest_rollout("a", "").await.unwrap(), Some(r));
 }
 
-#[tokio::test]
-async fn instance_changes_bump_the_index_once_per_transaction() {
-    let (_d, s) = open().await;
+async fn instance_changes_bump_the_index_once_per_transaction<B: Backend>() {
+    let (_g, s) = B::open().await;
     s.insert_app(&app("a")).await.unwrap();
     let i0 = s.index().await.unwrap();
     let rec = InstanceRecord {
@@ -224,9 +487,8 @@ async fn instance_changes_bump_the_index_once_per_transaction() {
     assert_eq!(s.apply_instance_changes(&[]).await.unwrap(), i2 + 1);
 }
 
-#[tokio::test]
-async fn nodes_must_register_before_heartbeats() {
-    let (_d, s) = open().await;
+async fn nodes_must_register_before_heartbeats<B: Backend>() {
+    let (_g, s) = B::open().await;
     assert!(matches!(
         s.touch_node("n1", 1).await,
         Err(StoreError::NotFound(_))
@@ -250,9 +512,8 @@ async fn nodes_must_register_before_heartbeats() {
     assert_eq!(seen, [20, 50]);
 }
 
-#[tokio::test]
-async fn events_are_listed_newest_first() {
-    let (_d, s) = open().await;
+async fn events_are_listed_newest_first<B: Backend>() {
+    let (_g, s) = B::open().await;
     s.add_event(Some("a"), "deploy", "one", 1).await.unwrap();
     s.add_event(Some("a"), "deploy", "two", 2).await.unwrap();
     let ev = s.list_events(Some("a"), 10).await.unwrap();
@@ -262,9 +523,8 @@ async fn events_are_listed_newest_first() {
     );
 }
 
-#[tokio::test]
-async fn bump_index_moves_the_index_forward() {
-    let (_d, s) = open().await;
+async fn bump_index_moves_the_index_forward<B: Backend>() {
+    let (_g, s) = B::open().await;
     let a = s.index().await.unwrap();
     assert_eq!(s.bump_index().await.unwrap(), a + 1);
     assert_eq!(s.index().await.unwrap(), a + 1);
@@ -288,9 +548,8 @@ fn run(app: &str, commit: &str, trigger: &str, delivery: Option<&str>) -> RunRec
     }
 }
 
-#[tokio::test]
-async fn a_webhook_delivery_and_an_automatic_commit_make_one_run_each() {
-    let (_d, s) = open().await;
+async fn a_webhook_delivery_and_an_automatic_commit_make_one_run_each<B: Backend>() {
+    let (_g, s) = B::open().await;
     s.insert_app(&app("a")).await.unwrap();
     let r1 = s
         .create_run(&run("a", "c1", "webhook", Some("d1")))
@@ -323,9 +582,8 @@ async fn a_webhook_delivery_and_an_automatic_commit_make_one_run_each() {
     );
 }
 
-#[tokio::test]
-async fn runs_left_running_by_a_dead_server_are_marked_failed() {
-    let (_d, s) = open().await;
+async fn runs_left_running_by_a_dead_server_are_marked_failed<B: Backend>() {
+    let (_g, s) = B::open().await;
     s.insert_app(&app("a")).await.unwrap();
     let r = s.create_run(&run("a", "c1", "poll", None)).await.unwrap();
     assert_eq!(s.fail_interrupted_runs(5).await.unwrap(), 1);
@@ -334,18 +592,87 @@ async fn runs_left_running_by_a_dead_server_are_marked_failed() {
     assert!(r.error.unwrap().contains("server restart"));
 }
 
-#[tokio::test]
-async fn observations_from_an_unregistered_node_are_refused() {
-    let (_d, s) = open().await;
+async fn observations_from_an_unregistered_node_are_refused<B: Backend>() {
+    let (_g, s) = B::open().await;
     assert!(matches!(
         s.record_observations("ghost", &[], 1).await,
         Err(StoreError::NotFound(_))
     ));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_writers_wait_for_each_other_instead_of_failing_busy() {
-    let (_d, s) = open().await;
+async fn observations_of_a_batch_land_and_unknown_nodes_fail_alone<B: Backend>() {
+    let (_g, s) = B::open().await;
+    s.insert_app(&app("a")).await.unwrap();
+    for n in ["n1", "n2"] {
+        s.upsert_node(n, &BTreeMap::new(), 1).await.unwrap();
+    }
+    let inst = |id: &str, node: &str| {
+        InstanceChange::Insert(InstanceRecord {
+            id: id.into(),
+            app: "a".into(),
+            env: String::new(),
+            release: "r1".into(),
+            node: node.into(),
+            desired: Desired::Run,
+            drain_index: None,
+            routed: false,
+            created_at: 1,
+            observed: None,
+            observed_at: None,
+        })
+    };
+    s.apply_instance_changes(&[inst("i2", "n2"), inst("i1", "n1")])
+        .await
+        .unwrap();
+    let report = |node: &str, obs: &[(&str, &str)], now: u64| Observations {
+        node: node.into(),
+        observed: obs
+            .iter()
+            .map(|(id, json)| (id.to_string(), json.to_string()))
+            .collect(),
+        now,
+    };
+    let out = s
+        .record_observations_batch(&[
+            report("n2", &[("i2", "{\"n\":2}")], 5),
+            report("ghost", &[("i1", "{}")], 5),
+            report("n1", &[("i1", "{\"n\":1}")], 5),
+            report("n1", &[("i1", "{\"n\":3}")], 6),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(
+        out.iter().map(|r| r.is_ok()).collect::<Vec<_>>()[..],
+        [true, false, true, true]
+    ));
+    assert!(matches!(out[1], Err(StoreError::NotFound(_))));
+    let got: Vec<_> = s
+        .list_instances("a")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.id, i.observed, i.observed_at))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("i1".into(), Some("{\"n\":3}".into()), Some(6)),
+            ("i2".into(), Some("{\"n\":2}".into()), Some(5)),
+        ],
+        "a later report on the same instance wins"
+    );
+    let seen: Vec<u64> = s
+        .list_nodes()
+        .await
+        .unwrap()
+        .iter()
+        .map(|n| n.last_seen)
+        .collect();
+    assert_eq!(seen, [6, 5]);
+}
+
+async fn concurrent_writers_wait_for_each_other_instead_of_failing_busy<B: Backend>() {
+    let (_g, s) = B::open().await;
     let s = std::sync::Arc::new(s);
     s.insert_app(&app("a")).await.unwrap();
     let mut tasks = Vec::new();
@@ -400,9 +727,8 @@ async fn concurrent_writers_wait_for_each_other_instead_of_failing_busy() {
     assert_eq!(s.list_instances("a").await.unwrap().len(), 120);
 }
 
-#[tokio::test]
-async fn tokens_are_stored_by_id_listed_and_revoked_once() {
-    let (_d, s) = open().await;
+async fn tokens_are_stored_by_id_listed_and_revoked_once<B: Backend>() {
+    let (_g, s) = B::open().await;
     let t = TokenRecord {
         id: "abc123".into(),
         name: "ci".into(),
@@ -435,9 +761,8 @@ async fn tokens_are_stored_by_id_listed_and_revoked_once() {
     assert!(!json.contains("00ff"), "{json}");
 }
 
-#[tokio::test]
-async fn node_certificates_are_revoked_per_node_and_pruned_once_expired() {
-    let (_d, s) = open().await;
+async fn node_certificates_are_revoked_per_node_and_pruned_once_expired<B: Backend>() {
+    let (_g, s) = B::open().await;
     let cert = |serial: &str, node: &str, issued_at: u64, not_after: u64| NodeCertRecord {
         serial: serial.into(),
         node: node.into(),
@@ -477,9 +802,8 @@ async fn node_certificates_are_revoked_per_node_and_pruned_once_expired() {
     assert_eq!(serials(s.list_node_certs("a").await.unwrap()), ["04", "02"]);
 }
 
-#[tokio::test]
-async fn completing_a_rollout_makes_its_target_live_in_the_same_write() {
-    let (_d, s) = open().await;
+async fn completing_a_rollout_makes_its_target_live_in_the_same_write<B: Backend>() {
+    let (_g, s) = B::open().await;
     s.insert_app(&app("a")).await.unwrap();
     make_live(&s, "a", "", "r1").await;
     let mut r = s
@@ -506,9 +830,8 @@ async fn completing_a_rollout_makes_its_target_live_in_the_same_write() {
     assert_eq!(d.live_release.as_deref(), Some("r2"));
 }
 
-#[tokio::test]
-async fn a_release_keeps_the_secrets_of_when_it_was_made() {
-    let (_d, s) = open().await;
+async fn a_release_keeps_the_secrets_of_when_it_was_made<B: Backend>() {
+    let (_g, s) = B::open().await;
     s.insert_app(&app("a")).await.unwrap();
     let put = |env: &str, name: &str, ct: &str, t: u64| SecretRecord {
         app: "a".into(),
@@ -603,9 +926,8 @@ async fn a_release_keeps_the_secrets_of_when_it_was_made() {
     );
 }
 
-#[tokio::test]
-async fn deliveries_come_due_in_order_survive_reopening_and_ended_ones_are_pruned() {
-    let (dir, s) = open().await;
+async fn deliveries_come_due_in_order_survive_reopening_and_ended_ones_are_pruned<B: Backend>() {
+    let (g, s) = B::open().await;
     let d = |id: &str, at: u64| DeliveryRecord {
         id: id.into(),
         app: "web".into(),
@@ -641,9 +963,7 @@ async fn deliveries_come_due_in_order_survive_reopening_and_ended_ones_are_prune
     a.updated_at = 30;
     s.update_delivery(&a).await.unwrap();
     drop(s);
-    let s = SqliteStore::open(&dir.path().join("drover.db"))
-        .await
-        .unwrap();
+    let s = B::reopen(&g).await;
     let due: Vec<String> = s
         .due_deliveries(100, 10)
         .await

@@ -146,6 +146,21 @@ enum Cmd {
         /// The private key (PEM) of --tls-cert.
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Keep state in PostgreSQL (postgres://user:password@host/db)
+        /// instead of SQLite in the data dir. Several servers may share
+        /// it: one leads (elected by the database), the others serve
+        /// reads and agents and forward changes to it. Servers sharing a
+        /// database share the data dir too (artifacts, the CA, the
+        /// secrets key), e.g. on NFS. Also DROVER_DATABASE.
+        #[arg(long, env = "DROVER_DATABASE", hide_env_values = true)]
+        database: Option<String>,
+        /// This server's name among several (default: host name and port).
+        #[arg(long)]
+        name: Option<String>,
+        /// The URL other servers reach this one's API at (default:
+        /// http(s)://<--addr>).
+        #[arg(long)]
+        advertise: Option<String>,
     },
     /// Run an agent (one per server).
     Agent {
@@ -593,6 +608,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             agent_cert_ttl,
             tls_cert,
             tls_key,
+            database,
+            name,
+            advertise,
         } => {
             init_logs();
             runtime().block_on(async {
@@ -615,6 +633,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             header: header_timeout,
                             body: body_timeout,
                         },
+                        database,
+                        name,
+                        advertise,
                     },
                     token,
                 )

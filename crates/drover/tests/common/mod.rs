@@ -84,6 +84,14 @@ pub struct Cluster {
     pub agent_addr: String,
     pub proxy_addr: String,
     pub server: Proc,
+    /// Every server's command line (one; two sharing PostgreSQL for HA).
+    pub server_args: Vec<Vec<String>>,
+    /// The API URL of each server, and what agents and proxies are told
+    /// (all of them, comma-separated).
+    pub apis: Vec<String>,
+    pub servers: String,
+    /// The other server of an HA cluster (`start_ha`).
+    pub standby: Option<Proc>,
     pub agents: Vec<Proc>,
     pub proxy: Proc,
     pub nodes: u32,
@@ -226,34 +234,74 @@ impl Cluster {
         Cluster::start_full(labels.len() as u32, poll, &[], labels)
     }
 
+    /// Two servers sharing a fresh PostgreSQL database (and the data dir):
+    /// server-a on 127.0.0.1 leads (the test waits for it), server-b on
+    /// 127.0.0.2 (same ports) follows; agents and the proxy are given both.
+    pub fn start_ha(nodes: u32) -> Cluster {
+        let url = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(drover_store::testing::TestPostgres::shared().fresh_database());
+        Cluster::start_servers(nodes, "0", &[], &[], Some(&url))
+    }
+
     fn start_full(nodes: u32, poll: &str, server_flags: &[&str], labels: &[&[&str]]) -> Cluster {
+        Cluster::start_servers(nodes, poll, server_flags, labels, None)
+    }
+
+    fn start_servers(
+        nodes: u32,
+        poll: &str,
+        server_flags: &[&str],
+        labels: &[&[&str]],
+        database: Option<&str>,
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let api_addr = format!("127.0.0.1:{}", free_port());
-        let agent_addr = format!("127.0.0.1:{}", free_port());
+        let (api_port, agent_port) = (free_port(), free_port());
+        let api_addr = format!("127.0.0.1:{api_port}");
+        let agent_addr = format!("127.0.0.1:{agent_port}");
         let proxy_addr = format!("127.0.0.1:{}", free_port());
         let api = format!("http://{api_addr}");
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
         let port_base = 30000 + (std::process::id() % 50) as u16 * 400;
-        let server = spawn_role(
-            dir.path(),
-            "server",
-            &[
+        let data_dir = dir.path().join("server").to_string_lossy().into_owned();
+        let server_args = |host: &str, name: &str| -> Vec<String> {
+            let mut a: Vec<String> = [
                 "server",
                 "--addr",
-                &api_addr,
+                &format!("{host}:{api_port}"),
                 "--agent-addr",
-                &agent_addr,
+                &format!("{host}:{agent_port}"),
                 "--data-dir",
-                &dir.path().join("server").to_string_lossy(),
+                &data_dir,
                 "--poll-interval",
                 poll,
             ]
             .iter()
-            .copied()
-            .chain(server_flags.iter().copied())
-            .collect::<Vec<_>>(),
-        );
+            .chain(server_flags)
+            .map(|s| s.to_string())
+            .collect();
+            if let Some(db) = database {
+                a.extend(["--database", db, "--name", name].map(String::from));
+            }
+            a
+        };
+        let mut all_args = vec![server_args("127.0.0.1", "server-a")];
+        if database.is_some() {
+            all_args.push(server_args("127.0.0.2", "server-b"));
+        }
+        let apis: Vec<String> = all_args
+            .iter()
+            .map(|a| format!("http://{}", a[2]))
+            .collect();
+        let server = spawn_server(dir.path(), &all_args[0], 0);
         wait_http(dir.path(), &api, "/v1/health");
+        let mut standby = None;
+        if database.is_some() {
+            wait_leader(dir.path(), &api, "server-a");
+            standby = Some(spawn_server(dir.path(), &all_args[1], 1));
+            wait_http(dir.path(), &apis[1], "/v1/health");
+        }
+        let servers = apis.join(",");
         let read = |f: &str| {
             std::fs::read_to_string(dir.path().join("server").join(f))
                 .unwrap_or_else(|e| panic!("the server did not write {f}: {e}"))
@@ -267,7 +315,7 @@ impl Cluster {
             &[
                 "proxy",
                 "--server",
-                &api,
+                &servers,
                 "--listen",
                 &proxy_addr,
                 "--name",
@@ -285,6 +333,10 @@ impl Cluster {
             agent_addr,
             proxy_addr,
             server,
+            server_args: all_args,
+            apis,
+            servers,
+            standby,
             agents: Vec::new(),
             proxy,
             nodes,
@@ -320,7 +372,7 @@ impl Cluster {
         let mut args: Vec<String> = vec![
             "agent".into(),
             "--server".into(),
-            self.api.clone(),
+            self.servers.clone(),
             "--name".into(),
             format!("node-{i}"),
             "--data-dir".into(),
@@ -347,7 +399,15 @@ impl Cluster {
     pub fn spawn_proxy(&self, name: &str, labels: &[&str], extra: &[&str]) -> (Proc, String) {
         let addr = format!("127.0.0.1:{}", free_port());
         let mut args = vec![
-            "proxy", "--server", &self.api, "--listen", &addr, "--name", name, "--grace", "1",
+            "proxy",
+            "--server",
+            &self.servers,
+            "--listen",
+            &addr,
+            "--name",
+            name,
+            "--grace",
+            "1",
         ];
         for l in labels {
             args.extend(["--label", l]);
@@ -372,22 +432,21 @@ impl Cluster {
     }
 
     pub fn restart_server(&mut self) {
-        self.server = spawn_role(
-            self.dir.path(),
-            "server",
-            &[
-                "server",
-                "--addr",
-                &self.api_addr,
-                "--agent-addr",
-                &self.agent_addr,
-                "--data-dir",
-                &self.dir.path().join("server").to_string_lossy(),
-                "--poll-interval",
-                &self.poll,
-            ],
-        );
+        self.server = spawn_server(self.dir.path(), &self.server_args[0], 0);
         self.wait_http("/v1/health");
+    }
+
+    /// Starts server `i` (0: the first) again, and waits for its API.
+    pub fn spawn_server(&self, i: usize) -> Proc {
+        let p = spawn_server(self.dir.path(), &self.server_args[i], i);
+        wait_http(self.dir.path(), &self.apis[i], "/v1/health");
+        p
+    }
+
+    /// `GET /v1/leader` of server `i`.
+    pub fn leader_seen_by(&self, i: usize) -> Result<Value, String> {
+        let body = http_get_auth(&self.apis[i], "/v1/leader", Some(&self.admin_token))?;
+        serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))
     }
 
     fn wait_http(&self, path: &str) {
@@ -431,6 +490,9 @@ impl Drop for Cluster {
             drover_agent::stop_recorded_apps(&self.agent_dir(i), Duration::ZERO);
         }
         self.server.kill9();
+        if let Some(s) = &mut self.standby {
+            s.kill9();
+        }
         if std::env::var_os("DROVER_TEST_KEEP").is_some() {
             let p = self.dir.path().to_path_buf();
             eprintln!("keeping {}", p.display());
@@ -456,8 +518,29 @@ fn wait_http(dir: &Path, api: &str, path: &str) {
     );
 }
 
-fn spawn_role(dir: &Path, name: &str, args: &[&str]) -> Proc {
-    spawn_role_env(dir, name, args, &[])
+/// Server `i`'s process ("server", then "server-b", … for its log).
+fn spawn_server(dir: &Path, args: &[String], i: usize) -> Proc {
+    let name = match i {
+        0 => "server".to_string(),
+        i => format!("server-{}", (b'a' + i as u8) as char),
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn_role_env(dir, &name, &args, &[])
+}
+
+/// Waits until the server at `api` says `name` leads (and runs its term).
+fn wait_leader(dir: &Path, api: &str, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(body) = http_get(api, "/v1/leader") {
+            let v: Value = serde_json::from_str(&body).unwrap_or_default();
+            if v["leader"] == name && v["leading"] == true {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{name} did not lead within 30s; logs in {}", dir.display());
 }
 
 /// Starts a role with extra environment (secrets go there, not in args).
