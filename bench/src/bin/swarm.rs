@@ -127,7 +127,7 @@ fn main() {
                             continue;
                         }
                         match r {
-                            Ok(()) => s
+                            Ok(_) => s
                                 .latencies
                                 .lock()
                                 .unwrap()

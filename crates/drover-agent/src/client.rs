@@ -475,15 +475,20 @@ impl ControlClient {
         decode(resp).await
     }
 
-    /// `POST /v1/agent/report` (also the heartbeat).
-    pub async fn report(&self, report: &AgentReport) -> Result<(), ClientError> {
-        self.tls_send(|http, base| {
-            http.post(format!("{base}/v1/agent/report"))
-                .timeout(Duration::from_secs(10))
-                .json(report)
-        })
-        .await
-        .map(|_| ())
+    /// `POST /v1/agent/report` (also the heartbeat). The answer is the
+    /// pace the server asks for (None from a server that sends none).
+    pub async fn report(
+        &self,
+        report: &AgentReport,
+    ) -> Result<Option<drover_api::ReportResponse>, ClientError> {
+        let resp = self
+            .tls_send(|http, base| {
+                http.post(format!("{base}/v1/agent/report"))
+                    .timeout(Duration::from_secs(10))
+                    .json(report)
+            })
+            .await?;
+        Ok(resp.json().await.ok())
     }
 
     /// `POST /v1/agent/logs`: new output of one instance.

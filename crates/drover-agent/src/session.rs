@@ -162,7 +162,13 @@ impl Session {
                 r = self.client.report(&report) => r,
             };
             match res {
-                Ok(()) => outage.ok(),
+                Ok(pace) => {
+                    outage.ok();
+                    if let Some(p) = pace {
+                        self.report_interval_ms
+                            .store(p.report_interval_ms, Ordering::Relaxed);
+                    }
+                }
                 Err(ClientError::NotFound) => {
                     self.reregister(generation).await;
                     continue;

@@ -211,6 +211,14 @@ pub enum DesiredState {
     Stop,
 }
 
+/// The answer to a report: the pace the server wants now (it slows
+/// heartbeats down as the cluster grows).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReportResponse {
+    pub report_interval_ms: u64,
+    pub lease_ms: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AgentReport {
     pub node: String,

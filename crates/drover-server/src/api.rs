@@ -5,7 +5,7 @@
 //! [`ApiErr::into_response`]; bodies are `{"error": "..."}` and say what to do.
 
 use crate::engine::Control;
-use crate::{git, now_ms, pipeline, view, Server, NODE_LEASE_MS, REPORT_INTERVAL_MS};
+use crate::{git, now_ms, pipeline, view, Server};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
@@ -1109,7 +1109,7 @@ async fn metrics(State(s): S) -> Result<Response, ApiErr> {
     for n in &nodes {
         snap.nodes.push((
             n.name.clone(),
-            view::node_ready(n, now),
+            ready.get(&n.name).copied().unwrap_or(false),
             now.saturating_sub(n.last_seen),
         ));
     }
@@ -1149,6 +1149,7 @@ async fn nodes(State(s): S) -> R<Vec<api::NodeInfo>> {
 pub async fn node_list(s: &Server) -> Result<Vec<api::NodeInfo>, ApiErr> {
     let now = now_ms();
     let nodes = s.store.list_nodes().await?;
+    let lease = crate::node_lease_ms(nodes.len());
     let mut out = Vec::new();
     for n in nodes {
         let count = s
@@ -1159,7 +1160,7 @@ pub async fn node_list(s: &Server) -> Result<Vec<api::NodeInfo>, ApiErr> {
             .filter(|i| i.desired != drover_core::Desired::Stop)
             .count() as u32;
         out.push(api::NodeInfo {
-            ready: view::node_ready(&n, now),
+            ready: view::node_ready(&n, now, lease),
             last_seen_ms_ago: now.saturating_sub(n.last_seen),
             instances: count,
             name: n.name,
@@ -1274,12 +1275,11 @@ async fn agent_register(
                         .into(),
                 ));
             };
-            let alive = s
-                .store
-                .list_nodes()
-                .await?
+            let nodes = s.store.list_nodes().await?;
+            let lease = crate::node_lease_ms(nodes.len());
+            let alive = nodes
                 .iter()
-                .any(|n| n.name == req.node && view::node_ready(n, now));
+                .any(|n| n.name == req.node && view::node_ready(n, now, lease));
             let certified = s
                 .store
                 .list_node_certs(&req.node)
@@ -1292,7 +1292,7 @@ async fn agent_register(
                      the name); a second agent cannot take its name. If this machine replaces \
                      it, stop the old agent: its name is free {} s after its last report",
                     req.node,
-                    NODE_LEASE_MS / 1000
+                    lease / 1000
                 )));
             }
             let issued = s.pki.issue_node(&req.node, csr).map_err(ApiErr::BadInput)?;
@@ -1310,10 +1310,11 @@ async fn agent_register(
     tracing::info!(node = %req.node, certificate = issued.as_ref().map(|i| i.serial.as_str()),
         "agent registered");
     s.engine.poke();
+    let pace = s.pace();
     Ok(Json(api::RegisterResponse {
         node: req.node,
-        lease_ms: NODE_LEASE_MS,
-        report_interval_ms: REPORT_INTERVAL_MS,
+        lease_ms: pace.lease_ms,
+        report_interval_ms: pace.report_interval_ms,
         agent_port: s.agent_port,
         cert_not_after_ms: issued.as_ref().map(|i| i.not_after_ms),
         cert: issued.map(|i| i.pem),
@@ -1349,7 +1350,7 @@ async fn agent_report(
     State(s): S,
     axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     Json(rep): Json<api::AgentReport>,
-) -> Result<StatusCode, ApiErr> {
+) -> R<api::ReportResponse> {
     crate::auth::check_node(&caller, &rep.node)?;
     let observed: Vec<(String, String)> = rep
         .instances
@@ -1371,7 +1372,7 @@ async fn agent_report(
         })
         .await
         .map_err(|e| unregistered(&rep.node, e))?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Json(s.pace()))
 }
 
 /// A store NotFound for an agent's node means it must register (again).

@@ -547,6 +547,9 @@ impl Engine {
         };
         let ready = view::nodes_ready(&node_records, now);
         self.note_node_changes(&node_records, &ready, now).await;
+        self.server
+            .node_count
+            .store(node_records.len(), std::sync::atomic::Ordering::Relaxed);
         let cluster = Cluster {
             now,
             nodes: node_records,

@@ -190,10 +190,18 @@ pub async fn start_term(server: &Server) -> anyhow::Result<()> {
 pub async fn follow_index(server: Arc<Server>) {
     let mut tick = tokio::time::interval(INDEX_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for n in 0u64.. {
         tokio::select! {
             _ = server.shutdown.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        // A follower's pace for agents: the cluster's size, every 5 s.
+        if n % 50 == 0 && !server.ha.leading() {
+            if let Ok(nodes) = server.store.list_nodes().await {
+                server
+                    .node_count
+                    .store(nodes.len(), std::sync::atomic::Ordering::Relaxed);
+            }
         }
         if let Ok(i) = server.store.index().await {
             server.index.send_if_modified(|v| {

@@ -52,10 +52,26 @@ use std::sync::Arc;
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
-/// How long a node stays ready without a heartbeat.
+/// How long a node stays ready without a heartbeat, at least (see
+/// [`node_lease_ms`]).
 pub const NODE_LEASE_MS: u64 = 10_000;
-/// How often agents report.
+/// How often agents report, at most (see [`report_interval_ms`]).
 pub const REPORT_INTERVAL_MS: u64 = 1_000;
+/// Heartbeats are paced as in Nomad: the server asks for no more than
+/// this many reports per second in all, so a large cluster's agents report
+/// less often (10,000 nodes: every 10 s), and their lease grows with it.
+pub const MAX_REPORTS_PER_SEC: u64 = 1_000;
+
+/// How often each of `nodes` agents should report.
+pub fn report_interval_ms(nodes: usize) -> u64 {
+    (nodes as u64 * 1000 / MAX_REPORTS_PER_SEC).clamp(REPORT_INTERVAL_MS, 60_000)
+}
+
+/// How long a node of a cluster of `nodes` stays ready without a report:
+/// three report intervals, at least [`NODE_LEASE_MS`].
+pub fn node_lease_ms(nodes: usize) -> u64 {
+    NODE_LEASE_MS.max(3 * report_interval_ms(nodes))
+}
 /// A proxy that has not reported this long is not waited for when draining.
 pub const PROXY_FRESH_MS: u64 = 10_000;
 
@@ -147,6 +163,20 @@ pub struct Server {
     pub heartbeats: heartbeat::Heartbeats,
     /// Who leads when several servers share the database.
     pub ha: ha::Ha,
+    /// How many nodes are registered (as of the last engine tick, or a
+    /// follower's last look): what heartbeats are paced by.
+    pub node_count: std::sync::atomic::AtomicUsize,
+}
+
+impl Server {
+    /// The pace agents are asked to keep now.
+    pub fn pace(&self) -> drover_api::ReportResponse {
+        let n = self.node_count.load(std::sync::atomic::Ordering::Relaxed);
+        drover_api::ReportResponse {
+            report_interval_ms: report_interval_ms(n),
+            lease_ms: node_lease_ms(n),
+        }
+    }
 }
 
 impl Server {
@@ -246,6 +276,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         heartbeat::Heartbeats::spawn(store.clone(), move || engine.poke())
     };
     let server = Arc::new(Server {
+        node_count: store.list_nodes().await?.len().into(),
         ha,
         heartbeats,
         store,
@@ -347,5 +378,20 @@ async fn renew_server_cert(pki: Arc<pki::Pki>, shutdown: CancellationToken) {
         if let Err(e) = pki.renew_server_cert() {
             tracing::error!(error = %e, "cannot renew the server's certificate for the agent port");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_slow_down_and_leases_grow_with_the_cluster() {
+        let pace = |n| (report_interval_ms(n), node_lease_ms(n));
+        assert_eq!(pace(0), (1_000, 10_000));
+        assert_eq!(pace(1_000), (1_000, 10_000));
+        assert_eq!(pace(4_000), (4_000, 12_000));
+        assert_eq!(pace(10_000), (10_000, 30_000));
+        assert_eq!(pace(1_000_000), (60_000, 180_000));
     }
 }

@@ -1,7 +1,6 @@
 //! Translation between stored records, the planner's plain types and the
 //! wire views (status, assignments, routes).
 
-use crate::NODE_LEASE_MS;
 use drover_api as api;
 use drover_core::spec::AppSpec;
 use drover_core::{Desired, Health, Instance, Rollout, Strategy};
@@ -14,8 +13,9 @@ pub fn observed(rec: &InstanceRecord) -> Option<api::InstanceReport> {
         .and_then(|s| serde_json::from_str(s).ok())
 }
 
-pub fn node_ready(n: &NodeRecord, now: u64) -> bool {
-    now.saturating_sub(n.last_seen) < NODE_LEASE_MS
+/// `lease_ms`: [`crate::node_lease_ms`] of the cluster's size.
+pub fn node_ready(n: &NodeRecord, now: u64, lease_ms: u64) -> bool {
+    now.saturating_sub(n.last_seen) < lease_ms
 }
 
 /// The planner's view of an instance's health, from its last report.
@@ -260,9 +260,10 @@ pub fn traffic(
 }
 
 pub fn nodes_ready(nodes: &[NodeRecord], now: u64) -> BTreeMap<String, bool> {
+    let lease = crate::node_lease_ms(nodes.len());
     nodes
         .iter()
-        .map(|n| (n.name.clone(), node_ready(n, now)))
+        .map(|n| (n.name.clone(), node_ready(n, now, lease)))
         .collect()
 }
 
