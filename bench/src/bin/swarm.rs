@@ -4,7 +4,13 @@
 //! reports (its heartbeat) every INTERVAL_MS and long-polls its
 //! assignments, as an agent does — but runs no apps.
 //!
-//! `swarm SERVER_URL JOIN_TOKEN_FILE AGENTS INTERVAL_MS SECONDS [--prefix P]`
+//! `swarm SERVER_URL JOIN_TOKEN_FILE AGENTS INTERVAL_MS SECONDS [--prefix P] [--instances]`
+//!
+//! `--instances`: each agent plays its assignments — an instance to run is
+//! reported healthy at once (at a made-up address), one to stop stopped —
+//! and reports right after its assignments change, as an agent does: the
+//! server's rollouts go as fast as orchestration alone allows
+//! (`bench/rollout.sh`).
 //!
 //! Registers them all (64 at a time), then heartbeats for SECONDS (each
 //! agent at its own phase of the interval) and prints one JSON line:
@@ -13,7 +19,7 @@
 #![forbid(unsafe_code)]
 
 use drover_agent::client::ControlClient;
-use drover_api::{AgentReport, RegisterRequest};
+use drover_api::{AgentReport, DesiredState, InstanceReport, InstanceState, RegisterRequest};
 use drover_bench::percentile;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -59,6 +65,7 @@ fn main() {
         .position(|a| a == "--prefix")
         .map(|i| args[i + 1].clone())
         .unwrap_or_else(|| "sim".into());
+    let simulate = args.iter().any(|a| a == "--instances");
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -109,18 +116,25 @@ fn main() {
                     Arc::new(client)
                 };
                 registered.fetch_add(1, Ordering::Relaxed);
+                // The instances this agent plays (--instances), and a wake-up
+                // for a report when they change.
+                let held: Arc<Mutex<Vec<InstanceReport>>> = Arc::default();
+                let changed = Arc::new(tokio::sync::Notify::new());
+                let (h, ch) = (held.clone(), changed.clone());
                 let (c, n, s, m) = (client.clone(), node.clone(), stats.clone(), measuring.clone());
                 let beats = tokio::spawn(async move {
                     // Each agent at its own phase of the interval.
                     let phase = interval.mul_f64((i % 1000) as f64 / 1000.0);
                     let mut next = tokio::time::Instant::now() + phase;
                     loop {
-                        tokio::time::sleep_until(next).await;
-                        next += interval;
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(next) => next += interval,
+                            _ = ch.notified() => {}
+                        }
                         let t = Instant::now();
                         let report = AgentReport {
                             node: n.clone(),
-                            instances: vec![],
+                            instances: h.lock().unwrap().clone(),
                         };
                         let r = c.report(&report).await;
                         if !m.load(Ordering::Relaxed) {
@@ -151,6 +165,10 @@ fn main() {
                                     s.polls.fetch_add(1, Ordering::Relaxed);
                                 }
                                 index = a.index;
+                                if simulate {
+                                    *held.lock().unwrap() = play(&a.assignments);
+                                    changed.notify_one();
+                                }
                             }
                             Err(e) => {
                                 if counted {
@@ -203,4 +221,32 @@ fn main() {
             stats.poll_errors.load(Ordering::Relaxed),
         );
     });
+}
+
+/// What an agent would report of `assignments` once it carried them out
+/// (at once: no app to start or stop).
+fn play(assignments: &[drover_api::Assignment]) -> Vec<InstanceReport> {
+    assignments
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let run = a.desired == DesiredState::Run;
+            InstanceReport {
+                instance: a.instance.clone(),
+                state: if run {
+                    InstanceState::Healthy
+                } else {
+                    InstanceState::Stopped
+                },
+                pid: None,
+                address: run.then(|| format!("127.0.0.1:{}", 20_000 + i)),
+                restarts: 0,
+                health: drover_api::HealthReport {
+                    consecutive_ok: u32::from(run),
+                    ..Default::default()
+                },
+                message: None,
+            }
+        })
+        .collect()
 }

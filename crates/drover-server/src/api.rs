@@ -1307,6 +1307,8 @@ async fn agent_register(
         }
     };
     s.store.upsert_node(&req.node, &req.labels, now).await?;
+    s.nodes_changed
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(node = %req.node, certificate = issued.as_ref().map(|i| i.serial.as_str()),
         "agent registered");
     s.engine.poke();

@@ -159,6 +159,7 @@ pub async fn run(server: Arc<Server>, rx: &mut EngineRx, term: CancellationToken
         prom: crate::prom::client(),
         checks: Arc::default(),
         was_ready: HashMap::new(),
+        node_cache: None,
         steps: HashMap::new(),
     };
     let mut last_poked = std::time::Instant::now();
@@ -197,6 +198,9 @@ pub async fn run(server: Arc<Server>, rx: &mut EngineRx, term: CancellationToken
     }
 }
 
+/// How old the engine's copy of the nodes may be (see `Engine::nodes`).
+const NODES_FRESH_MS: u64 = 500;
+
 /// The shortest time between two ticks caused by pokes.
 const MIN_POKE_GAP: Duration = Duration::from_millis(20);
 
@@ -227,6 +231,8 @@ struct Engine {
     checks: Arc<std::sync::Mutex<HashMap<i64, Option<Verdict>>>>,
     /// Each node's readiness at the last tick (to record lost / back).
     was_ready: HashMap<String, bool>,
+    /// The nodes as last read, and when (ms).
+    node_cache: Option<(u64, Vec<NodeRecord>)>,
     /// The step each active rollout is in and when the engine saw it begin
     /// (for `drover_rollout_step_duration_seconds`), by rollout id.
     steps: HashMap<i64, (StepKey, u64)>,
@@ -534,7 +540,7 @@ impl Engine {
         // Cluster-wide observations, read once per tick for every app.
         let cluster = async {
             let deployments = self.store().list_deployments().await?;
-            let nodes = self.store().list_nodes().await?;
+            let nodes = self.nodes(now).await?;
             let proxies = self.store().list_proxies().await?;
             Ok::<_, drover_store::StoreError>((deployments, nodes, proxies))
         };
@@ -591,6 +597,27 @@ impl Engine {
         }
     }
 
+    /// The nodes, read again when the copy is [`NODES_FRESH_MS`] old or a
+    /// node registered since: with thousands of nodes, reading them all
+    /// at every tick was most of the server's work; a lease is 10 s or
+    /// more, so a copy this fresh tells readiness as well.
+    async fn nodes(&mut self, now: u64) -> Result<Vec<NodeRecord>, drover_store::StoreError> {
+        let registered = self
+            .server
+            .nodes_changed
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        match &self.node_cache {
+            Some((at, nodes)) if !registered && now.saturating_sub(*at) < NODES_FRESH_MS => {
+                Ok(nodes.clone())
+            }
+            _ => {
+                let nodes = self.store().list_nodes().await?;
+                self.node_cache = Some((now, nodes.clone()));
+                Ok(nodes)
+            }
+        }
+    }
+
     /// Records a node that lost its lease (its instances leave routing and
     /// are replaced on ready nodes by the planner) and one that came back.
     async fn note_node_changes(
@@ -601,8 +628,12 @@ impl Engine {
     ) {
         for n in nodes {
             let is = ready.get(&n.name).copied().unwrap_or(false);
-            let Some(was) = self.was_ready.insert(n.name.clone(), is) else {
-                continue;
+            let was = match self.was_ready.get_mut(&n.name) {
+                Some(w) => std::mem::replace(w, is),
+                None => {
+                    self.was_ready.insert(n.name.clone(), is);
+                    continue;
+                }
             };
             let msg = match (was, is) {
                 (true, false) => format!(

@@ -144,8 +144,7 @@ where
             start_term(&server).await
         };
         if let Err(e) = start {
-            tracing::error!(error = %e, "cannot start leading; stepping down until the next term");
-            term.cancel();
+            tracing::error!(error = %e, "cannot start leading; trying again in a second");
         } else {
             server.ha.leading.send_replace(true);
             term_work(server.clone(), term.clone()).await;
@@ -156,13 +155,19 @@ where
         if server.shutdown.is_cancelled() {
             return;
         }
-        tracing::warn!("this server no longer leads");
-        // Wait for the election to move on from the role we lost.
-        while role.borrow_and_update().is_leader() {
-            tokio::select! {
-                _ = server.shutdown.cancelled() => return,
-                changed = role.changed() => if changed.is_err() { return },
+        // Runs this term started stop: their writes would be refused, and
+        // the next leader marks them failed.
+        if let Ok(runs) = server.run_cancels.lock() {
+            for cancel in runs.values() {
+                cancel.cancel();
             }
+        }
+        tracing::warn!("this server's leader term ended");
+        // Still the leader (the term's start failed): try again soon;
+        // otherwise wait above for the next election.
+        tokio::select! {
+            _ = server.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }

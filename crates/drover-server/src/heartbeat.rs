@@ -25,6 +25,9 @@ pub struct Heartbeats {
 
 impl Heartbeats {
     /// Starts the writer task (it ends when every sender is gone).
+    /// `written` is called after a batch that observed some instance (a
+    /// batch of bare heartbeats changes nothing the engine plans with but
+    /// leases, which its own ticks watch).
     pub fn spawn(store: Arc<dyn Store>, written: impl Fn() + Send + 'static) -> Heartbeats {
         let (tx, mut rx) = mpsc::unbounded_channel::<(Observations, Done)>();
         tokio::spawn(async move {
@@ -38,6 +41,7 @@ impl Heartbeats {
                     }
                 }
                 let (items, dones): (Vec<Observations>, Vec<Done>) = batch.drain(..).unzip();
+                let observed = items.iter().any(|o| !o.observed.is_empty());
                 let started = std::time::Instant::now();
                 let result = store.record_observations_batch(&items).await;
                 let took = started.elapsed();
@@ -60,7 +64,9 @@ impl Heartbeats {
                         }
                     }
                 }
-                written();
+                if observed {
+                    written();
+                }
             }
         });
         Heartbeats { tx }

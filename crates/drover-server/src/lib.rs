@@ -166,6 +166,9 @@ pub struct Server {
     /// How many nodes are registered (as of the last engine tick, or a
     /// follower's last look): what heartbeats are paced by.
     pub node_count: std::sync::atomic::AtomicUsize,
+    /// A node registered (or registered again) since the engine last read
+    /// the nodes.
+    pub nodes_changed: std::sync::atomic::AtomicBool,
 }
 
 impl Server {
@@ -277,6 +280,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
     };
     let server = Arc::new(Server {
         node_count: store.list_nodes().await?.len().into(),
+        nodes_changed: true.into(),
         ha,
         heartbeats,
         store,
