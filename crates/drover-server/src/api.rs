@@ -1275,11 +1275,14 @@ async fn agent_register(
                         .into(),
                 ));
             };
-            let nodes = s.store.list_nodes().await?;
-            let lease = crate::node_lease_ms(nodes.len());
-            let alive = nodes
-                .iter()
-                .any(|n| n.name == req.node && view::node_ready(n, now, lease));
+            // One node read, not all of them: thousands of agents register
+            // at once after a server's first start.
+            let lease = s.pace().lease_ms;
+            let alive = s
+                .store
+                .get_node(&req.node)
+                .await?
+                .is_some_and(|n| view::node_ready(&n, now, lease));
             let certified = s
                 .store
                 .list_node_certs(&req.node)

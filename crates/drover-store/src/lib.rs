@@ -388,6 +388,8 @@ pub trait Store: Send + Sync + 'static {
     /// Gives every node a fresh lease (at server start).
     async fn renew_node_leases(&self, now: Millis) -> Result<()>;
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>>;
+    /// One node; None when it never registered.
+    async fn get_node(&self, name: &str) -> Result<Option<NodeRecord>>;
 
     async fn upsert_proxy(&self, p: &ProxyRecord) -> Result<()>;
     async fn list_proxies(&self) -> Result<Vec<ProxyRecord>>;

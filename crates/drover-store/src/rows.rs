@@ -156,6 +156,17 @@ pub(crate) fn rollout_from_row(r: &impl Cols) -> Result<Rollout> {
     Ok(ro)
 }
 
+pub(crate) fn node_from_row(r: &impl Cols) -> Result<NodeRecord> {
+    let name = r.text("name");
+    Ok(NodeRecord {
+        labels: serde_json::from_str(&r.text("labels"))
+            .map_err(|e| StoreError::Corrupt(format!("node {name} labels: {e}")))?,
+        name,
+        registered_at: r.millis("registered_at"),
+        last_seen: r.millis("last_seen"),
+    })
+}
+
 pub(crate) fn delivery_from_row(r: &impl Cols) -> DeliveryRecord {
     DeliveryRecord {
         id: r.text("id"),

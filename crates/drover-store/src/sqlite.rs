@@ -561,19 +561,15 @@ impl Store for SqliteStore {
         let rows = sqlx::query("SELECT * FROM nodes ORDER BY name")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                let name: String = r.get("name");
-                let labels: String = r.get("labels");
-                Ok(NodeRecord {
-                    labels: serde_json::from_str(&labels)
-                        .map_err(|e| StoreError::Corrupt(format!("node {name} labels: {e}")))?,
-                    name,
-                    registered_at: r.get::<i64, _>("registered_at") as u64,
-                    last_seen: r.get::<i64, _>("last_seen") as u64,
-                })
-            })
-            .collect()
+        rows.iter().map(node_from_row).collect()
+    }
+
+    async fn get_node(&self, name: &str) -> Result<Option<NodeRecord>> {
+        let row = sqlx::query("SELECT * FROM nodes WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(node_from_row).transpose()
     }
 
     async fn insert_token(&self, t: &TokenRecord) -> Result<()> {

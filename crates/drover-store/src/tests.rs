@@ -499,6 +499,8 @@ async fn nodes_must_register_before_heartbeats<B: Backend>() {
     s.touch_node("n1", 5).await.unwrap();
     let n = &s.list_nodes().await.unwrap()[0];
     assert_eq!((n.last_seen, n.labels["role"].as_str()), (5, "web"));
+    assert_eq!(s.get_node("n1").await.unwrap().as_ref(), Some(n));
+    assert_eq!(s.get_node("n9").await.unwrap(), None);
     // A starting server renews every lease, never moving one back.
     s.upsert_node("n2", &BTreeMap::new(), 50).await.unwrap();
     s.renew_node_leases(20).await.unwrap();
