@@ -160,9 +160,14 @@ async fn crash_restarts_with_growing_backoff() {
     .await;
     let took = t0.elapsed();
     assert!(took >= Duration::from_millis(1400), "{took:?}");
+    // The third crash: its message, not the second's (the restart count
+    // moves when a restart begins, before the new process has run).
     let r = wait_for(10, "crashed again", || {
-        report(&sup, "hello-r1-crash")
-            .filter(|r| r.state == InstanceState::Crashed && r.restarts >= 2)
+        report(&sup, "hello-r1-crash").filter(|r| {
+            r.state == InstanceState::Crashed
+                && r.restarts >= 2
+                && r.message.as_deref().is_some_and(|m| m.contains("#3"))
+        })
     })
     .await;
     assert!(
