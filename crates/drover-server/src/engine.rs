@@ -207,7 +207,7 @@ const MIN_POKE_GAP: Duration = Duration::from_millis(20);
 /// What every app's plan of one tick shares.
 struct Cluster {
     now: u64,
-    nodes: Vec<NodeRecord>,
+    nodes: Arc<Vec<NodeRecord>>,
     ready: std::collections::BTreeMap<String, bool>,
     /// The lowest routing-table index still in use on any live proxy
     /// (None: no live proxy, nothing to wait for).
@@ -232,7 +232,7 @@ struct Engine {
     /// Each node's readiness at the last tick (to record lost / back).
     was_ready: HashMap<String, bool>,
     /// The nodes as last read, and when (ms).
-    node_cache: Option<(u64, Vec<NodeRecord>)>,
+    node_cache: Option<(u64, Arc<Vec<NodeRecord>>)>,
     /// The step each active rollout is in and when the engine saw it begin
     /// (for `drover_rollout_step_duration_seconds`), by rollout id.
     steps: HashMap<i64, (StepKey, u64)>,
@@ -601,7 +601,7 @@ impl Engine {
     /// node registered since: with thousands of nodes, reading them all
     /// at every tick was most of the server's work; a lease is 10 s or
     /// more, so a copy this fresh tells readiness as well.
-    async fn nodes(&mut self, now: u64) -> Result<Vec<NodeRecord>, drover_store::StoreError> {
+    async fn nodes(&mut self, now: u64) -> Result<Arc<Vec<NodeRecord>>, drover_store::StoreError> {
         let registered = self
             .server
             .nodes_changed
@@ -611,7 +611,7 @@ impl Engine {
                 Ok(nodes.clone())
             }
             _ => {
-                let nodes = self.store().list_nodes().await?;
+                let nodes = Arc::new(self.store().list_nodes().await?);
                 self.node_cache = Some((now, nodes.clone()));
                 Ok(nodes)
             }

@@ -38,8 +38,6 @@ pub struct Ha {
     /// None: SQLite, one server, always the leader.
     pg: Option<PgStore>,
     role: watch::Receiver<Role>,
-    /// A single server's role, kept so that it never reads as ended.
-    _fixed_role: Option<watch::Sender<Role>>,
     /// A leader term is running (the engine and the rest are up).
     leading: watch::Sender<bool>,
     http: reqwest::Client,
@@ -50,11 +48,8 @@ pub struct Ha {
 impl Ha {
     /// The single server of a SQLite store.
     pub fn single(name: String) -> Self {
-        let (tx, role) = watch::channel(Role::Leader { epoch: 0 });
-        Ha {
-            _fixed_role: Some(tx),
-            ..Self::new(None, role, name)
-        }
+        let (_, role) = watch::channel(Role::Leader { epoch: 0 });
+        Self::new(None, role, name)
     }
 
     pub fn new(pg: Option<PgStore>, role: watch::Receiver<Role>, name: String) -> Self {
@@ -67,7 +62,6 @@ impl Ha {
         Ha {
             pg,
             role,
-            _fixed_role: None,
             leading: watch::channel(false).0,
             http,
             name,
@@ -132,7 +126,10 @@ where
             tokio::spawn(async move {
                 while role.borrow_and_update().is_leader() {
                     if role.changed().await.is_err() {
-                        break;
+                        // No election any more (a single server, or
+                        // shutdown): the role is final, the term lasts
+                        // until shutdown cancels it.
+                        return;
                     }
                 }
                 term.cancel();

@@ -8,6 +8,16 @@ use super::*;
 use drover_core::RolloutState;
 
 /// A kind of database the suite runs on.
+/// Every node's heartbeat, by name.
+async fn last_seen(s: &impl Store) -> Vec<u64> {
+    s.list_nodes()
+        .await
+        .unwrap()
+        .iter()
+        .map(|n| n.last_seen)
+        .collect()
+}
+
 trait Backend {
     type S: Store;
     /// Keeps the database alive (and names it, to reopen it).
@@ -504,13 +514,7 @@ async fn nodes_must_register_before_heartbeats<B: Backend>() {
     // A starting server renews every lease, never moving one back.
     s.upsert_node("n2", &BTreeMap::new(), 50).await.unwrap();
     s.renew_node_leases(20).await.unwrap();
-    let seen: Vec<u64> = s
-        .list_nodes()
-        .await
-        .unwrap()
-        .iter()
-        .map(|n| n.last_seen)
-        .collect();
+    let seen = last_seen(&s).await;
     assert_eq!(seen, [20, 50]);
 }
 
@@ -663,13 +667,7 @@ async fn observations_of_a_batch_land_and_unknown_nodes_fail_alone<B: Backend>()
         ],
         "a later report on the same instance wins"
     );
-    let seen: Vec<u64> = s
-        .list_nodes()
-        .await
-        .unwrap()
-        .iter()
-        .map(|n| n.last_seen)
-        .collect();
+    let seen = last_seen(&s).await;
     assert_eq!(seen, [6, 5]);
 }
 
