@@ -12,10 +12,17 @@
 //! server's rollouts go as fast as orchestration alone allows
 //! (`bench/rollout.sh`).
 //!
-//! Registers them all (64 at a time), then heartbeats for SECONDS (each
-//! agent at its own phase of the interval) and prints one JSON line:
+//! Registers them all (64 at a time), then heartbeats for one interval
+//! (settling: the registrations' backlog drains) and SECONDS more (each
+//! agent at its own phase of the interval), and prints one JSON line:
 //! agents, registered, register_s, reports, report_errors, p50_ms, p90_ms,
-//! p99_ms, max_ms, polls, poll_errors.
+//! p99_ms, max_ms (those over the SECONDS, the steady state),
+//! settling_p99_ms, settling_max_ms (the first interval), polls,
+//! poll_errors.
+//!
+//! With `SWARM_TIMELINE=FILE` it also writes the reports' timeline, one
+//! line per 100 ms of the heartbeat phase: `ms count p99_ms max_ms` (to see
+//! whether slow reports come together, and how often).
 #![forbid(unsafe_code)]
 
 use drover_agent::client::ControlClient;
@@ -27,8 +34,9 @@ use std::time::{Duration, Instant};
 
 #[derive(Default)]
 struct Stats {
-    /// Report round trips, µs.
-    latencies: Mutex<Vec<u64>>,
+    /// Report round trips: (when the report was sent, ms into the
+    /// heartbeat phase; how long it took, µs).
+    latencies: Mutex<Vec<(u64, u64)>>,
     report_errors: AtomicU64,
     polls: AtomicU64,
     poll_errors: AtomicU64,
@@ -132,6 +140,7 @@ fn main() {
                             _ = ch.notified() => {}
                         }
                         let t = Instant::now();
+                        let sent_ms = t.duration_since(started).as_millis() as u64;
                         let report = AgentReport {
                             node: n.clone(),
                             instances: h.lock().unwrap().clone(),
@@ -145,7 +154,7 @@ fn main() {
                                 .latencies
                                 .lock()
                                 .unwrap()
-                                .push(t.elapsed().as_micros() as u64),
+                                .push((sent_ms, t.elapsed().as_micros() as u64)),
                             Err(e) => {
                                 s.report_errors.fetch_add(1, Ordering::Relaxed);
                                 s.error(format!("report {n}: {e}"));
@@ -196,31 +205,63 @@ fn main() {
         eprintln!(
             "swarm: {registered} of {agents} agents registered in {register_s:.1}s; heartbeating every {interval:?} for {secs}s"
         );
+        let phase_ms = started.elapsed().as_millis() as u64;
         measuring.store(true, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_secs(secs)).await;
+        tokio::time::sleep(interval + Duration::from_secs(secs)).await;
         measuring.store(false, Ordering::Relaxed);
         end.notify_waiters();
         for t in tasks {
             let _ = t.await;
         }
-        let mut lat = std::mem::take(&mut *stats.latencies.lock().unwrap());
+        let timed = std::mem::take(&mut *stats.latencies.lock().unwrap());
+        if let Ok(path) = std::env::var("SWARM_TIMELINE") {
+            std::fs::write(&path, timeline(&timed, phase_ms)).expect("SWARM_TIMELINE");
+        }
+        let steady_from = phase_ms + interval.as_millis() as u64;
+        let (mut lat, mut settling): (Vec<u64>, Vec<u64>) = (Vec::new(), Vec::new());
+        for &(at, us) in &timed {
+            if at >= steady_from { &mut lat } else { &mut settling }.push(us);
+        }
         lat.sort_unstable();
+        settling.sort_unstable();
         let ms = |p: f64| percentile(&lat, p) as f64 / 1000.0;
         for e in stats.first_errors.lock().unwrap().iter() {
             eprintln!("swarm: {e}");
         }
         println!(
-            "{{\"agents\":{agents},\"registered\":{registered},\"register_s\":{register_s:.1},\"reports\":{},\"report_errors\":{},\"p50_ms\":{:.2},\"p90_ms\":{:.2},\"p99_ms\":{:.2},\"max_ms\":{:.2},\"polls\":{},\"poll_errors\":{}}}",
+            "{{\"agents\":{agents},\"registered\":{registered},\"register_s\":{register_s:.1},\"reports\":{},\"report_errors\":{},\"p50_ms\":{:.2},\"p90_ms\":{:.2},\"p99_ms\":{:.2},\"max_ms\":{:.2},\"settling_p99_ms\":{:.2},\"settling_max_ms\":{:.2},\"polls\":{},\"poll_errors\":{}}}",
             lat.len(),
             stats.report_errors.load(Ordering::Relaxed),
             ms(0.5),
             ms(0.9),
             ms(0.99),
             lat.last().copied().unwrap_or(0) as f64 / 1000.0,
+            percentile(&settling, 0.99) as f64 / 1000.0,
+            settling.last().copied().unwrap_or(0) as f64 / 1000.0,
             stats.polls.load(Ordering::Relaxed),
             stats.poll_errors.load(Ordering::Relaxed),
         );
     });
+}
+
+/// One line per 100 ms of the heartbeat phase: `ms count p99_ms max_ms`.
+fn timeline(timed: &[(u64, u64)], phase_ms: u64) -> String {
+    let mut buckets: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+    for &(at, us) in timed {
+        let ms = at.saturating_sub(phase_ms) / 100 * 100;
+        buckets.entry(ms).or_default().push(us);
+    }
+    let mut out = String::new();
+    for (ms, mut v) in buckets {
+        v.sort_unstable();
+        out += &format!(
+            "{ms} {} {:.1} {:.1}\n",
+            v.len(),
+            percentile(&v, 0.99) as f64 / 1000.0,
+            *v.last().unwrap() as f64 / 1000.0
+        );
+    }
+    out
 }
 
 /// What an agent would report of `assignments` once it carried them out

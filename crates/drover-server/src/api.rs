@@ -1261,6 +1261,7 @@ async fn agent_register(
                     s.store
                         .revoke_node_certs(&req.node, &[in_use, &issued.serial], now)
                         .await?;
+                    s.node_certs.forget(&req.node);
                     Some(issued)
                 }
                 None => None,
@@ -1303,6 +1304,7 @@ async fn agent_register(
             s.store
                 .revoke_node_certs(&req.node, &[&issued.serial], now)
                 .await?;
+            s.node_certs.forget(&req.node);
             if let Some(token) = auth::bearer(&headers) {
                 ca_mac = Some(api::ca_mac(&token, s.pki.ca_pem()));
             }
@@ -1424,8 +1426,7 @@ async fn discovery(
 async fn wait_for_index(s: &Server, index: Option<u64>, wait_ms: Option<u64>) {
     let Some(index) = index else { return };
     let mut rx = s.index.subscribe();
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_millis(wait_ms.unwrap_or(30_000).min(60_000));
+    let deadline = tokio::time::Instant::now() + long_poll_wait(wait_ms);
     while *rx.borrow_and_update() <= index {
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
@@ -1433,6 +1434,15 @@ async fn wait_for_index(s: &Server, index: Option<u64>, wait_ms: Option<u64>) {
             _ = s.shutdown.cancelled() => return,
         }
     }
+}
+
+/// How long a blocking query waits for the index to move: `wait_ms`
+/// (default 30 s, at most 60 s) plus up to a sixteenth more at random, as
+/// Consul does: thousands of agents' long polls that started together
+/// would otherwise all end, and come back, together.
+fn long_poll_wait(wait_ms: Option<u64>) -> Duration {
+    let wait = wait_ms.unwrap_or(30_000).min(60_000);
+    Duration::from_millis(wait + rand::random::<u64>() % (wait / 16 + 1))
 }
 
 async fn agent_assignments(
@@ -1447,9 +1457,15 @@ async fn agent_assignments(
     // The request's arrival is the heartbeat, not the end of its wait: a
     // long poll that a node cut off began earlier is answered into the void
     // (when the index moves, e.g. because that node was found lost) and
-    // must not renew its lease.
-    s.store
-        .touch_node(&node, now_ms())
+    // must not renew its lease. Written with the reports' batch: one
+    // commit per poll was a write (and an fsync) per node every 30 s
+    // competing with the batches.
+    s.heartbeats
+        .record(drover_store::Observations {
+            node: node.clone(),
+            observed: Vec::new(),
+            now: now_ms(),
+        })
         .await
         .map_err(|e| unregistered(&node, e))?;
     wait_for_index(&s, q.index, q.wait_ms).await;

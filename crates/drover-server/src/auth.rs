@@ -25,7 +25,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::MethodRouter;
 use axum::Router;
-use drover_store::{Store, TokenRecord};
+use drover_store::{NodeCertRecord, Store, TokenRecord};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::Arc;
@@ -220,16 +220,61 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
         .map(|t| t.trim().to_string())
 }
 
+/// How long a certificate's record read from the store is trusted. A
+/// revocation by this server takes effect at once ([`CertCache::forget`]);
+/// one by another server sharing the database, within this long.
+const CERT_FRESH_MS: u64 = 5_000;
+
+/// Certificates' records as last read from the store: every report and
+/// poll of every agent is authenticated by its certificate, and reading
+/// the record each time was a store query per request (thousands a second
+/// with thousands of agents).
+#[derive(Default)]
+pub struct CertCache {
+    entries: std::sync::Mutex<std::collections::HashMap<String, (NodeCertRecord, u64)>>,
+}
+
+impl CertCache {
+    async fn get(
+        &self,
+        store: &dyn Store,
+        serial: &str,
+        now: u64,
+    ) -> drover_store::Result<NodeCertRecord> {
+        if let Some((rec, at)) = self.entries.lock().unwrap().get(serial) {
+            if now.saturating_sub(*at) < CERT_FRESH_MS {
+                return Ok(rec.clone());
+            }
+        }
+        let rec = store.get_node_cert(serial).await?;
+        let mut entries = self.entries.lock().unwrap();
+        if entries.len() >= 100_000 {
+            entries.retain(|_, (_, at)| now.saturating_sub(*at) < CERT_FRESH_MS);
+        }
+        entries.insert(serial.to_string(), (rec.clone(), now));
+        Ok(rec)
+    }
+
+    /// Drops `node`'s certificates (after revoking some of them).
+    pub fn forget(&self, node: &str) {
+        self.entries
+            .lock()
+            .unwrap()
+            .retain(|_, (rec, _)| rec.node != node);
+    }
+}
+
 /// The caller of the agent port: the node of a certificate the built-in CA
 /// issued (the handshake checked the chain and dates), while the store
 /// holds it unrevoked for that node.
 pub async fn authenticate_peer(
     store: &dyn Store,
+    certs: &CertCache,
     peer: &crate::pki::PeerNode,
     now: u64,
 ) -> Result<Caller, ApiErr> {
     let again = "register again with the join token";
-    let rec = match store.get_node_cert(&peer.serial).await {
+    let rec = match certs.get(store, &peer.serial, now).await {
         Ok(r) => r,
         Err(drover_store::StoreError::NotFound(_)) => {
             return Err(ApiErr::Unauthorized(format!(
@@ -290,7 +335,7 @@ async fn check(
     }
     // The agent port: the certificate is the credential, tokens do nothing.
     if let Some(peer) = req.extensions().get::<crate::pki::PeerNode>().cloned() {
-        let caller = authenticate_peer(&*server.store, &peer, now_ms()).await?;
+        let caller = authenticate_peer(&*server.store, &server.node_certs, &peer, now_ms()).await?;
         if !caller.role.allows(need) {
             return Err(ApiErr::Forbidden(format!(
                 "node {} may not call this",

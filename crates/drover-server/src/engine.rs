@@ -200,6 +200,9 @@ pub async fn run(server: Arc<Server>, rx: &mut EngineRx, term: CancellationToken
 
 /// How old the engine's copy of the nodes may be (see `Engine::nodes`).
 const NODES_FRESH_MS: u64 = 500;
+/// How old the engine's copy of the nodes may be when a node registered
+/// since: a new node is planned with within about this long.
+const NODES_REGISTERED_MS: u64 = 100;
 
 /// The shortest time between two ticks caused by pokes.
 const MIN_POKE_GAP: Duration = Duration::from_millis(20);
@@ -597,25 +600,32 @@ impl Engine {
         }
     }
 
-    /// The nodes, read again when the copy is [`NODES_FRESH_MS`] old or a
-    /// node registered since: with thousands of nodes, reading them all
-    /// at every tick was most of the server's work; a lease is 10 s or
-    /// more, so a copy this fresh tells readiness as well.
+    /// The nodes, read again when the copy is [`NODES_FRESH_MS`] old, or
+    /// [`NODES_REGISTERED_MS`] old and a node registered since: with
+    /// thousands of nodes, reading them all at every tick was most of the
+    /// server's work (and with a read per registration, registering
+    /// thousands of agents was quadratic); a lease is 10 s or more, so a
+    /// copy this fresh tells readiness as well.
     async fn nodes(&mut self, now: u64) -> Result<Arc<Vec<NodeRecord>>, drover_store::StoreError> {
-        let registered = self
-            .server
-            .nodes_changed
-            .swap(false, std::sync::atomic::Ordering::Relaxed);
-        match &self.node_cache {
-            Some((at, nodes)) if !registered && now.saturating_sub(*at) < NODES_FRESH_MS => {
-                Ok(nodes.clone())
-            }
-            _ => {
-                let nodes = Arc::new(self.store().list_nodes().await?);
-                self.node_cache = Some((now, nodes.clone()));
-                Ok(nodes)
+        use std::sync::atomic::Ordering::Relaxed;
+        let registered = self.server.nodes_changed.load(Relaxed);
+        if let Some((at, nodes)) = &self.node_cache {
+            let age = now.saturating_sub(*at);
+            let fresh = if registered {
+                NODES_REGISTERED_MS
+            } else {
+                NODES_FRESH_MS
+            };
+            if age < fresh {
+                // A registration seen here is read at a later tick (the
+                // engine ticks at least every second).
+                return Ok(nodes.clone());
             }
         }
+        self.server.nodes_changed.store(false, Relaxed);
+        let nodes = Arc::new(self.store().list_nodes().await?);
+        self.node_cache = Some((now, nodes.clone()));
+        Ok(nodes)
     }
 
     /// Records a node that lost its lease (its instances leave routing and

@@ -169,6 +169,8 @@ pub struct Server {
     /// A node registered (or registered again) since the engine last read
     /// the nodes.
     pub nodes_changed: std::sync::atomic::AtomicBool,
+    /// Agents' certificates as last read, for authenticating their calls.
+    pub node_certs: auth::CertCache,
 }
 
 impl Server {
@@ -281,6 +283,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
     let server = Arc::new(Server {
         node_count: store.list_nodes().await?.len().into(),
         nodes_changed: true.into(),
+        node_certs: Default::default(),
         ha,
         heartbeats,
         store,
@@ -336,6 +339,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
     }
     tokio::spawn(timeseries::sample_loop(server.clone()));
     tokio::spawn(renew_server_cert(pki, shutdown.clone()));
+    tokio::spawn(maintain_store(server.store.clone(), shutdown.clone()));
     let app = api::router(server.clone())
         .merge(dashboard::router(server.clone()))
         .layer(axum::middleware::from_fn_with_state(
@@ -381,6 +385,21 @@ async fn renew_server_cert(pki: Arc<pki::Pki>, shutdown: CancellationToken) {
         }
         if let Err(e) = pki.renew_server_cert() {
             tracing::error!(error = %e, "cannot renew the server's certificate for the agent port");
+        }
+    }
+}
+
+/// Runs the store's housekeeping every second until shutdown.
+async fn maintain_store(store: Arc<dyn Store>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if let Err(e) = store.maintain().await {
+            tracing::warn!(error = %e, "store housekeeping failed; retrying in a second");
         }
     }
 }

@@ -377,14 +377,20 @@ pub trait Store: Send + Sync + 'static {
     /// not hold up the others; an error of the transaction itself fails all.
     async fn record_observations_batch(&self, batch: &[Observations]) -> Result<Vec<Result<()>>>;
 
+    /// Housekeeping the server runs about once a second, off every
+    /// request's path (SQLite: a passive WAL checkpoint, which otherwise
+    /// runs inside whichever commit fills the log and holds up everyone
+    /// waiting on that commit).
+    async fn maintain(&self) -> Result<()> {
+        Ok(())
+    }
+
     async fn upsert_node(
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
         now: Millis,
     ) -> Result<()>;
-    /// Updates the heartbeat; NotFound when the node never registered.
-    async fn touch_node(&self, name: &str, now: Millis) -> Result<()>;
     /// Gives every node a fresh lease (at server start).
     async fn renew_node_leases(&self, now: Millis) -> Result<()>;
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>>;

@@ -751,18 +751,6 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn touch_node(&self, name: &str, now: Millis) -> Result<()> {
-        let res = sqlx::query("UPDATE nodes SET last_seen = $1 WHERE name = $2")
-            .bind(now as i64)
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
-        if res.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("node {name}")));
-        }
-        Ok(())
-    }
-
     async fn renew_node_leases(&self, now: Millis) -> Result<()> {
         let mut tx = self.fenced_tx().await?;
         sqlx::query("UPDATE nodes SET last_seen = GREATEST(last_seen, $1)")

@@ -23,6 +23,9 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
+            // The server checkpoints in the background (`maintain`); a
+            // commit checkpoints only if the log grows past ~64 MB anyway.
+            .pragma("wal_autocheckpoint", "16384")
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -521,6 +524,13 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    async fn maintain(&self) -> Result<()> {
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn upsert_node(
         &self,
         name: &str,
@@ -534,18 +544,6 @@ impl Store for SqliteStore {
             .bind(now as i64)
             .execute(&self.pool)
             .await?;
-        Ok(())
-    }
-
-    async fn touch_node(&self, name: &str, now: Millis) -> Result<()> {
-        let res = sqlx::query("UPDATE nodes SET last_seen = ? WHERE name = ?")
-            .bind(now as i64)
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
-        if res.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("node {name}")));
-        }
         Ok(())
     }
 

@@ -499,14 +499,22 @@ async fn instance_changes_bump_the_index_once_per_transaction<B: Backend>() {
 
 async fn nodes_must_register_before_heartbeats<B: Backend>() {
     let (_g, s) = B::open().await;
+    // A heartbeat: a report that observed nothing.
+    let beat = |now| Observations {
+        node: "n1".into(),
+        observed: Vec::new(),
+        now,
+    };
     assert!(matches!(
-        s.touch_node("n1", 1).await,
-        Err(StoreError::NotFound(_))
+        s.record_observations_batch(&[beat(1)]).await.unwrap()[..],
+        [Err(StoreError::NotFound(_))]
     ));
     s.upsert_node("n1", &BTreeMap::from([("role".into(), "web".into())]), 1)
         .await
         .unwrap();
-    s.touch_node("n1", 5).await.unwrap();
+    s.record_observations_batch(&[beat(5)]).await.unwrap()[0]
+        .as_ref()
+        .unwrap();
     let n = &s.list_nodes().await.unwrap()[0];
     assert_eq!((n.last_seen, n.labels["role"].as_str()), (5, "web"));
     assert_eq!(s.get_node("n1").await.unwrap().as_ref(), Some(n));
