@@ -3,13 +3,19 @@
 //! proxy as a child process). The real entry point is `drover proxy`.
 //!
 //! Usage: `drover-proxy-dev [--listen ADDR] [--server URL] [--name NAME]
-//! [--threads N] [--grace SECS]`; logs follow `RUST_LOG`.
+//! [--threads N] [--grace SECS] [--engine pingora|h1]`; the engine defaults
+//! to `$DROVER_PROXY_ENGINE`, then pingora; logs follow `RUST_LOG`.
 
 use anyhow::{bail, Context as _};
 use drover_proxy::ProxyConfig;
 
 fn parse_args() -> anyhow::Result<ProxyConfig> {
     let mut config = ProxyConfig::default();
+    if let Ok(engine) = std::env::var(drover_proxy::ENGINE_ENV) {
+        config.engine = engine
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", drover_proxy::ENGINE_ENV))?;
+    }
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().with_context(|| format!("{flag} needs a value"));
@@ -19,6 +25,11 @@ fn parse_args() -> anyhow::Result<ProxyConfig> {
             "--name" => config.name = value()?,
             "--threads" => config.threads = value()?.parse().context("--threads")?,
             "--grace" => config.grace_period_secs = value()?.parse().context("--grace")?,
+            "--engine" => {
+                config.engine = value()?
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--engine: {e}"))?
+            }
             other => bail!("unknown argument {other}"),
         }
     }
