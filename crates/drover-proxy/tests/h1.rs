@@ -182,6 +182,11 @@ impl Backend {
             }
             let head = Head::parse(&buf[..n]);
             buf.drain(..n);
+            if head.get("expect") == Some("100-continue")
+                && s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err()
+            {
+                return;
+            }
             let body = read_body(&mut s, &mut buf, &head, false).await;
             self.requests.fetch_add(1, Ordering::SeqCst);
             served += 1;
@@ -641,4 +646,74 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_cleanly() {
     assert_eq!(r.head.get("connection"), Some("close"));
     let status = h.proxy.wait_exit().await;
     assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_is_served_on_the_listener_with_a_given_certificate() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![HOST.to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("drover-h1-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert_file, key_file) = (dir.join("tls.pem"), dir.join("tls.key"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let (_b, addr) = Backend::start().await;
+    let h = Harness::start_with(
+        "h1",
+        "tls",
+        routes(addr),
+        &[
+            "--tls-cert",
+            cert_file.to_str().unwrap(),
+            "--tls-key",
+            key_file.to_str().unwrap(),
+        ],
+    )
+    .await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(h.listen).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let mut buf = Vec::new();
+    // Two requests on one TLS connection.
+    for path in ["/", "/chunked"] {
+        tls.write_all(get(path).as_bytes()).await.unwrap();
+        let n = read_head(&mut tls, &mut buf).await.expect("a response");
+        let head = Head::parse(&buf[..n]);
+        buf.drain(..n);
+        let body = read_body(&mut tls, &mut buf, &head, false).await;
+        assert!(head.line.starts_with("HTTP/1.1 200"), "{}", head.line);
+        assert_eq!(head.get("x-drover-instance"), Some("h1-1"));
+        assert!(body == b"ok" || body == b"wikipedia", "{body:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_waits_for_the_instance_before_the_body() {
+    let (_b, h) = start("expect").await;
+    let mut c = Client::connect(&h).await;
+    c.send(
+        format!("POST /echo HTTP/1.1\r\nHost: {HOST}\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    // The body is sent only after the instance's 100, passed on.
+    let interim = c.response(false).await;
+    assert_eq!(interim.status(), 100);
+    c.send(b"body").await;
+    let r = c.response(false).await;
+    assert_eq!((r.status(), r.body.as_slice()), (200, &b"body"[..]));
+    let r = c.request(&get("/")).await;
+    assert_eq!(r.status(), 200);
 }
