@@ -100,8 +100,8 @@ impl std::str::FromStr for Engine {
         match s.trim().to_ascii_lowercase().as_str() {
             "pingora" => Ok(Engine::Pingora),
             "h1" => Ok(Engine::H1),
-            other => Err(format!(
-                "unknown proxy engine {other:?}; use \"pingora\" or \"h1\""
+            _ => Err(format!(
+                "unknown proxy engine {s:?}; use \"pingora\" or \"h1\""
             )),
         }
     }
