@@ -9,6 +9,12 @@
 #       # ("nginx" in the list: nginx itself, for reference)
 #   COMPARE=/tmp/drover-old QUICK=1 ONLY="before drover nginx" bash bench/proxies.sh
 #       # another drover binary's proxy beside this one's, as "before"
+#   DROVER_PROXY_ENGINE=h1 COMPARE_ENGINE=pingora QUICK=1 ONLY="drover before nginx" \
+#     bash bench/proxies.sh
+#       # drover's proxy with the h1 engine, and as "before" the same binary
+#       # (or COMPARE's) with the pingora engine, in one interleaved run
+#   CALLGRIND="target/dist/drover@h1 target/dist/drover@pingora nginx" …
+#       # BIN@ENGINE: that binary's proxy with that engine
 #
 # Installs nginx and haproxy from Debian's packages (their services are not
 # started), builds drover with the dist profile (DROVER=path: another
@@ -107,8 +113,12 @@ pin_backends
 
 # A drover binary's proxy, one thread, run by WRAPPER… (taskset, valgrind).
 # Call it with `&`: it execs, so $! is the proxy's (or the wrapper's) pid.
-drover_proxy() { # bin listen name [WRAPPER…]
-  local bin=$1 listen=$2 name=$3; shift 3
+# BIN@ENGINE picks the engine (h1 or pingora); otherwise $DROVER_PROXY_ENGINE
+# or the binary's default.
+drover_proxy() { # bin[@engine] listen name [WRAPPER…]
+  local bin=$1 listen=$2 name=$3 engine=${DROVER_PROXY_ENGINE:-}; shift 3
+  if [[ $bin == *@* ]]; then engine=${bin##*@}; bin=${bin%@*}; fi
+  if [ -n "$engine" ]; then export DROVER_PROXY_ENGINE=$engine; fi
   DROVER_JOIN_TOKEN=$(cat "$D/server/join-token") exec "$@" "$bin" proxy --server "http://$API" \
     --listen "$listen" --name "$name" --threads 1 --grace 1
 }
@@ -122,6 +132,9 @@ DPID=$!
 PIDS+=($DPID)
 # COMPARE=/path/to/another/drover: its proxy too, as "before" (tuning steps).
 P_BEFORE=127.0.0.1:18284
+# COMPARE_ENGINE=h1|pingora: "before" runs with that engine (COMPARE's
+# binary, or this one).
+if [ -n "${COMPARE_ENGINE:-}" ]; then COMPARE="${COMPARE:-$DROVER}@$COMPARE_ENGINE"; fi
 if [ -n "${COMPARE:-}" ]; then
   drover_proxy "$COMPARE" $P_BEFORE bench-before taskset -c 0 >"$D/before-proxy.log" 2>&1 &
   BPID=$!

@@ -1,10 +1,15 @@
-//! drover's traffic layer: an edge HTTP proxy built on pingora.
+//! drover's traffic layer: an edge HTTP proxy with two engines.
 //!
 //! The proxy routes each request by its Host header to one of the healthy
 //! instances the control plane lists for that host, retries safely on
 //! connection failures, adds `x-drover-release`/`x-drover-instance` to
 //! responses, records per-release request/error/latency stats, and reports
 //! them — with the drain-tracking `oldest_live_index` — to the control plane.
+//!
+//! Two request paths ([`Engine`]) share all of that logic: pingora's HTTP
+//! proxy ([`service`], the default) and drover's own HTTP/1.1 forwarding
+//! path ([`h1`]: one parse per request into a fixed buffer, bytes streamed,
+//! per-thread upstream pools, no per-request boxing or channels).
 //!
 //! Layout:
 //! - [`table`]: immutable routing tables, atomic swap, drain registry,
@@ -13,15 +18,19 @@
 //!   (canary share, listed users, blue/green preview, sticky cookie);
 //! - [`stats`]: per-(app, env, release) counters and latency histograms;
 //! - [`service`]: the pingora `ProxyHttp` implementation (request path);
+//! - [`h1`]: the h1 engine (listeners and signals, request path, framing,
+//!   upstream pool);
 //! - [`poller`]: long-polls the control plane for new routing tables;
 //! - [`reporter`]: posts `ProxyReport`s to the control plane;
 //! - [`state`]: what the request path and the control loop share.
 //!
-//! pingora owns the process (its own runtimes, signal handling and exit), so
-//! [`run`] starts the control loop on a thread of its own and then hands the
-//! process to pingora.
+//! [`run`] starts the control loop on a thread of its own, then hands the
+//! process to the engine: pingora owns the process (its own runtimes,
+//! signal handling and exit); the h1 engine runs its worker threads and
+//! returns after SIGTERM's graceful stop or at SIGINT.
 #![forbid(unsafe_code)]
 
+pub mod h1;
 pub mod poller;
 pub mod reporter;
 pub mod service;
@@ -65,6 +74,46 @@ pub struct ProxyConfig {
     /// Serve HTTPS on `listen` with this certificate chain and key (PEM
     /// file paths); None: plain HTTP.
     pub tls: Option<(String, String)>,
+    /// Which request path serves traffic.
+    pub engine: Engine,
+}
+
+/// The proxy's request path. Both route, split, retry, count and drain
+/// the same way (the `table`, `split` and `stats` logic is shared).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// pingora's HTTP proxy ([`service`]).
+    #[default]
+    Pingora,
+    /// drover's own HTTP/1.1 forwarding path ([`h1`]).
+    H1,
+}
+
+/// The environment variable that selects the engine (`h1` or `pingora`)
+/// for `drover proxy`, `drover up`'s proxy and `drover-proxy-dev`.
+pub const ENGINE_ENV: &str = "DROVER_PROXY_ENGINE";
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Engine, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "pingora" => Ok(Engine::Pingora),
+            "h1" => Ok(Engine::H1),
+            _ => Err(format!(
+                "unknown proxy engine {s:?}; use \"pingora\" or \"h1\""
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Engine::Pingora => "pingora",
+            Engine::H1 => "h1",
+        })
+    }
 }
 
 impl Default for ProxyConfig {
@@ -79,6 +128,7 @@ impl Default for ProxyConfig {
             token: None,
             metrics_addr: None,
             tls: None,
+            engine: Engine::default(),
         }
     }
 }
@@ -126,8 +176,8 @@ pub fn server_conf(config: &ProxyConfig) -> ServerConf {
 }
 
 /// Runs the proxy until the process is told to stop (SIGTERM: graceful,
-/// SIGINT: fast). pingora exits the process itself, so this only returns on a
-/// setup error.
+/// SIGINT: fast). With pingora, which exits the process itself, this only
+/// returns on a setup error; the h1 engine returns once it has stopped.
 pub fn run(config: ProxyConfig) -> anyhow::Result<()> {
     // reqwest uses rustls; make the process-wide provider choice explicit so
     // that no other crate's rustls features can make it ambiguous. An error
@@ -168,6 +218,9 @@ pub fn run(config: ProxyConfig) -> anyhow::Result<()> {
         );
     }
 
+    if config.engine == Engine::H1 {
+        return h1::run(&config, state);
+    }
     let conf = server_conf(&config);
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();

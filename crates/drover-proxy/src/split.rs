@@ -25,12 +25,31 @@
 //!
 //! Everything here is built once per routing table ([`SplitRule::new`]) and
 //! then only read; deciding allocates nothing except the `Set-Cookie` value
-//! of a newly drawn key.
+//! of a newly drawn key. Headers are read through [`RequestHeaders`], so
+//! either engine's request representation (an `http::HeaderMap`, or the
+//! h1 engine's parsed header slice) can be decided on without a copy.
 
 use std::collections::{BTreeMap, HashSet};
 
 use drover_api::{split_bucket, RoutesResponse, Split, SplitKey};
 use http::{HeaderMap, HeaderName};
+
+/// Read access to a request's header fields, whatever holds them.
+pub trait RequestHeaders {
+    /// Calls `f` on each value of header `name` (a lowercase name, matched
+    /// ASCII case-insensitively), in order, until it returns `Some`.
+    fn find_map<'h, T>(&'h self, name: &str, f: impl FnMut(&'h [u8]) -> Option<T>) -> Option<T>;
+}
+
+impl RequestHeaders for HeaderMap {
+    fn find_map<'h, T>(
+        &'h self,
+        name: &str,
+        mut f: impl FnMut(&'h [u8]) -> Option<T>,
+    ) -> Option<T> {
+        self.get_all(name).iter().find_map(|v| f(v.as_bytes()))
+    }
+}
 
 /// Resolves the splits that go by proxy labels for this proxy: with all
 /// the labels, every user goes to the new release; without, none does
@@ -170,10 +189,10 @@ impl SplitRule {
     /// Decides a request's side. `via_preview_host`: the request's Host is
     /// the split's preview host. `random` is drawn from only for keyless
     /// requests.
-    pub fn decide(
+    pub fn decide<H: RequestHeaders + ?Sized>(
         &self,
         via_preview_host: bool,
-        headers: &HeaderMap,
+        headers: &H,
         random: &mut impl FnMut() -> u64,
     ) -> Decision {
         if via_preview_host || self.has_preview_header(headers) {
@@ -220,21 +239,24 @@ impl SplitRule {
         }
     }
 
-    fn has_preview_header(&self, headers: &HeaderMap) -> bool {
-        self.preview_header
-            .as_ref()
-            .is_some_and(|name| headers.get_all(name).iter().any(|v| !v.is_empty()))
+    fn has_preview_header<H: RequestHeaders + ?Sized>(&self, headers: &H) -> bool {
+        self.preview_header.as_ref().is_some_and(|name| {
+            headers
+                .find_map(name.as_str(), |v| (!v.is_empty()).then_some(()))
+                .is_some()
+        })
     }
 }
 
 /// The first non-empty value of header `name`, if it is valid UTF-8.
-fn header_value<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| std::str::from_utf8(v.as_bytes()).ok())
-        .map(str::trim)
-        .find(|v| !v.is_empty())
+fn header_value<'h, H: RequestHeaders + ?Sized>(
+    headers: &'h H,
+    name: &HeaderName,
+) -> Option<&'h str> {
+    headers.find_map(name.as_str(), |v| {
+        let v = std::str::from_utf8(v).ok()?.trim();
+        (!v.is_empty()).then_some(v)
+    })
 }
 
 /// The value of cookie `name` in the request's `Cookie` header(s) (HTTP/2
@@ -242,12 +264,9 @@ fn header_value<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str
 /// with optional whitespace; names match exactly (case-sensitive); a value
 /// in double quotes is unquoted; the first non-empty match wins. Malformed
 /// pairs and non-UTF-8 values are skipped.
-pub fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
-        .filter_map(|pair| {
+pub fn cookie_value<'h, H: RequestHeaders + ?Sized>(headers: &'h H, name: &str) -> Option<&'h str> {
+    headers.find_map("cookie", |value| {
+        value.split(|&b| b == b';').find_map(|pair| {
             let pair = pair.trim_ascii();
             let eq = pair.iter().position(|&b| b == b'=')?;
             let (n, v) = (pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii());
@@ -258,9 +277,9 @@ pub fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
                 .strip_prefix(b"\"")
                 .and_then(|v| v.strip_suffix(b"\""))
                 .unwrap_or(v);
-            std::str::from_utf8(v).ok()
+            std::str::from_utf8(v).ok().filter(|v| !v.is_empty())
         })
-        .find(|v| !v.is_empty())
+    })
 }
 
 /// An RFC 6265 cookie name: a non-empty HTTP token.

@@ -11,6 +11,8 @@
 
 mod common;
 
+for_each_engine!(proxy_end_to_end);
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -80,13 +82,13 @@ fn table(index: u64, hello: Vec<Upstream>) -> RoutesResponse {
 
 // ---------------------------------------------------------------- test ----
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn proxy_end_to_end() {
+async fn proxy_end_to_end(engine: &str) {
     let a = serve(backend("a")).await;
     let b = serve(backend("b")).await;
     let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
 
     let harness = Harness::start(
+        engine,
         "e2e",
         table(1, vec![upstream("a-1", "r1", a), upstream("b-1", "r1", b)]),
     )
@@ -200,7 +202,7 @@ async fn proxy_end_to_end() {
     if let Some(r2) = report.stats.iter().find(|s| s.release == "r2") {
         assert_eq!(r2.requests, 0);
     }
-    assert_eq!(report.proxy, proxy_name("e2e"));
+    assert_eq!(report.proxy, proxy_name(&format!("e2e-{engine}")));
 
     // The report is plain JSON on the wire as well.
     let v: Value = serde_json::to_value(&report).unwrap();

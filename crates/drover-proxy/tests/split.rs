@@ -12,6 +12,15 @@
 
 mod common;
 
+for_each_engine!(
+    canary_sends_each_user_where_its_bucket_says,
+    a_user_always_reaches_the_same_release,
+    only_the_listed_users_reach_the_new_release,
+    preview_reaches_only_the_new_release_and_never_stable,
+    clients_without_a_cookie_get_one_and_stick_to_their_release,
+    retries_after_a_failed_connect_stay_in_the_chosen_group
+);
+
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 
@@ -115,10 +124,10 @@ fn answered(r: &Reply) -> &str {
     r.body.as_str()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn canary_sends_each_user_where_its_bucket_says() {
+async fn canary_sends_each_user_where_its_bucket_says(engine: &str) {
     let backends = Backends::start().await;
     let h = Harness::start(
+        engine,
         "split-canary",
         routes(1, backends.all(), by_user_header(250)),
     )
@@ -157,10 +166,10 @@ async fn canary_sends_each_user_where_its_bucket_says() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_user_always_reaches_the_same_release() {
+async fn a_user_always_reaches_the_same_release(engine: &str) {
     let backends = Backends::start().await;
     let h = Harness::start(
+        engine,
         "split-sticky",
         routes(1, backends.all(), by_user_header(500)),
     )
@@ -189,8 +198,7 @@ async fn a_user_always_reaches_the_same_release() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_the_listed_users_reach_the_new_release() {
+async fn only_the_listed_users_reach_the_new_release(engine: &str) {
     let backends = Backends::start().await;
     let listed = ["alice", "bob", "user-7"];
     let split = Split {
@@ -198,7 +206,7 @@ async fn only_the_listed_users_reach_the_new_release() {
         values: listed.iter().map(|s| s.to_string()).collect(),
         ..by_user_header(1000)
     };
-    let h = Harness::start("split-segment", routes(1, backends.all(), split)).await;
+    let h = Harness::start(engine, "split-segment", routes(1, backends.all(), split)).await;
 
     let mut users: Vec<String> = (0..200).map(|i| format!("user-{i}")).collect();
     users.extend(["alice", "bob", "carol", "Alice", "alice2"].map(String::from));
@@ -217,15 +225,14 @@ async fn only_the_listed_users_reach_the_new_release() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn preview_reaches_only_the_new_release_and_never_stable() {
+async fn preview_reaches_only_the_new_release_and_never_stable(engine: &str) {
     let backends = Backends::start().await;
     let split = |weight_permille| Split {
         preview_host: Some("preview.hello.localhost".into()),
         preview_header: Some("x-drover-preview".into()),
         ..by_user_header(weight_permille)
     };
-    let h = Harness::start("split-preview", routes(1, backends.all(), split(0))).await;
+    let h = Harness::start(engine, "split-preview", routes(1, backends.all(), split(0))).await;
 
     for i in 0..10 {
         let user = format!("user-{i}");
@@ -268,14 +275,13 @@ async fn preview_reaches_only_the_new_release_and_never_stable() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_without_a_cookie_get_one_and_stick_to_their_release() {
+async fn clients_without_a_cookie_get_one_and_stick_to_their_release(engine: &str) {
     let backends = Backends::start().await;
     let split = Split {
         key: SplitKey::Cookie("drover_key".into()),
         ..by_user_header(500)
     };
-    let h = Harness::start("split-cookie", routes(1, backends.all(), split)).await;
+    let h = Harness::start(engine, "split-cookie", routes(1, backends.all(), split)).await;
 
     let mut sides = HashSet::new();
     let mut keys = HashSet::new();
@@ -313,8 +319,7 @@ async fn clients_without_a_cookie_get_one_and_stick_to_their_release() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_after_a_failed_connect_stay_in_the_chosen_group() {
+async fn retries_after_a_failed_connect_stay_in_the_chosen_group(engine: &str) {
     let backends = Backends::start().await;
     let dead: SocketAddr = format!("127.0.0.1:{}", common::free_port())
         .parse()
@@ -326,7 +331,7 @@ async fn retries_after_a_failed_connect_stay_in_the_chosen_group() {
     // The new group: a dead instance and a live one.
     let mut upstreams = vec![upstream("n-dead", NEW, dead), backends.new[0].clone()];
     upstreams.extend(backends.stable.iter().cloned());
-    let h = Harness::start("split-retry", routes(1, upstreams, split.clone())).await;
+    let h = Harness::start(engine, "split-retry", routes(1, upstreams, split.clone())).await;
     for _ in 0..10 {
         let r = h.get(HOST, &[("x-drover-preview", "1")]).await;
         assert_eq!(answered(&r), NEW);

@@ -214,6 +214,9 @@ enum Cmd {
         /// The private key (PEM) of --tls-cert.
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<String>,
+        /// The request path: pingora, or drover's own HTTP/1.1 engine (h1).
+        #[arg(long, env = "DROVER_PROXY_ENGINE", default_value = "pingora")]
+        engine: drover_proxy::Engine,
         #[command(flatten)]
         join: JoinArg,
     },
@@ -675,6 +678,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_addr,
             tls_cert,
             tls_key,
+            engine,
             join,
         } => {
             let token = Some(join.token()?);
@@ -689,6 +693,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 labels: labels.into_iter().collect(),
                 token,
                 metrics_addr,
+                engine,
             })
         }
         Cmd::Tokens {

@@ -3,14 +3,22 @@
 //! proxy as a child process). The real entry point is `drover proxy`.
 //!
 //! Usage: `drover-proxy-dev [--listen ADDR] [--server URL] [--name NAME]
-//! [--threads N] [--grace SECS]`; logs follow `RUST_LOG`.
+//! [--threads N] [--grace SECS] [--engine pingora|h1] [--tls-cert PEM
+//! --tls-key PEM]`; the engine defaults
+//! to `$DROVER_PROXY_ENGINE`, then pingora; logs follow `RUST_LOG`.
 
 use anyhow::{bail, Context as _};
 use drover_proxy::ProxyConfig;
 
 fn parse_args() -> anyhow::Result<ProxyConfig> {
     let mut config = ProxyConfig::default();
+    if let Ok(engine) = std::env::var(drover_proxy::ENGINE_ENV) {
+        config.engine = engine
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", drover_proxy::ENGINE_ENV))?;
+    }
     let mut args = std::env::args().skip(1);
+    let (mut cert, mut key) = (None, None);
     while let Some(flag) = args.next() {
         let mut value = || args.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -19,9 +27,21 @@ fn parse_args() -> anyhow::Result<ProxyConfig> {
             "--name" => config.name = value()?,
             "--threads" => config.threads = value()?.parse().context("--threads")?,
             "--grace" => config.grace_period_secs = value()?.parse().context("--grace")?,
+            "--engine" => {
+                config.engine = value()?
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--engine: {e}"))?
+            }
+            "--tls-cert" => cert = Some(value()?),
+            "--tls-key" => key = Some(value()?),
             other => bail!("unknown argument {other}"),
         }
     }
+    config.tls = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => bail!("--tls-cert and --tls-key go together"),
+    };
     Ok(config)
 }
 

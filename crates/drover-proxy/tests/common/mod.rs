@@ -151,14 +151,55 @@ impl Drop for ProxyProcess {
     }
 }
 
+impl ProxyProcess {
+    /// Sends SIGTERM (graceful stop).
+    pub fn terminate(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    /// Waits (bounded) for the process to exit; its status.
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the proxy did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 /// The proxy id `start_proxy` gives a proxy started under `name`: unique per
 /// test process, so that concurrent tests never share pingora's files.
 pub fn proxy_name(name: &str) -> String {
     format!("{name}-{}", std::process::id())
 }
 
-/// Starts `drover-proxy-dev` on `listen`, fed by the control plane at `server`.
-pub fn start_proxy(listen: SocketAddr, server: SocketAddr, name: &str) -> ProxyProcess {
+/// Starts `drover-proxy-dev` with `engine` (`pingora` or `h1`) on
+/// `listen`, fed by the control plane at `server`.
+pub fn start_proxy(
+    engine: &str,
+    listen: SocketAddr,
+    server: SocketAddr,
+    name: &str,
+) -> ProxyProcess {
+    start_proxy_with(engine, listen, server, name, &[])
+}
+
+/// [`start_proxy`] with extra command-line arguments.
+pub fn start_proxy_with(
+    engine: &str,
+    listen: SocketAddr,
+    server: SocketAddr,
+    name: &str,
+    extra: &[&str],
+) -> ProxyProcess {
     let name = proxy_name(name);
     let log = std::env::temp_dir().join(format!("drover-proxy-{name}.log"));
     let log_file = std::fs::File::create(&log).unwrap();
@@ -167,6 +208,8 @@ pub fn start_proxy(listen: SocketAddr, server: SocketAddr, name: &str) -> ProxyP
         .args(["--server", &format!("http://{server}")])
         .args(["--name", &name])
         .args(["--threads", "2", "--grace", "1"])
+        .args(["--engine", engine])
+        .args(extra)
         .env("RUST_LOG", "info,drover_proxy=debug")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -191,15 +234,26 @@ pub struct Harness {
     pub cp: ControlPlane,
     pub listen: SocketAddr,
     pub client: reqwest::Client,
-    _proxy: ProxyProcess,
+    pub proxy: ProxyProcess,
 }
 
 impl Harness {
-    pub async fn start(name: &str, routes: RoutesResponse) -> Harness {
+    /// `name` is suffixed with the engine (see [`proxy_name`]).
+    pub async fn start(engine: &str, name: &str, routes: RoutesResponse) -> Harness {
+        Self::start_with(engine, name, routes, &[]).await
+    }
+
+    /// [`Harness::start`] with extra proxy arguments.
+    pub async fn start_with(
+        engine: &str,
+        name: &str,
+        routes: RoutesResponse,
+        extra: &[&str],
+    ) -> Harness {
         let index = routes.index;
         let (cp, cp_addr) = ControlPlane::start(routes).await;
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let proxy = start_proxy(listen, cp_addr, name);
+        let proxy = start_proxy_with(engine, listen, cp_addr, &format!("{name}-{engine}"), extra);
         cp.wait_report(&format!("applied_index {index}"), |r| {
             r.applied_index == index
         })
@@ -209,7 +263,7 @@ impl Harness {
             cp,
             listen,
             client: reqwest::Client::builder().build().unwrap(),
-            _proxy: proxy,
+            proxy,
         }
     }
 
@@ -217,6 +271,24 @@ impl Harness {
     pub async fn get(&self, host: &str, headers: &[(&str, &str)]) -> Reply {
         send_with(&self.client, self.listen, "GET", host, "/", headers).await
     }
+}
+
+/// Makes `$test(engine)` one test per engine: `$test::pingora` and
+/// `$test::h1`.
+#[macro_export]
+macro_rules! for_each_engine {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn pingora() {
+                super::$test("pingora").await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn h1() {
+                super::$test("h1").await
+            }
+        }
+    )*};
 }
 
 // -------------------------------------------------------------- client ----
