@@ -214,8 +214,8 @@ enum Cmd {
         /// The private key (PEM) of --tls-cert.
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<String>,
-        /// The request path: pingora, or drover's own HTTP/1.1 engine (h1).
-        #[arg(long, env = "DROVER_PROXY_ENGINE", default_value = "pingora")]
+        /// The request path: drover's own HTTP/1.1 engine (h1), or pingora.
+        #[arg(long, env = "DROVER_PROXY_ENGINE", default_value = "h1")]
         engine: drover_proxy::Engine,
         #[command(flatten)]
         join: JoinArg,

@@ -5,7 +5,7 @@
 //! Usage: `drover-proxy-dev [--listen ADDR] [--server URL] [--name NAME]
 //! [--threads N] [--grace SECS] [--engine pingora|h1] [--tls-cert PEM
 //! --tls-key PEM]`; the engine defaults
-//! to `$DROVER_PROXY_ENGINE`, then pingora; logs follow `RUST_LOG`.
+//! to `$DROVER_PROXY_ENGINE`, then h1; logs follow `RUST_LOG`.
 
 use anyhow::{bail, Context as _};
 use drover_proxy::ProxyConfig;
