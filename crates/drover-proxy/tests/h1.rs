@@ -531,6 +531,38 @@ async fn hop_by_hop_headers_stop_at_the_proxy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_own_answers_close_the_connection_only_when_the_client_asked() {
+    let (_b, h) = start("own-answers").await;
+    // Keep-alive: a 404 and then a proxied request on the same connection.
+    let mut c = Client::connect(&h).await;
+    let r = c
+        .request("GET / HTTP/1.1\r\nHost: nowhere.localhost\r\n\r\n")
+        .await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.body, b"drover: no route for host nowhere.localhost\n");
+    assert_eq!(c.request(&get("/")).await.status(), 200);
+    // `Connection: close`, and HTTP/1.0 without keep-alive: closed after it.
+    for raw in [
+        "GET / HTTP/1.1\r\nHost: nowhere.localhost\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.0\r\nHost: nowhere.localhost\r\n\r\n",
+    ] {
+        let mut c = Client::connect(&h).await;
+        let r = c.request(raw).await;
+        assert_eq!(r.status(), 404, "{raw:?}");
+        assert!(c.closed().await, "connection kept after {raw:?}");
+    }
+    // A head whose lines end with a bare LF is a request too.
+    let mut c = Client::connect(&h).await;
+    let r = c
+        .request(&format!(
+            "GET / HTTP/1.1\nHost: {HOST}\nConnection: close\n\n"
+        ))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(c.closed().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_delimited_responses_end_the_client_connection() {
     let (_b, h) = start("close-delimited").await;
     let mut c = Client::connect(&h).await;

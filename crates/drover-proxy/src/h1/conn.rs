@@ -146,9 +146,19 @@ enum HeadWait {
 }
 
 /// The end of the head in `buf` (just past the empty line), searching from
-/// `from`.
+/// `from`. Lines end with CRLF, or a bare LF, which RFC 9112 §2.2 lets a
+/// recipient accept (as nginx and HAProxy do; httparse parses both).
 fn head_end(buf: &[u8], from: usize) -> Option<usize> {
-    memchr::memmem::find(&buf[from..], b"\r\n\r\n").map(|i| from + i + 4)
+    let mut at = from;
+    while let Some(i) = memchr::memchr(b'\n', &buf[at..]) {
+        let nl = at + i;
+        match &buf[nl + 1..] {
+            [b'\n', ..] => return Some(nl + 2),
+            [b'\r', b'\n', ..] => return Some(nl + 3),
+            _ => at = nl + 1,
+        }
+    }
+    None
 }
 
 /// Waits until `c.buf` starts with a complete request head; its length.
@@ -327,12 +337,13 @@ fn admit(head: &[u8], peer: IpAddr, table: &Table, uphead: &mut Vec<u8>) -> Admi
         },
     };
     let host = normalize_host(raw_host);
-    // An early answer leaves any request body unread: close after it.
+    // An early answer leaves any request body unread: close after it (and
+    // when the client asked to close, or spoke HTTP/1.0 without keep-alive).
     let respond = |status: u16, body: String| Admit::Respond {
         status,
         body,
         head_only,
-        close: framing != Framing::None,
+        close: framing != Framing::None || !keep_alive,
     };
     if !table.loaded {
         return respond(503, "drover: routing table not loaded yet\n".into());
@@ -983,6 +994,26 @@ mod tests {
         tokens(v.as_bytes())
             .map(|t| String::from_utf8_lossy(t).into_owned())
             .collect()
+    }
+
+    #[test]
+    fn a_head_ends_at_its_empty_line_with_crlf_or_bare_lf() {
+        let crlf = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody";
+        assert_eq!(head_end(crlf, 0), Some(crlf.len() - 4));
+        let lf = b"GET / HTTP/1.1\nHost: a\n\nbody";
+        assert_eq!(head_end(lf, 0), Some(lf.len() - 4));
+        let mixed = b"GET / HTTP/1.1\nHost: a\r\n\r\n";
+        assert_eq!(head_end(mixed, 0), Some(mixed.len()));
+        // Not complete yet, whatever the read split.
+        for head in [
+            &b"GET / HTTP/1.1\r\nHost: a\r\n\r"[..],
+            b"GET / HTTP/1.1\nHost: a\n",
+        ] {
+            assert_eq!(head_end(head, 0), None);
+        }
+        // Resuming 3 bytes back finds a terminator split across reads.
+        let whole = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(head_end(whole, whole.len() - 2 - 3), Some(whole.len()));
     }
 
     #[test]
