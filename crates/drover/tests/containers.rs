@@ -197,6 +197,10 @@ impl Drop for Cleanup {
 fn a_dockerfile_app_rolls_out_as_containers_rolls_back_to_its_image_and_survives_its_agent() {
     let _g = serial();
     docker(&["info"]).unwrap_or_else(|e| panic!("these tests need the Docker Engine: {e}"));
+    // Declared before the cluster so that it is dropped after it: removed
+    // while their agent still ran, containers came back (one was left
+    // running after a test, and failed the next run's checks).
+    let _cleanup: Cleanup;
     // Keeping one release: r2's image goes once r3 is live (the end).
     let mut c = Cluster::start_with(2, "0", &["--keep-releases", "1"]);
     let agent_dirs: Vec<String> = (1..=2)
@@ -207,7 +211,7 @@ fn a_dockerfile_app_rolls_out_as_containers_rolls_back_to_its_image_and_survives
                 .into_owned()
         })
         .collect();
-    let _cleanup = Cleanup(agent_dirs.clone(), APP);
+    _cleanup = Cleanup(agent_dirs.clone(), APP);
     let repo = create_repo(c.dir.path());
     let commit1 = commit(&repo, "v1");
 
@@ -542,12 +546,14 @@ fn with_a_registry_images_are_pushed_with_its_login_and_pulled_by_digest() {
     let _g = serial();
     docker(&["info"]).unwrap_or_else(|e| panic!("these tests need the Docker Engine: {e}"));
     let registry = Registry::start();
+    // Dropped after the cluster (see the first test).
+    let _cleanup: Cleanup;
     let c = Cluster::start(1);
     let agent_dir = std::fs::canonicalize(c.agent_dir(1))
         .unwrap()
         .to_string_lossy()
         .into_owned();
-    let _cleanup = Cleanup(vec![agent_dir], APP2);
+    _cleanup = Cleanup(vec![agent_dir], APP2);
     let repo = create_repo(c.dir.path());
     let extra = format!(
         "\n[registry]\nserver = \"{}\"\nrepository = \"team/{APP2}\"\nusername = \"{REGISTRY_USER}\"\npassword_secret = \"REGISTRY_PASSWORD\"\n",
