@@ -130,48 +130,29 @@ impl ProxyHttp for DroverProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.host = request_host(session.req_header());
-        let table = match &ctx.table {
-            Some(t) if t.loaded => t,
-            _ => {
-                let body = "drover: routing table not loaded yet\n".to_string();
-                respond_text(session, 503, body).await?;
-                return Ok(true);
+        let Some(table) = &ctx.table else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "request has no table",
+            ));
+        };
+        let admitted = table.admit(
+            &ctx.host,
+            &session.req_header().headers,
+            &mut rand::random::<u64>,
+        );
+        match admitted {
+            Ok(a) => {
+                ctx.route = Some(a.route);
+                ctx.group = a.group;
+                ctx.set_cookie = a.set_cookie;
+                Ok(false)
             }
-        };
-        let Some(found) = table.lookup(&ctx.host) else {
-            let body = format!("drover: no route for host {}\n", ctx.host);
-            respond_text(session, 404, body).await?;
-            return Ok(true);
-        };
-        let route = &table.routes[found.route];
-        ctx.route = Some(found.route);
-        if let Some(split) = &route.split {
-            let decision = split.decide(
-                found.preview,
-                &session.req_header().headers,
-                &mut rand::random::<u64>,
-            );
-            let group = route.group_for(&decision);
-            ctx.set_cookie = decision.set_cookie;
-            match group {
-                Some(group) => ctx.group = group,
-                None => {
-                    // A preview must never be answered by the stable release.
-                    let body = format!(
-                        "drover: no healthy instance of {} release {} to preview\n",
-                        route.app, split.release
-                    );
-                    respond_text(session, 503, body).await?;
-                    return Ok(true);
-                }
+            Err((status, body)) => {
+                respond_text(session, status, body).await?;
+                Ok(true)
             }
         }
-        if !route.has_selectable(ctx.group) {
-            let body = format!("drover: no healthy instance of {}\n", route.app);
-            respond_text(session, 503, body).await?;
-            return Ok(true);
-        }
-        Ok(false)
     }
 
     async fn upstream_peer(

@@ -167,6 +167,18 @@ impl RouteEntry {
     }
 }
 
+/// A request [`Table::admit`] lets through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    /// Its route, as an index into `Table::routes`.
+    pub route: usize,
+    /// The route's upstreams it may use.
+    pub group: Group,
+    /// A `Set-Cookie` value for the response: the split key drawn for a
+    /// client that had none.
+    pub set_cookie: Option<String>,
+}
+
 /// What a host leads to in a [`Table`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostMatch {
@@ -253,6 +265,48 @@ impl Table {
     }
 
     /// Looks up an already normalised host (see [`normalize_host`]).
+    /// Where a request for `host` goes — its route, the group of upstreams
+    /// it may use (its split side), a split cookie to set — or the answer
+    /// the proxy gives itself (status and body): both engines admit
+    /// requests here.
+    pub fn admit<H: crate::split::RequestHeaders + ?Sized>(
+        &self,
+        host: &str,
+        headers: &H,
+        random: &mut impl FnMut() -> u64,
+    ) -> Result<Admitted, (u16, String)> {
+        if !self.loaded {
+            return Err((503, "drover: routing table not loaded yet\n".into()));
+        }
+        let Some(found) = self.lookup(host) else {
+            return Err((404, format!("drover: no route for host {host}\n")));
+        };
+        let route = &self.routes[found.route];
+        let mut admitted = Admitted {
+            route: found.route,
+            group: Group::All,
+            set_cookie: None,
+        };
+        if let Some(split) = &route.split {
+            let decision = split.decide(found.preview, headers, random);
+            // A preview must never be answered by the stable release.
+            admitted.group = route.group_for(&decision).ok_or_else(|| {
+                let (app, release) = (&route.app, &split.release);
+                let body =
+                    format!("drover: no healthy instance of {app} release {release} to preview\n");
+                (503, body)
+            })?;
+            admitted.set_cookie = decision.set_cookie;
+        }
+        if !route.has_selectable(admitted.group) {
+            return Err((
+                503,
+                format!("drover: no healthy instance of {}\n", route.app),
+            ));
+        }
+        Ok(admitted)
+    }
+
     pub fn lookup(&self, normalized_host: &str) -> Option<HostMatch> {
         self.hosts.get(normalized_host).copied()
     }

@@ -258,13 +258,6 @@ fn bad_request(message: &str) -> Admit {
     }
 }
 
-fn is_idempotent(method: &str) -> bool {
-    matches!(
-        method,
-        "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS" | "TRACE"
-    )
-}
-
 /// Parses the head, routes the request against `table`, and writes the
 /// upstream request head into `uphead`.
 fn admit(head: &[u8], peer: IpAddr, table: &Table, uphead: &mut Vec<u8>) -> Admit {
@@ -315,7 +308,8 @@ fn admit(head: &[u8], peer: IpAddr, table: &Table, uphead: &mut Vec<u8>) -> Admi
     let head_only = method == "HEAD";
     let req = Request {
         head_only,
-        idempotent: is_idempotent(method),
+        // The http crate's rule (GET, HEAD, PUT, DELETE, OPTIONS, TRACE).
+        idempotent: http::Method::from_bytes(method.as_bytes()).is_ok_and(|m| m.is_idempotent()),
         http10,
         keep_alive,
         framing,
@@ -339,44 +333,17 @@ fn admit(head: &[u8], peer: IpAddr, table: &Table, uphead: &mut Vec<u8>) -> Admi
     let host = normalize_host(raw_host);
     // An early answer leaves any request body unread: close after it (and
     // when the client asked to close, or spoke HTTP/1.0 without keep-alive).
-    let respond = |status: u16, body: String| Admit::Respond {
-        status,
-        body,
-        head_only,
-        close: framing != Framing::None || !keep_alive,
-    };
-    if !table.loaded {
-        return respond(503, "drover: routing table not loaded yet\n".into());
-    }
-    let Some(found) = table.lookup(&host) else {
-        return respond(404, format!("drover: no route for host {host}\n"));
-    };
-    let route = &table.routes[found.route];
-    let mut group = Group::All;
-    let mut set_cookie = None;
-    if let Some(split) = &route.split {
-        let decision = split.decide(found.preview, headers, &mut rand::random::<u64>);
-        match route.group_for(&decision) {
-            Some(g) => group = g,
-            None => {
-                // A preview must never be answered by the stable release.
-                return respond(
-                    503,
-                    format!(
-                        "drover: no healthy instance of {} release {} to preview\n",
-                        route.app, split.release
-                    ),
-                );
+    let admitted = match table.admit(&host, headers, &mut rand::random::<u64>) {
+        Ok(a) => a,
+        Err((status, body)) => {
+            return Admit::Respond {
+                status,
+                body,
+                head_only,
+                close: framing != Framing::None || !keep_alive,
             }
         }
-        set_cookie = decision.set_cookie;
-    }
-    if !route.has_selectable(group) {
-        return respond(
-            503,
-            format!("drover: no healthy instance of {}\n", route.app),
-        );
-    }
+    };
 
     // The upstream head: always HTTP/1.1, keep-alive.
     uphead.clear();
@@ -419,9 +386,9 @@ fn admit(head: &[u8], peer: IpAddr, table: &Table, uphead: &mut Vec<u8>) -> Admi
     uphead.extend_from_slice(b"\r\n");
     Admit::Proxy {
         req,
-        route: found.route,
-        group,
-        set_cookie,
+        route: admitted.route,
+        group: admitted.group,
+        set_cookie: admitted.set_cookie,
     }
 }
 
