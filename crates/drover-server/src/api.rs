@@ -1250,19 +1250,15 @@ async fn agent_register(
     }
     let now = now_ms();
     let mut ca_mac = None;
+    // The certificate in use, kept valid beside a renewed one.
+    let mut keep = None;
     let issued = match auth::bound_node(&caller) {
         Some(_) => {
             auth::check_node(&caller, &req.node)?;
             match &req.csr {
                 Some(csr) => {
-                    let issued = s.pki.issue_node(&req.node, csr).map_err(ApiErr::BadInput)?;
-                    record_cert(&s, &req.node, &issued, now).await?;
-                    let in_use = caller.cert.as_ref().map_or("", |c| c.serial.as_str());
-                    s.store
-                        .revoke_node_certs(&req.node, &[in_use, &issued.serial], now)
-                        .await?;
-                    s.node_certs.forget(&req.node);
-                    Some(issued)
+                    keep = caller.cert.as_ref().map(|c| c.serial.as_str());
+                    Some(s.pki.issue_node(&req.node, csr).map_err(ApiErr::BadInput)?)
                 }
                 None => None,
             }
@@ -1300,18 +1296,32 @@ async fn agent_register(
                 )));
             }
             let issued = s.pki.issue_node(&req.node, csr).map_err(ApiErr::BadInput)?;
-            record_cert(&s, &req.node, &issued, now).await?;
-            s.store
-                .revoke_node_certs(&req.node, &[&issued.serial], now)
-                .await?;
-            s.node_certs.forget(&req.node);
             if let Some(token) = auth::bearer(&headers) {
                 ca_mac = Some(api::ca_mac(&token, s.pki.ca_pem()));
             }
             Some(issued)
         }
     };
-    s.store.upsert_node(&req.node, &req.labels, now).await?;
+    // The certificate, the others' revocation and the node: one commit.
+    // Rows of certificates expired a day ago go at the same time.
+    let day = 24 * 3600 * 1000;
+    let cert = issued.as_ref().map(|i| drover_store::IssuedCert {
+        record: drover_store::NodeCertRecord {
+            serial: i.serial.clone(),
+            node: req.node.clone(),
+            issued_at: now,
+            not_after: i.not_after_ms,
+            revoked_at: None,
+        },
+        keep,
+        prune_before: now.saturating_sub(day),
+    });
+    s.store
+        .register_node(&req.node, &req.labels, cert.as_ref(), now)
+        .await?;
+    if cert.is_some() {
+        s.node_certs.forget(&req.node);
+    }
     s.nodes_changed
         .store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(node = %req.node, certificate = issued.as_ref().map(|i| i.serial.as_str()),
@@ -1328,29 +1338,6 @@ async fn agent_register(
         ca: s.pki.ca_pem().to_string(),
         ca_mac,
     }))
-}
-
-async fn record_cert(
-    s: &Server,
-    node: &str,
-    issued: &crate::pki::Issued,
-    now: u64,
-) -> Result<(), ApiErr> {
-    // Rows of certificates expired a day ago go at the same time.
-    let day = 24 * 3600 * 1000;
-    s.store
-        .add_node_cert(
-            &drover_store::NodeCertRecord {
-                serial: issued.serial.clone(),
-                node: node.to_string(),
-                issued_at: now,
-                not_after: issued.not_after_ms,
-                revoked_at: None,
-            },
-            now.saturating_sub(day),
-        )
-        .await?;
-    Ok(())
 }
 
 async fn agent_report(

@@ -210,6 +210,18 @@ pub struct NodeCertRecord {
     pub revoked_at: Option<Millis>,
 }
 
+/// A certificate just issued to a registering node (see
+/// [`Store::register_node`]).
+#[derive(Debug, Clone)]
+pub struct IssuedCert<'a> {
+    pub record: NodeCertRecord,
+    /// A certificate of the node's that stays valid beside the new one (a
+    /// renewal over mutual TLS keeps the one in use); every other is revoked.
+    pub keep: Option<&'a str>,
+    /// Certificates that expired before this are forgotten.
+    pub prune_before: Millis,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventRecord {
     pub id: i64,
@@ -385,12 +397,19 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
-    async fn upsert_node(
+    /// Registers a node, in one transaction (one commit: thousands of
+    /// agents register at once after a server's first start): with `cert`,
+    /// records the certificate just issued to it and revokes the node's
+    /// others but `cert.keep`; then inserts the node, or updates its labels
+    /// and last report. Returns how many certificates were revoked.
+    /// Conflict when the certificate's serial is already recorded.
+    async fn register_node(
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
+        cert: Option<&IssuedCert<'_>>,
         now: Millis,
-    ) -> Result<()>;
+    ) -> Result<u64>;
     /// Gives every node a fresh lease (at server start).
     async fn renew_node_leases(&self, now: Millis) -> Result<()>;
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>>;
@@ -418,15 +437,10 @@ pub trait Store: Send + Sync + 'static {
     /// NotFound when there is no such token; revoking twice keeps the first time.
     async fn revoke_token(&self, id: &str, now: Millis) -> Result<()>;
 
-    /// Records a certificate issued to a node; certificates that expired
-    /// before `prune_before` are forgotten at the same time.
-    async fn add_node_cert(&self, c: &NodeCertRecord, prune_before: Millis) -> Result<()>;
     /// NotFound when no such certificate was issued (or it was pruned).
     async fn get_node_cert(&self, serial: &str) -> Result<NodeCertRecord>;
     /// A node's certificates, newest first.
     async fn list_node_certs(&self, node: &str) -> Result<Vec<NodeCertRecord>>;
-    /// Revokes every certificate of `node` but those in `keep`; how many were.
-    async fn revoke_node_certs(&self, node: &str, keep: &[&str], now: Millis) -> Result<u64>;
 
     /// Adds deliveries (one transaction); ended ones older than `prune_before`
     /// are dropped at the same time.

@@ -735,20 +735,57 @@ impl Store for PgStore {
             .collect())
     }
 
-    async fn upsert_node(
+    async fn register_node(
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
+        cert: Option<&IssuedCert<'_>>,
         now: Millis,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let labels = serde_json::to_string(labels).map_err(|e| StoreError::Db(e.to_string()))?;
+        let mut tx = self.pool.begin().await?;
+        let mut revoked = 0;
+        if let Some(c) = cert {
+            let r = &c.record;
+            debug_assert_eq!(r.node, name);
+            sqlx::query("DELETE FROM node_certs WHERE not_after < $1")
+                .bind(c.prune_before as i64)
+                .execute(&mut *tx)
+                .await?;
+            let res = sqlx::query("INSERT INTO node_certs (serial, node, issued_at, not_after, revoked_at) VALUES ($1, $2, $3, $4, $5)")
+                .bind(&r.serial)
+                .bind(name)
+                .bind(r.issued_at as i64)
+                .bind(r.not_after as i64)
+                .bind(r.revoked_at.map(|v| v as i64))
+                .execute(&mut *tx)
+                .await;
+            match res {
+                Err(e) if unique_violation(&e) => {
+                    return Err(StoreError::Conflict(format!("certificate {}", r.serial)))
+                }
+                Err(e) => return Err(e.into()),
+                Ok(_) => {}
+            }
+            let keep: Vec<&str> = std::iter::once(r.serial.as_str()).chain(c.keep).collect();
+            revoked = sqlx::query(
+                "UPDATE node_certs SET revoked_at = $1 WHERE node = $2 AND revoked_at IS NULL AND serial <> ALL($3)",
+            )
+            .bind(now as i64)
+            .bind(name)
+            .bind(keep)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
         sqlx::query("INSERT INTO nodes (name, labels, registered_at, last_seen) VALUES ($1, $2, $3, $3) ON CONFLICT (name) DO UPDATE SET labels = $2, last_seen = $3")
             .bind(name)
             .bind(labels)
             .bind(now as i64)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(())
+        tx.commit().await?;
+        Ok(revoked)
     }
 
     async fn renew_node_leases(&self, now: Millis) -> Result<()> {
@@ -895,31 +932,6 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn add_node_cert(&self, c: &NodeCertRecord, prune_before: Millis) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM node_certs WHERE not_after < $1")
-            .bind(prune_before as i64)
-            .execute(&mut *tx)
-            .await?;
-        let res = sqlx::query("INSERT INTO node_certs (serial, node, issued_at, not_after, revoked_at) VALUES ($1, $2, $3, $4, $5)")
-            .bind(&c.serial)
-            .bind(&c.node)
-            .bind(c.issued_at as i64)
-            .bind(c.not_after as i64)
-            .bind(c.revoked_at.map(|v| v as i64))
-            .execute(&mut *tx)
-            .await;
-        match res {
-            Err(e) if unique_violation(&e) => {
-                return Err(StoreError::Conflict(format!("certificate {}", c.serial)))
-            }
-            Err(e) => return Err(e.into()),
-            Ok(_) => {}
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
     async fn get_node_cert(&self, serial: &str) -> Result<NodeCertRecord> {
         let row = sqlx::query("SELECT * FROM node_certs WHERE serial = $1")
             .bind(serial)
@@ -937,18 +949,6 @@ impl Store for PgStore {
                 .fetch_all(&self.pool)
                 .await?;
         Ok(rows.iter().map(node_cert_from_row).collect())
-    }
-
-    async fn revoke_node_certs(&self, node: &str, keep: &[&str], now: Millis) -> Result<u64> {
-        let res = sqlx::query(
-            "UPDATE node_certs SET revoked_at = $1 WHERE node = $2 AND revoked_at IS NULL AND serial <> ALL($3)",
-        )
-        .bind(now as i64)
-        .bind(node)
-        .bind(keep)
-        .execute(&self.pool)
-        .await?;
-        Ok(res.rows_affected())
     }
 
     async fn add_deliveries(&self, d: &[DeliveryRecord], prune_before: Millis) -> Result<()> {

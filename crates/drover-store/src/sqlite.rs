@@ -531,20 +531,55 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn upsert_node(
+    async fn register_node(
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
+        cert: Option<&IssuedCert<'_>>,
         now: Millis,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let labels = serde_json::to_string(labels).map_err(|e| StoreError::Db(e.to_string()))?;
+        let mut tx = self.write_tx().await?;
+        let mut revoked = 0;
+        if let Some(c) = cert {
+            let r = &c.record;
+            debug_assert_eq!(r.node, name);
+            sqlx::query("DELETE FROM node_certs WHERE not_after < ?")
+                .bind(c.prune_before as i64)
+                .execute(&mut *tx)
+                .await?;
+            let res = sqlx::query("INSERT INTO node_certs (serial, node, issued_at, not_after, revoked_at) VALUES (?, ?, ?, ?, ?)")
+                .bind(&r.serial)
+                .bind(name)
+                .bind(r.issued_at as i64)
+                .bind(r.not_after as i64)
+                .bind(r.revoked_at.map(|v| v as i64))
+                .execute(&mut *tx)
+                .await;
+            match res {
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                    return Err(StoreError::Conflict(format!("certificate {}", r.serial)))
+                }
+                Err(e) => return Err(e.into()),
+                Ok(_) => {}
+            }
+            revoked = sqlx::query("UPDATE node_certs SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL AND serial != ? AND serial != ?")
+                .bind(now as i64)
+                .bind(name)
+                .bind(&r.serial)
+                .bind(c.keep.unwrap_or(&r.serial))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
         sqlx::query("INSERT INTO nodes (name, labels, registered_at, last_seen) VALUES (?1, ?2, ?3, ?3) ON CONFLICT(name) DO UPDATE SET labels = ?2, last_seen = ?3")
             .bind(name)
             .bind(labels)
             .bind(now as i64)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(())
+        tx.commit().await?;
+        Ok(revoked)
     }
 
     async fn renew_node_leases(&self, now: Millis) -> Result<()> {
@@ -620,31 +655,6 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn add_node_cert(&self, c: &NodeCertRecord, prune_before: Millis) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM node_certs WHERE not_after < ?")
-            .bind(prune_before as i64)
-            .execute(&mut *tx)
-            .await?;
-        let res = sqlx::query("INSERT INTO node_certs (serial, node, issued_at, not_after, revoked_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(&c.serial)
-            .bind(&c.node)
-            .bind(c.issued_at as i64)
-            .bind(c.not_after as i64)
-            .bind(c.revoked_at.map(|v| v as i64))
-            .execute(&mut *tx)
-            .await;
-        match res {
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                return Err(StoreError::Conflict(format!("certificate {}", c.serial)))
-            }
-            Err(e) => return Err(e.into()),
-            Ok(_) => {}
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
     async fn get_node_cert(&self, serial: &str) -> Result<NodeCertRecord> {
         let row = sqlx::query("SELECT * FROM node_certs WHERE serial = ?")
             .bind(serial)
@@ -662,27 +672,6 @@ impl Store for SqliteStore {
                 .fetch_all(&self.pool)
                 .await?;
         Ok(rows.iter().map(node_cert_from_row).collect())
-    }
-
-    async fn revoke_node_certs(&self, node: &str, keep: &[&str], now: Millis) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
-        let held: Vec<String> = sqlx::query_scalar(
-            "SELECT serial FROM node_certs WHERE node = ? AND revoked_at IS NULL",
-        )
-        .bind(node)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut n = 0;
-        for serial in held.iter().filter(|s| !keep.contains(&s.as_str())) {
-            sqlx::query("UPDATE node_certs SET revoked_at = ? WHERE serial = ?")
-                .bind(now as i64)
-                .bind(serial)
-                .execute(&mut *tx)
-                .await?;
-            n += 1;
-        }
-        tx.commit().await?;
-        Ok(n)
     }
 
     async fn add_deliveries(&self, d: &[DeliveryRecord], prune_before: Millis) -> Result<()> {

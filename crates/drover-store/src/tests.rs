@@ -214,7 +214,9 @@ mod postgres {
         assert_eq!(b.list_instances("a").await.unwrap().len(), 1);
 
         // Writes that are not the leader's still go through from A.
-        a.upsert_node("n1", &BTreeMap::new(), 1).await.unwrap();
+        a.register_node("n1", &BTreeMap::new(), None, 1)
+            .await
+            .unwrap();
         a.add_event(Some("a"), "test", "from a", 1).await.unwrap();
         assert_eq!(b.list_nodes().await.unwrap().len(), 1);
         assert_eq!(b.list_events(Some("a"), 10).await.unwrap().len(), 1);
@@ -471,7 +473,7 @@ async fn instance_changes_bump_the_index_once_per_transaction<B: Backend>() {
     assert_eq!(got[0].drain_index, Some(i2));
     assert!(!got[0].routed);
     for n in ["n1", "n2"] {
-        s.upsert_node(n, &BTreeMap::new(), 1).await.unwrap();
+        s.register_node(n, &BTreeMap::new(), None, 1).await.unwrap();
     }
     s.record_observations("n1", &[("i1".into(), "{\"x\":1}".into())], 10)
         .await
@@ -509,9 +511,14 @@ async fn nodes_must_register_before_heartbeats<B: Backend>() {
         s.record_observations_batch(&[beat(1)]).await.unwrap()[..],
         [Err(StoreError::NotFound(_))]
     ));
-    s.upsert_node("n1", &BTreeMap::from([("role".into(), "web".into())]), 1)
-        .await
-        .unwrap();
+    s.register_node(
+        "n1",
+        &BTreeMap::from([("role".into(), "web".into())]),
+        None,
+        1,
+    )
+    .await
+    .unwrap();
     s.record_observations_batch(&[beat(5)]).await.unwrap()[0]
         .as_ref()
         .unwrap();
@@ -520,7 +527,9 @@ async fn nodes_must_register_before_heartbeats<B: Backend>() {
     assert_eq!(s.get_node("n1").await.unwrap().as_ref(), Some(n));
     assert_eq!(s.get_node("n9").await.unwrap(), None);
     // A starting server renews every lease, never moving one back.
-    s.upsert_node("n2", &BTreeMap::new(), 50).await.unwrap();
+    s.register_node("n2", &BTreeMap::new(), None, 50)
+        .await
+        .unwrap();
     s.renew_node_leases(20).await.unwrap();
     let seen = last_seen(&s).await;
     assert_eq!(seen, [20, 50]);
@@ -618,7 +627,7 @@ async fn observations_of_a_batch_land_and_unknown_nodes_fail_alone<B: Backend>()
     let (_g, s) = B::open().await;
     s.insert_app(&app("a")).await.unwrap();
     for n in ["n1", "n2"] {
-        s.upsert_node(n, &BTreeMap::new(), 1).await.unwrap();
+        s.register_node(n, &BTreeMap::new(), None, 1).await.unwrap();
     }
     let inst = |id: &str, node: &str| {
         InstanceChange::Insert(InstanceRecord {
@@ -778,13 +787,44 @@ async fn node_certificates_are_revoked_per_node_and_pruned_once_expired<B: Backe
         not_after,
         revoked_at: None,
     };
-    s.add_node_cert(&cert("01", "a", 1, 100), 0).await.unwrap();
-    s.add_node_cert(&cert("02", "a", 2, 200), 0).await.unwrap();
-    s.add_node_cert(&cert("03", "b", 3, 300), 0).await.unwrap();
+    let issue = |serial: &str, node: &str, issued_at: u64, not_after: u64| IssuedCert {
+        record: cert(serial, node, issued_at, not_after),
+        keep: None,
+        prune_before: 0,
+    };
+    let none = BTreeMap::new();
+    // Registering with a new certificate revokes the node's others: a
+    // machine replaced under the same name.
+    assert_eq!(
+        s.register_node("a", &none, Some(&issue("01", "a", 1, 100)), 1)
+            .await
+            .unwrap(),
+        0
+    );
+    // A renewal keeps the one in use.
+    let renewal = IssuedCert {
+        keep: Some("01"),
+        ..issue("02", "a", 2, 200)
+    };
+    assert_eq!(
+        s.register_node("a", &none, Some(&renewal), 2)
+            .await
+            .unwrap(),
+        0
+    );
+    s.register_node("b", &none, Some(&issue("03", "b", 3, 300)), 3)
+        .await
+        .unwrap();
+    // A serial issued twice is refused, and nothing of that registration
+    // is written: neither revocations nor the node's new labels.
+    let labelled = BTreeMap::from([("role".to_string(), "web".to_string())]);
     assert!(matches!(
-        s.add_node_cert(&cert("03", "a", 4, 300), 0).await,
+        s.register_node("a", &labelled, Some(&issue("03", "a", 4, 300)), 4)
+            .await,
         Err(StoreError::Conflict(_))
     ));
+    assert_eq!(s.get_node("a").await.unwrap().unwrap().labels, none);
+    assert_eq!(s.get_node_cert("01").await.unwrap().revoked_at, None);
     assert_eq!(
         s.get_node_cert("02").await.unwrap(),
         cert("02", "a", 2, 200)
@@ -795,19 +835,46 @@ async fn node_certificates_are_revoked_per_node_and_pruned_once_expired<B: Backe
     ));
     let serials = |v: Vec<NodeCertRecord>| v.into_iter().map(|c| c.serial).collect::<Vec<_>>();
     assert_eq!(serials(s.list_node_certs("a").await.unwrap()), ["02", "01"]);
-    // Renewal keeps the one in use; re-registration revokes all.
-    assert_eq!(s.revoke_node_certs("a", &["02"], 50).await.unwrap(), 1);
+    // Registering without a certificate revokes nothing.
+    assert_eq!(s.register_node("a", &none, None, 40).await.unwrap(), 0);
+    // A renewal keeping "02" revokes "01"; the new one stays valid.
+    let renewal = IssuedCert {
+        keep: Some("02"),
+        ..issue("04", "a", 5, 250)
+    };
+    assert_eq!(
+        s.register_node("a", &none, Some(&renewal), 50)
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(s.get_node_cert("01").await.unwrap().revoked_at, Some(50));
     assert_eq!(s.get_node_cert("02").await.unwrap().revoked_at, None);
-    assert_eq!(s.revoke_node_certs("a", &[], 60).await.unwrap(), 1);
+    assert_eq!(s.get_node_cert("04").await.unwrap().revoked_at, None);
+    // A re-registration with the join token revokes all the others.
+    assert_eq!(
+        s.register_node("a", &none, Some(&issue("05", "a", 6, 400)), 60)
+            .await
+            .unwrap(),
+        2
+    );
     assert_eq!(s.get_node_cert("01").await.unwrap().revoked_at, Some(50));
     assert_eq!(s.get_node_cert("02").await.unwrap().revoked_at, Some(60));
+    assert_eq!(s.get_node_cert("04").await.unwrap().revoked_at, Some(60));
     assert_eq!(s.get_node_cert("03").await.unwrap().revoked_at, None);
-    // Adding one forgets those expired before the given time.
-    s.add_node_cert(&cert("04", "a", 5, 400), 150)
+    assert_eq!(s.get_node("a").await.unwrap().unwrap().last_seen, 60);
+    // Issuing one forgets those expired before the given time.
+    let pruning = IssuedCert {
+        prune_before: 150,
+        ..issue("06", "a", 7, 500)
+    };
+    s.register_node("a", &none, Some(&pruning), 70)
         .await
         .unwrap();
-    assert_eq!(serials(s.list_node_certs("a").await.unwrap()), ["04", "02"]);
+    assert_eq!(
+        serials(s.list_node_certs("a").await.unwrap()),
+        ["06", "05", "04", "02"]
+    );
 }
 
 async fn completing_a_rollout_makes_its_target_live_in_the_same_write<B: Backend>() {
