@@ -182,6 +182,15 @@ impl Backend {
             }
             let head = Head::parse(&buf[..n]);
             buf.drain(..n);
+            if head.line.starts_with("POST /too-large ") {
+                // Refused on its head: the body is never read, and the
+                // connection closes with it unread (the kernel resets it).
+                self.requests.fetch_add(1, Ordering::SeqCst);
+                let _ = s
+                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 10\r\nconnection: close\r\n\r\ntoo large\n")
+                    .await;
+                return;
+            }
             if head.get("expect") == Some("100-continue")
                 && s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err()
             {
@@ -748,4 +757,66 @@ async fn expect_100_continue_waits_for_the_instance_before_the_body() {
     assert_eq!((r.status(), r.body.as_slice()), (200, &b"body"[..]));
     let r = c.request(&get("/")).await;
     assert_eq!(r.status(), 200);
+}
+
+/// Sends `head` and then a body of `len` bytes to the proxy, the whole body
+/// before reading anything (as many clients do), and reads the answer.
+async fn post_all_then_read(h: &Harness, head: &str, len: usize) -> Response {
+    let mut c = Client::connect(h).await;
+    c.send(head.as_bytes()).await;
+    let body = vec![b'x'; len];
+    tokio::time::timeout(Duration::from_secs(20), c.s.write_all(&body))
+        .await
+        .expect("the body was not taken within 20 s")
+        .expect("the proxy reset the connection while the body was sent");
+    let r = c.response(false).await;
+    assert!(c.closed().await, "the connection stays open after {head:?}");
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_answering_before_reading_the_body_is_heard() {
+    let (b, h) = start("early-answer").await;
+    let len = 16 << 20;
+    let r = post_all_then_read(
+        &h,
+        &format!("POST /too-large HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {len}\r\n\r\n"),
+        len,
+    )
+    .await;
+    assert_eq!(
+        (r.status(), r.body.as_slice()),
+        (413, &b"too large\n"[..]),
+        "the instance's answer, not a 502"
+    );
+    assert_eq!(r.head.get("connection"), Some("close"));
+    assert_eq!(b.requests.load(Ordering::SeqCst), 1);
+    // Chunked, too.
+    let r = post_all_then_read(
+        &h,
+        &format!("POST /too-large HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n1000000\r\n"),
+        len,
+    )
+    .await;
+    assert_eq!(r.status(), 413);
+    // The proxy goes on serving.
+    assert_eq!(
+        Client::connect(&h).await.request(&get("/")).await.status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_own_answer_to_a_request_with_a_body_is_not_lost_to_a_reset() {
+    let (b, h) = start("own-answer-body").await;
+    let len = 16 << 20;
+    let r = post_all_then_read(
+        &h,
+        &format!("POST /echo HTTP/1.1\r\nHost: nowhere.localhost\r\nContent-Length: {len}\r\n\r\n"),
+        len,
+    )
+    .await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.body, b"drover: no route for host nowhere.localhost\n");
+    assert_eq!(b.requests.load(Ordering::SeqCst), 0);
 }

@@ -54,6 +54,13 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a request with `Expect: 100-continue` waits for the instance's
 /// interim (or final) answer before its body is sent anyway.
 pub const EXPECT_WAIT: Duration = Duration::from_secs(1);
+/// A connection closed with a request body not read to its end (an early
+/// answer, the proxy's own 4xx/5xx) is first half-closed, and what the
+/// client still sends is read and dropped for up to this long: closing a
+/// socket with unread bytes resets the connection, and the reset can
+/// destroy the answer before the client has read it (nginx's lingering
+/// close does the same).
+pub const LINGER_TIME: Duration = Duration::from_secs(5);
 
 impl<'b> RequestHeaders for [httparse::Header<'b>] {
     fn find_map<'h, T>(
@@ -96,6 +103,9 @@ struct Downstream<S> {
 enum Next {
     KeepAlive,
     Close,
+    /// Close, with bytes of the request (its body) perhaps still coming:
+    /// half-close and drain them first ([`LINGER_TIME`]).
+    Linger,
 }
 
 /// Serves HTTP/1.x on one client connection until it closes, fails, idles
@@ -113,6 +123,7 @@ where
         upout: Vec::with_capacity(1024),
     };
     let mut first = true;
+    let mut linger = false;
     loop {
         let head_len = match wait_head(&mut c, first, worker).await {
             Ok(n) => n,
@@ -126,16 +137,43 @@ where
                     true,
                 )
                 .await;
+                linger = true;
                 break;
             }
         };
         first = false;
-        if handle(&mut c, head_len, worker).await == Next::Close {
-            break;
+        match handle(&mut c, head_len, worker).await {
+            Next::KeepAlive => {}
+            Next::Close => break,
+            Next::Linger => {
+                linger = true;
+                break;
+            }
         }
         c.buf.shrink_if_empty();
     }
-    let _ = c.io.shutdown().await;
+    if c.io.shutdown().await.is_ok() && linger {
+        drain(&mut c).await;
+    }
+}
+
+/// Reads and drops what the client still sends, until it closes or
+/// [`LINGER_TIME`] is up.
+async fn drain<S>(c: &mut Downstream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        loop {
+            let n = c.buf.len();
+            c.buf.consume(n);
+            match c.buf.read_from(&mut c.io, MAX_HEAD).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
 }
 
 enum HeadWait {
@@ -419,7 +457,9 @@ where
             let close = close || w.shutdown.is_cancelled();
             match respond_text(c, status, &body, head_only, close).await {
                 Ok(()) if !close => Next::KeepAlive,
-                _ => Next::Close,
+                // A body the request may have had is unread.
+                Ok(()) => Next::Linger,
+                Err(_) => Next::Close,
             }
         }
         Admit::Proxy {
@@ -511,6 +551,9 @@ impl Failure {
 struct Answered {
     status: u16,
     client_keep: bool,
+    /// The instance answered before the request body was all sent: the
+    /// rest of it is still to come from the client.
+    body_unread: bool,
 }
 
 /// Proxies an admitted request: attempts, response, counters.
@@ -584,6 +627,8 @@ where
             false,
             if a.client_keep {
                 Next::KeepAlive
+            } else if a.body_unread {
+                Next::Linger
             } else {
                 Next::Close
             },
@@ -600,18 +645,24 @@ where
                 tracing::debug!(failure = %f, "client failed mid-request");
             }
             let mut status = 0;
+            let mut next = Next::Close;
             if let Some((s, body)) = f.status() {
                 status = s;
-                let _ = respond_text(c, s, body, req.head_only, true).await;
+                if respond_text(c, s, body, req.head_only, true).await.is_ok()
+                    && req.framing != Framing::None
+                {
+                    // The body may not have been read to its end.
+                    next = Next::Linger;
+                }
             }
-            (status, f.upstream(), Next::Close)
+            (status, f.upstream(), next)
         }
     };
     if let Some(u) = chosen {
         u.counters
             .record(started.elapsed(), status >= 500 || failed);
     }
-    if w.shutdown.is_cancelled() {
+    if next == Next::KeepAlive && w.shutdown.is_cancelled() {
         return Next::Close;
     }
     next
@@ -699,20 +750,10 @@ where
         }
         if !body_skipped {
             *body_sent = true;
-            relay_body(
-                &mut c.io,
-                &mut c.buf,
-                &mut uc.stream,
-                &mut c.upout,
-                req.framing,
-                ChunkedOut::Raw,
-            )
-            .await
-            .map_err(|e| match e {
-                RelayError::Read(e) => Failure::Client(e),
-                RelayError::Write(e) => Failure::Early(e),
-                RelayError::Framing => Failure::BadBody,
-            })?;
+            if let Some(head) = send_body(c, uc, req.framing).await? {
+                early_head = Some(head);
+                body_skipped = true;
+            }
         }
     }
 
@@ -869,6 +910,7 @@ where
             Answered {
                 status,
                 client_keep: false,
+                body_unread: false,
             },
             false,
         ));
@@ -878,9 +920,66 @@ where
         Answered {
             status,
             client_keep,
+            body_unread: body_skipped,
         },
         reusable,
     ))
+}
+
+/// Streams the request body up, while watching for an answer the instance
+/// gives before it has read all of it (a 413, a 401): then the rest of the
+/// body is not sent, and the answer's head length in `uc.buf` is returned.
+/// An interim (1xx) head or the instance closing its side only ends the
+/// watch; the body goes on, and the response is read after it as usual.
+async fn send_body<S>(
+    c: &mut Downstream<S>,
+    uc: &mut UpstreamConn,
+    framing: Framing,
+) -> Result<Option<usize>, Failure>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let UpstreamConn { stream, buf: ubuf } = uc;
+    let (mut rd, mut wr) = stream.split();
+    let relay = relay_body(
+        &mut c.io,
+        &mut c.buf,
+        &mut wr,
+        &mut c.upout,
+        framing,
+        ChunkedOut::Raw,
+    );
+    tokio::pin!(relay);
+    let mut watching = true;
+    let mut scanned = 0;
+    loop {
+        tokio::select! {
+            // An answer that came in wins over a write it made fail.
+            biased;
+            read = ubuf.read_from(&mut rd, MAX_HEAD), if watching => {
+                if !matches!(read, Ok(n) if n > 0) {
+                    watching = false;
+                    continue;
+                }
+                let Some(end) = head_end(ubuf.filled(), scanned) else {
+                    scanned = ubuf.len().saturating_sub(3);
+                    watching = ubuf.len() < MAX_HEAD;
+                    continue;
+                };
+                match response_status(&ubuf.filled()[..end]) {
+                    Some(s) if (100..200).contains(&s) => watching = false,
+                    _ => return Ok(Some(end)),
+                }
+            }
+            sent = &mut relay => {
+                return sent.map(|_| None).map_err(|e| match e {
+                    RelayError::Read(e) => Failure::Client(e),
+                    RelayError::Write(e) => Failure::Early(e),
+                    RelayError::Framing => Failure::BadBody,
+                });
+            }
+        }
+    }
 }
 
 /// The status code of a response head, if it parses.
