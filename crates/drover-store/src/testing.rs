@@ -3,7 +3,9 @@
 //! [`TestPostgres::shared`] starts one cluster per test process, on first
 //! use, from the installed PostgreSQL binaries (`initdb`, `postgres`) in a
 //! temporary directory, listening on 127.0.0.1 only with `trust`
-//! authentication. It lives as long as the test process: its shell waits on
+//! authentication and TLS offered (a certificate for 127.0.0.1 and
+//! `localhost` from a CA of its own, [`TestPostgres::ca_file`]), so
+//! connections that `prefer` TLS, sqlx's default, use it. It lives as long as the test process: its shell waits on
 //! a pipe that only the process's exit closes, then stops the server and
 //! removes the directory. Each test takes its own database with
 //! [`TestPostgres::fresh_database`].
@@ -49,6 +51,12 @@ impl TestPostgres {
         self.port
     }
 
+    /// The PEM file of the CA that signed the server's certificate (for
+    /// `sslmode=verify-full&sslrootcert=…`).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("tls").join("ca.pem")
+    }
+
     /// The cluster's directory (data, socket, `log`).
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -80,6 +88,7 @@ impl TestPostgres {
             .keep();
         let log = dir.join("log");
         let log_file = File::create(&log).expect("the server log");
+        write_tls_files(&dir.join("tls"));
         // PostgreSQL refuses to run as root: as root, run it as `postgres`.
         let as_root = is_root();
         if as_root {
@@ -111,10 +120,11 @@ impl TestPostgres {
             .expect("a free port")
             .port();
         let script = format!(
-            "{postgres} -D {data} -p {port} -h 127.0.0.1 -k {dir} -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 & pid=$!; read _; kill -INT $pid; wait $pid; rm -rf {dir}",
+            "{postgres} -D {data} -p {port} -h 127.0.0.1 -k {dir} -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 -c ssl=on -c ssl_cert_file={tls}/server.pem -c ssl_key_file={tls}/server.key & pid=$!; read _; kill -INT $pid; wait $pid; rm -rf {dir}",
             postgres = sh_quote(&bin.join("postgres")),
             data = sh_quote(&dir.join("data")),
             dir = sh_quote(&dir),
+            tls = sh_quote(&dir.join("tls")),
         );
         let mut server = cmd(Path::new("sh"))
             .arg("-c")
@@ -217,4 +227,35 @@ fn read_log(path: &Path) -> String {
 /// `p` quoted for `sh`.
 fn sh_quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+/// A CA (`ca.pem`) and a server certificate it signed for 127.0.0.1 and
+/// `localhost` (`server.pem`, `server.key`, mode 0600 as PostgreSQL
+/// requires) in `dir`.
+fn write_tls_files(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir).expect("the TLS directory");
+    let ca_key = KeyPair::generate().expect("a CA key");
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name
+        .push(DnType::CommonName, "drover test PostgreSQL CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let ca_cert = ca.self_signed(&ca_key).expect("the CA certificate");
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().expect("a server key");
+    let mut server = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+        .expect("server certificate names");
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let cert = server
+        .signed_by(&key, &issuer)
+        .expect("the server certificate");
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("ca.pem");
+    std::fs::write(dir.join("server.pem"), cert.pem()).expect("server.pem");
+    let key_file = dir.join("server.key");
+    std::fs::write(&key_file, key.serialize_pem()).expect("server.key");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
+        .expect("server.key's mode");
 }

@@ -157,6 +157,61 @@ mod postgres {
         }
     }
 
+    /// Whether the pool's connection speaks TLS, as the server sees it.
+    async fn over_tls(s: &PgStore) -> bool {
+        sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(s.pool())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn connections_use_tls_and_verify_the_server_against_the_given_ca() {
+        let pg = testing::shared();
+        let url = pg.fresh_database().await;
+        // verify-full: TLS, the certificate checked against the CA and
+        // the host name (127.0.0.1) against the certificate.
+        let verified = format!(
+            "{url}?sslmode=verify-full&sslrootcert={}",
+            pg.ca_file().display()
+        );
+        let s = PgStore::connect(&verified).await.unwrap();
+        assert!(over_tls(&s).await);
+        s.insert_app(&app("a")).await.unwrap();
+        // The default, `prefer`, takes TLS when the server offers it;
+        // `disable` does not.
+        assert!(over_tls(&PgStore::connect(&url).await.unwrap()).await);
+        let plain = PgStore::connect(&format!("{url}?sslmode=disable"))
+            .await
+            .unwrap();
+        assert!(!over_tls(&plain).await);
+        // A CA that did not sign the server's certificate: refused, with
+        // the cause, and the password not in the message.
+        let other = tempfile::tempdir().unwrap();
+        let ca = other.path().join("other-ca.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        let wrong = format!(
+            "postgres://postgres:hunter2@127.0.0.1:{}/{}?sslmode=verify-full&sslrootcert={}",
+            pg.port(),
+            url.rsplit('/').next().unwrap(),
+            ca.display()
+        );
+        let err = PgStore::connect_within(&wrong, std::time::Duration::from_secs(3))
+            .await
+            .err()
+            .expect("a server certificate from another CA is refused")
+            .to_string();
+        assert!(
+            err.contains("cannot connect to PostgreSQL at postgres://postgres:***@")
+                && err.to_lowercase().contains("certificate")
+                && !err.contains("hunter2"),
+            "{err}"
+        );
+    }
+
     #[tokio::test]
     async fn a_deposed_leader_cannot_write_what_only_the_leader_writes() {
         let url = testing::shared().fresh_database().await;
