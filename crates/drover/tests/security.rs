@@ -772,7 +772,7 @@ fn the_api_and_the_proxy_serve_https_with_a_given_certificate() {
             "--data-dir",
             &agent_dir,
             "--ports",
-            "33000-33099",
+            "29900-29999",
         ],
         &env,
     );

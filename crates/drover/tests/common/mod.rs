@@ -262,7 +262,11 @@ impl Cluster {
         let proxy_addr = format!("127.0.0.1:{}", free_port());
         let api = format!("http://{api_addr}");
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
-        let port_base = 30000 + (std::process::id() % 50) as u16 * 400;
+        // The agents' app and metrics ports: fixed per test process, and
+        // below Linux's ephemeral range (32768–60999), where `free_port`
+        // takes the servers' and proxies' ports (CI once saw an agent's
+        // metrics port be the server's API port).
+        let port_base = 10000 + (std::process::id() % 50) as u16 * 400;
         let data_dir = dir.path().join("server").to_string_lossy().into_owned();
         let server_args = |host: &str, name: &str| -> Vec<String> {
             let mut a: Vec<String> = [
