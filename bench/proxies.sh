@@ -69,6 +69,7 @@ cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -f "$D/nginx/nginx.pid" ] && nginx -p "$D/nginx" -c "$D/nginx/nginx.conf" -s stop 2>/dev/null || true
   kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null || true
+  pkill -KILL -f -- "--callgrind-out-file=$D/" 2>/dev/null || true
   rm -rf "$D"
 }
 trap cleanup EXIT
@@ -102,10 +103,20 @@ max_unavailable = 0
 drain_timeout = "5s"
 TOML
 commit() { echo "$1" >"$REPO/VERSION"; git -C "$REPO" add -A; git -C "$REPO" -c user.name=b -c user.email=b@b.invalid commit -qm "$1"; }
+# A deploy that fails stops the benchmark with the CLI's answer, the app's
+# status and the end of the cluster's log.
+deploy() {
+  "$DROVER" deploy bench --wait >"$D/deploy.out" 2>&1 && return
+  echo "drover deploy bench --wait failed:" >&2
+  cat "$D/deploy.out" >&2
+  "$DROVER" status bench >&2 || true
+  tail -40 "$D/up.log" >&2
+  exit 1
+}
 git -C "$REPO" init -q --initial-branch=main
 commit v1
 "$DROVER" apps add "$REPO" >/dev/null
-"$DROVER" deploy bench --wait >/dev/null 2>&1
+deploy
 addrs() { "$DROVER" status bench --json | python3 -c 'import json,sys; print(" ".join(i["address"] for i in json.load(sys.stdin)["instances"] if i["state"] == "healthy"))'; }
 read -r A B <<<"$(addrs)"
 pin_backends() { for p in $(pgrep -f "exec ./backend|/backend$" || true); do taskset -a -cp 1 "$p" >/dev/null 2>&1 || true; done; }
@@ -218,8 +229,15 @@ instructions() { # BIN|nginx
   callgrind_control -z $V >/dev/null
   "$BIN/loadgen" 127.0.0.1:18290 $HOST 10 600 --max 5000 >/dev/null
   callgrind_control -d $V >/dev/null
+  # The dump is written when the process next runs under valgrind: wait
+  # for it (an idle nginx can take a while), else take the dump at exit
+  # (counted from the same zero).
+  for _ in $(seq 100); do grep -qs '^totals:' "$out".1 && break; sleep 0.1; done
   kill -INT $V; wait $V 2>/dev/null || true
-  total=$(awk '/^(summary|totals):/ {print $2}' "$out".1 | tail -1)
+  pkill -KILL -f -- "--callgrind-out-file=$out" 2>/dev/null || true
+  local dump="$out".1
+  grep -qs '^totals:' "$dump" || dump=$out
+  total=$(awk '/^(summary|totals):/ {print $2}' "$dump" | tail -1)
   rm -f "$out"*
   echo $((total / 5000))
 }
@@ -334,6 +352,11 @@ if [ -n "${QUICK:-}" ]; then
   exit 0
 fi
 
+# Instructions per request, while nginx's configuration still points at
+# instances that live (the switches below replace drover's instances).
+INSTR_DROVER=$(instructions "$DROVER")
+INSTR_NGINX=$(instructions nginx)
+
 # 20 switches between the two backend sets under load (4 keep-alive
 # connections), counting failed requests.
 SWITCH_SECS=${SWITCH_SECS:-20}
@@ -368,7 +391,7 @@ L=$!
 sleep 1
 for i in $(seq 1 20); do
   commit "switch $i"
-  "$DROVER" deploy bench --wait >/dev/null 2>&1
+  deploy
   pin_backends
 done
 sleep 1
@@ -376,8 +399,6 @@ touch "$D/stop"
 wait $L
 read -r SW_DROVER SWD_REQ <<<"$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["errors"], r["requests"])' "$D/switch.drover")"
 
-INSTR_DROVER=$(instructions "$DROVER")
-INSTR_NGINX=$(instructions nginx)
 
 ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
 OUT=$D/section.md
