@@ -820,3 +820,81 @@ async fn the_proxys_own_answer_to_a_request_with_a_body_is_not_lost_to_a_reset()
     assert_eq!(r.body, b"drover: no route for host nowhere.localhost\n");
     assert_eq!(b.requests.load(Ordering::SeqCst), 0);
 }
+
+/// Reads until the proxy closes `c`, writing `line` once a second (when
+/// given) meanwhile; how long that took. At most 30 s.
+async fn time_to_close(c: &mut Client, line: Option<&[u8]>) -> Duration {
+    let t = std::time::Instant::now();
+    let mut b = [0u8; 64];
+    while t.elapsed() < Duration::from_secs(30) {
+        match tokio::time::timeout(Duration::from_secs(1), c.s.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return t.elapsed(),
+            Ok(Ok(n)) => panic!("unexpected bytes: {:?}", String::from_utf8_lossy(&b[..n])),
+            Err(_) => {
+                if let Some(line) = line {
+                    if c.s.write_all(line).await.is_err() {
+                        return t.elapsed();
+                    }
+                }
+            }
+        }
+    }
+    panic!("the connection was still open after 30 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_slow_clients_are_cut_off_by_the_header_timeout() {
+    let (_b, h) = start("header-timeout").await;
+    // A client that connects and says nothing.
+    let silent = async {
+        let mut c = Client::connect(&h).await;
+        time_to_close(&mut c, None).await
+    };
+    // A keep-alive client whose second request head comes a line a second
+    // (slowloris): the header timeout (10 s) counts from the head's first
+    // bytes, not the keep-alive timeout (60 s), and the trickle does not
+    // extend it.
+    let slow = async {
+        let mut c = Client::connect(&h).await;
+        assert_eq!(c.request(&get("/")).await.status(), 200);
+        c.send(format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n").as_bytes())
+            .await;
+        time_to_close(&mut c, Some(b"x-slow: 1\r\n")).await
+    };
+    let (silent, slow) = tokio::join!(silent, slow);
+    eprintln!("silent closed after {silent:?}, slow after {slow:?}");
+    for took in [silent, slow] {
+        assert!(
+            took >= Duration::from_secs(9) && took <= Duration::from_secs(16),
+            "closed after {took:?}, not by the 10 s header timeout"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_never_answers_gets_a_504_after_the_io_timeout() {
+    // An instance that takes the request and never answers.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = hung.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hung.accept().await {
+            held.push(s);
+        }
+    });
+    let h = Harness::start("h1", "hung", routes(addr)).await;
+    let mut c = Client::connect(&h).await;
+    let t = std::time::Instant::now();
+    c.send(get("/").as_bytes()).await;
+    let n = tokio::time::timeout(Duration::from_secs(90), read_head(&mut c.s, &mut c.buf))
+        .await
+        .expect("no answer within 90 s")
+        .expect("closed without an answer");
+    let took = t.elapsed();
+    let head = Head::parse(&c.buf[..n]);
+    assert!(head.line.starts_with("HTTP/1.1 504 "), "{}", head.line);
+    assert!(
+        took >= Duration::from_secs(59) && took <= Duration::from_secs(70),
+        "answered after {took:?}, not by the 60 s I/O timeout"
+    );
+}

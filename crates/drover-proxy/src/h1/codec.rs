@@ -8,7 +8,9 @@
 //! `AsyncRead`/`AsyncWrite` and wrap every read and write in
 //! [`IO_TIMEOUT`](crate::service::IO_TIMEOUT).
 
+use std::future::Future;
 use std::io;
+use std::task::Poll;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
@@ -461,23 +463,34 @@ fn timed_out() -> io::Error {
 /// Reads once more into `buf`, within [`IO_TIMEOUT`]; end of stream is an
 /// `UnexpectedEof` error.
 pub async fn fill<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Buf) -> io::Result<()> {
-    match tokio::time::timeout(IO_TIMEOUT, buf.read_from(r, BUF_SIZE)).await {
-        Ok(Ok(0)) => Err(io::Error::new(
+    match within_io_timeout(buf.read_from(r, BUF_SIZE)).await {
+        Some(Ok(0)) => Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "connection closed in the middle of a message",
         )),
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(timed_out()),
+        Some(Ok(_)) => Ok(()),
+        Some(Err(e)) => Err(e),
+        None => Err(timed_out()),
     }
 }
 
 /// Writes all of `bytes` within [`IO_TIMEOUT`].
 pub async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
-    match tokio::time::timeout(IO_TIMEOUT, w.write_all(bytes)).await {
-        Ok(r) => r,
-        Err(_) => Err(timed_out()),
+    within_io_timeout(w.write_all(bytes))
+        .await
+        .unwrap_or_else(|| Err(timed_out()))
+}
+
+/// `fut`'s output if it completes within [`IO_TIMEOUT`]. It is polled once
+/// first: most socket reads and writes on the hot path complete at once,
+/// and then no timer is armed (arming one reads the clock and takes a slot
+/// in the timer wheel, request after request).
+pub async fn within_io_timeout<F: Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    if let Poll::Ready(v) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        return Some(v);
     }
+    tokio::time::timeout(IO_TIMEOUT, fut).await.ok()
 }
 
 /// Writes `out` (a pending head, possibly empty) followed by `body`, in one
@@ -592,11 +605,11 @@ where
             buf.consume(n);
             total += n as u64;
         }
-        match tokio::time::timeout(IO_TIMEOUT, buf.read_from(src, BUF_SIZE)).await {
-            Ok(Ok(0)) => return Ok(total),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(RelayError::Read(e)),
-            Err(_) => return Err(RelayError::Read(timed_out())),
+        match within_io_timeout(buf.read_from(src, BUF_SIZE)).await {
+            Some(Ok(0)) => return Ok(total),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(RelayError::Read(e)),
+            None => return Err(RelayError::Read(timed_out())),
         }
     }
 }

@@ -28,12 +28,14 @@
 //! Failures become HTTP statuses in one place, [`Failure::status`].
 
 use std::io::{self, Write as _};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::codec::{
     connection_has, is_hop_by_hop, relay_body, request_framing, response_framing, write_all, Buf,
@@ -87,7 +89,11 @@ pub struct Worker {
 /// A downstream connection and its buffers, reused request after request.
 struct Downstream<S> {
     io: S,
-    peer: IpAddr,
+    /// The client's address as text, for `x-forwarded-for`.
+    peer: String,
+    /// The connection's one timer: the keep-alive and header timeouts,
+    /// and the wait for an instance's response head.
+    deadline: Deadline,
     /// Received bytes: the request head, then body and pipelined requests.
     buf: Buf,
     /// Bytes to write to the client (a response head, small bodies).
@@ -96,6 +102,45 @@ struct Downstream<S> {
     uphead: Vec<u8>,
     /// The head plus the first body bytes for one upstream attempt.
     upout: Vec<u8>,
+}
+
+/// A connection's deadline. Moving it is a field write: the tokio timer
+/// under it is re-armed only when it fires before the deadline (or the
+/// deadline moves earlier), so a busy keep-alive connection does not arm
+/// and cancel timers request after request, as per-request
+/// `tokio::time::timeout`s would (each a clock read and two timer-wheel
+/// updates).
+struct Deadline {
+    sleep: Pin<Box<Sleep>>,
+    at: Instant,
+}
+
+impl Deadline {
+    fn new(at: Instant) -> Deadline {
+        Deadline {
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+            at,
+        }
+    }
+
+    fn set(&mut self, at: Instant) {
+        if at < self.sleep.deadline() {
+            self.sleep.as_mut().reset(at);
+        }
+        self.at = at;
+    }
+
+    /// Completes once the deadline has passed.
+    async fn passed(&mut self) {
+        loop {
+            self.sleep.as_mut().await;
+            if self.sleep.deadline() >= self.at {
+                return;
+            }
+            let at = self.at;
+            self.sleep.as_mut().reset(at);
+        }
+    }
 }
 
 /// What to do after a request.
@@ -114,18 +159,23 @@ pub async fn serve<S>(io: S, peer: SocketAddr, worker: &Worker)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut since = Instant::now();
     let mut c = Downstream {
         io,
-        peer: peer.ip(),
+        peer: peer.ip().to_string(),
+        deadline: Deadline::new(since + HEADER_TIMEOUT),
         buf: Buf::new(),
         out: Vec::with_capacity(1024),
         uphead: Vec::with_capacity(1024),
         upout: Vec::with_capacity(1024),
     };
+    // Polled across requests, so that its place in the token's waiter list
+    // is taken once per connection.
+    let mut cancelled = std::pin::pin!(worker.shutdown.cancelled());
     let mut first = true;
     let mut linger = false;
     loop {
-        let head_len = match wait_head(&mut c, first, worker).await {
+        let head_len = match wait_head(&mut c, first, since, worker, cancelled.as_mut()).await {
             Ok(n) => n,
             Err(HeadWait::Closed) => break,
             Err(HeadWait::TooLarge) => {
@@ -142,7 +192,9 @@ where
             }
         };
         first = false;
-        match handle(&mut c, head_len, worker).await {
+        let (next, done) = handle(&mut c, head_len, worker).await;
+        since = done;
+        match next {
             Next::KeepAlive => {}
             Next::Close => break,
             Next::Linger => {
@@ -200,12 +252,20 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
 }
 
 /// Waits until `c.buf` starts with a complete request head; its length.
-async fn wait_head<S>(c: &mut Downstream<S>, first: bool, w: &Worker) -> Result<usize, HeadWait>
+/// `since`: when the connection was accepted (`first`) or its last request
+/// ended, the start of the idle time.
+async fn wait_head<S>(
+    c: &mut Downstream<S>,
+    first: bool,
+    since: Instant,
+    w: &Worker,
+    mut cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
+) -> Result<usize, HeadWait>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut scanned = 0;
-    let mut deadline = None;
+    let mut header_deadline_set = false;
     loop {
         // Empty lines before a request are ignored (RFC 9112 §2.2).
         let blank = c
@@ -225,7 +285,8 @@ where
             return Err(HeadWait::TooLarge);
         }
         scanned = c.buf.len().saturating_sub(3);
-        let read = if c.buf.is_empty() {
+        let between = c.buf.is_empty();
+        if between {
             // Between requests: wait for the next one, or give up.
             if w.shutdown.is_cancelled() {
                 return Err(HeadWait::Closed);
@@ -235,18 +296,17 @@ where
             } else {
                 KEEPALIVE_TIMEOUT
             };
-            tokio::select! {
-                biased;
-                r = c.buf.read_from(&mut c.io, MAX_HEAD) => r,
-                _ = w.shutdown.cancelled() => return Err(HeadWait::Closed),
-                _ = tokio::time::sleep(idle) => return Err(HeadWait::Closed),
-            }
-        } else {
-            let d = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + HEADER_TIMEOUT);
-            match tokio::time::timeout_at(d, c.buf.read_from(&mut c.io, MAX_HEAD)).await {
-                Ok(r) => r,
-                Err(_) => return Err(HeadWait::Closed),
-            }
+            c.deadline.set(since + idle);
+        } else if !header_deadline_set {
+            // The rest of the head within the header timeout.
+            header_deadline_set = true;
+            c.deadline.set(Instant::now() + HEADER_TIMEOUT);
+        }
+        let read = tokio::select! {
+            biased;
+            r = c.buf.read_from(&mut c.io, MAX_HEAD) => r,
+            _ = cancelled.as_mut(), if between => return Err(HeadWait::Closed),
+            _ = c.deadline.passed() => return Err(HeadWait::Closed),
         };
         match read {
             Ok(0) | Err(_) => return Err(HeadWait::Closed),
@@ -298,7 +358,7 @@ fn bad_request(message: &str) -> Admit {
 
 /// Parses the head, routes the request against `table`, and writes the
 /// upstream request head into `uphead`.
-fn admit(head: &[u8], peer: IpAddr, table: &Table, uphead: &mut Vec<u8>) -> Admit {
+fn admit(head: &[u8], peer: &str, table: &Table, uphead: &mut Vec<u8>) -> Admit {
     let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut storage);
     match parsed.parse(head) {
@@ -409,11 +469,14 @@ fn admit(head: &[u8], peer: IpAddr, table: &Table, uphead: &mut Vec<u8>) -> Admi
             uphead.extend_from_slice(b", ");
         }
     }
-    let _ = write!(uphead, "{peer}\r\n");
+    uphead.extend_from_slice(peer.as_bytes());
+    uphead.extend_from_slice(b"\r\n");
     match framing {
-        Framing::Length(n) => {
-            let _ = write!(uphead, "content-length: {n}\r\n");
-        }
+        Framing::Length(n) => push_header(
+            uphead,
+            b"content-length",
+            itoa::Buffer::new().format(n).as_bytes(),
+        ),
         Framing::Chunked => uphead.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::None | Framing::Close => {}
     }
@@ -430,6 +493,15 @@ fn admit(head: &[u8], peer: IpAddr, table: &Table, uphead: &mut Vec<u8>) -> Admi
     }
 }
 
+/// `HTTP/1.1 {status} {reason}\r\n`, without `fmt`.
+fn status_line(out: &mut Vec<u8>, status: u16, reason: &str) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
@@ -438,14 +510,15 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// Handles the request whose head is the first `head_len` bytes of `c.buf`.
-async fn handle<S>(c: &mut Downstream<S>, head_len: usize, w: &Worker) -> Next
+/// What next, and when the request ended.
+async fn handle<S>(c: &mut Downstream<S>, head_len: usize, w: &Worker) -> (Next, Instant)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     // The request's reference to the table, held until it is done.
     let table = w.state.tables.load();
-    let admitted = admit(&c.buf.filled()[..head_len], c.peer, &table, &mut c.uphead);
+    let admitted = admit(&c.buf.filled()[..head_len], &c.peer, &table, &mut c.uphead);
     c.buf.consume(head_len);
     match admitted {
         Admit::Respond {
@@ -455,12 +528,13 @@ where
             close,
         } => {
             let close = close || w.shutdown.is_cancelled();
-            match respond_text(c, status, &body, head_only, close).await {
+            let next = match respond_text(c, status, &body, head_only, close).await {
                 Ok(()) if !close => Next::KeepAlive,
                 // A body the request may have had is unread.
                 Ok(()) => Next::Linger,
                 Err(_) => Next::Close,
-            }
+            };
+            (next, Instant::now())
         }
         Admit::Proxy {
             req,
@@ -564,8 +638,8 @@ async fn proxy<S>(
     group: Group,
     set_cookie: Option<String>,
     w: &Worker,
-    started: std::time::Instant,
-) -> Next
+    started: Instant,
+) -> (Next, Instant)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -573,6 +647,9 @@ where
     // Set once body bytes were taken from the client: no more retries.
     let mut body_sent = false;
     let mut chosen: Option<&UpstreamEntry> = None;
+    // When the request ended (the clock read once, for the counters, the
+    // pool and the next keep-alive wait).
+    let mut done = None;
     let result = loop {
         let Some(i) = route.select(group, tried.as_slice()) else {
             break Err(Failure::Connect(io::Error::other("no selectable upstream")));
@@ -580,7 +657,13 @@ where
         tried.push(i);
         let up = &route.upstreams[i];
         chosen = Some(up);
-        let (mut uc, reused) = match w.pool.take(up.socket_addr) {
+        // The first attempt starts with the request; a later one, now.
+        let attempt = if tried.len == 1 {
+            started
+        } else {
+            Instant::now()
+        };
+        let (mut uc, reused) = match w.pool.take(up.socket_addr, attempt) {
             Some(uc) => (uc, true),
             None => match UpstreamConn::connect(up.socket_addr).await {
                 Ok(uc) => (uc, false),
@@ -595,6 +678,8 @@ where
                 }
             },
         };
+        // The request head goes up now (a new connection took its time).
+        let sending = if reused { attempt } else { Instant::now() };
         match exchange(
             c,
             &mut uc,
@@ -603,12 +688,15 @@ where
             set_cookie.as_deref(),
             w,
             &mut body_sent,
+            sending,
         )
         .await
         {
             Ok((answered, reusable)) => {
+                let now = Instant::now();
+                done = Some(now);
                 if reusable {
-                    w.pool.put(up.socket_addr, uc);
+                    w.pool.put(up.socket_addr, uc, now);
                 }
                 break Ok(answered);
             }
@@ -658,19 +746,23 @@ where
             (status, f.upstream(), next)
         }
     };
+    let done = done.unwrap_or_else(Instant::now);
     if let Some(u) = chosen {
-        u.counters
-            .record(started.elapsed(), status >= 500 || failed);
+        u.counters.record(done - started, status >= 500 || failed);
     }
     if next == Next::KeepAlive && w.shutdown.is_cancelled() {
-        return Next::Close;
+        return (Next::Close, done);
     }
-    next
+    (next, done)
 }
 
-/// Reads from the instance until `uc.buf` holds a complete response head;
-/// its length. A failure before any byte arrived is [`Failure::Early`].
-async fn read_response_head(uc: &mut UpstreamConn) -> Result<usize, Failure> {
+/// Reads from the instance until `uc.buf` holds a complete response head,
+/// by `deadline` (set by the caller); its length. A failure before any byte
+/// arrived is [`Failure::Early`].
+async fn read_response_head(
+    uc: &mut UpstreamConn,
+    deadline: &mut Deadline,
+) -> Result<usize, Failure> {
     let mut scanned = 0;
     loop {
         if let Some(end) = head_end(uc.buf.filled(), scanned) {
@@ -681,15 +773,19 @@ async fn read_response_head(uc: &mut UpstreamConn) -> Result<usize, Failure> {
         }
         scanned = uc.buf.len().saturating_sub(3);
         let had_bytes = !uc.buf.is_empty();
-        let read = tokio::time::timeout(IO_TIMEOUT, uc.buf.read_from(&mut uc.stream, MAX_HEAD));
-        let e = match read.await {
-            Ok(Ok(0)) => io::Error::new(
+        let read = tokio::select! {
+            biased;
+            r = uc.buf.read_from(&mut uc.stream, MAX_HEAD) => Some(r),
+            _ = deadline.passed() => None,
+        };
+        let e = match read {
+            Some(Ok(0)) => io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the instance closed the connection",
             ),
-            Ok(Ok(_)) => continue,
-            Ok(Err(e)) => e,
-            Err(_) => io::Error::new(
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => e,
+            None => io::Error::new(
                 io::ErrorKind::TimedOut,
                 "no response within the I/O timeout",
             ),
@@ -704,7 +800,9 @@ async fn read_response_head(uc: &mut UpstreamConn) -> Result<usize, Failure> {
 
 /// One attempt on `uc`: the request (head and body) up, the response
 /// down. Ok: the response was passed on completely; whether `uc` may be
-/// pooled.
+/// pooled. `sending`: about now (the head goes up first); the response
+/// head is due within [`IO_TIMEOUT`] of the request's end.
+#[allow(clippy::too_many_arguments)]
 async fn exchange<S>(
     c: &mut Downstream<S>,
     uc: &mut UpstreamConn,
@@ -713,10 +811,12 @@ async fn exchange<S>(
     set_cookie: Option<&str>,
     w: &Worker,
     body_sent: &mut bool,
+    sending: Instant,
 ) -> Result<(Answered, bool), Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    c.deadline.set(sending + IO_TIMEOUT);
     c.upout.clear();
     c.upout.extend_from_slice(&c.uphead);
     let mut early_head = None;
@@ -732,7 +832,8 @@ where
                 .map_err(Failure::Early)?;
             c.upout.clear();
             // Let the instance say 100 (or refuse) before the body goes.
-            if let Ok(head) = tokio::time::timeout(EXPECT_WAIT, read_response_head(uc)).await {
+            let waited = tokio::time::timeout(EXPECT_WAIT, read_response_head(uc, &mut c.deadline));
+            if let Ok(head) = waited.await {
                 let head = head?;
                 let status = response_status(&uc.buf.filled()[..head]);
                 if status == Some(100) {
@@ -754,6 +855,7 @@ where
                 early_head = Some(head);
                 body_skipped = true;
             }
+            c.deadline.set(Instant::now() + IO_TIMEOUT);
         }
     }
 
@@ -761,7 +863,7 @@ where
     let (head_len, status, framing, upstream_keep, upgrade, client_keep) = loop {
         let head_len = match early_head.take() {
             Some(h) => h,
-            None => read_response_head(uc).await?,
+            None => read_response_head(uc, &mut c.deadline).await?,
         };
         let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut storage);
@@ -818,7 +920,7 @@ where
 
         let out = &mut c.out;
         out.clear();
-        let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
+        status_line(out, status, reason);
         let mut length_copied = false;
         for h in headers {
             let name = h.name;
@@ -844,9 +946,11 @@ where
             push_header(out, name.as_bytes(), h.value);
         }
         match framing {
-            Framing::Length(n) => {
-                let _ = write!(out, "content-length: {n}\r\n");
-            }
+            Framing::Length(n) => push_header(
+                out,
+                b"content-length",
+                itoa::Buffer::new().format(n).as_bytes(),
+            ),
             Framing::Chunked if !dechunk => {
                 out.extend_from_slice(b"transfer-encoding: chunked\r\n")
             }
@@ -1094,12 +1198,7 @@ mod tests {
         };
         let table = Table::build(&empty, &crate::stats::Stats::default());
         let mut up = Vec::new();
-        let a = admit(
-            head.as_bytes(),
-            "10.0.0.1".parse().unwrap(),
-            &table,
-            &mut up,
-        );
+        let a = admit(head.as_bytes(), "10.0.0.1", &table, &mut up);
         (a, String::from_utf8(up).unwrap())
     }
 

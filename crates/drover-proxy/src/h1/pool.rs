@@ -2,15 +2,16 @@
 //!
 //! A worker's connections all run on its current-thread runtime, so the pool
 //! is a plain `RefCell` map with no lock; it is never borrowed across an
-//! `.await`. Idle connections are used newest first (the most likely to be
+//! `.await`. Its map hashes with FxHash: the keys are the routing table's
+//! instance addresses, not client input. Idle connections are used newest first (the most likely to be
 //! alive) and dropped after [`POOL_IDLE_TIMEOUT`], or when the instance
 //! closed them while they sat in the pool.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 
+use rustc_hash::FxHashMap;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -55,15 +56,15 @@ struct Idle {
 /// One worker thread's idle upstream connections, by address.
 #[derive(Default)]
 pub struct Pool {
-    idle: RefCell<HashMap<SocketAddr, Vec<Idle>>>,
+    idle: RefCell<FxHashMap<SocketAddr, Vec<Idle>>>,
 }
 
 impl Pool {
-    /// An idle connection to `addr` that still looks usable, if any.
-    pub fn take(&self, addr: SocketAddr) -> Option<UpstreamConn> {
+    /// An idle connection to `addr` that still looks usable at `now`, if
+    /// any.
+    pub fn take(&self, addr: SocketAddr, now: Instant) -> Option<UpstreamConn> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
-        let now = Instant::now();
         while let Some(Idle { conn, since }) = list.pop() {
             if now.duration_since(since) >= POOL_IDLE_TIMEOUT {
                 continue;
@@ -79,18 +80,15 @@ impl Pool {
         None
     }
 
-    /// Keeps `conn` (idle, its response fully read) for reuse.
-    pub fn put(&self, addr: SocketAddr, conn: UpstreamConn) {
+    /// Keeps `conn` (idle since `now`, its response fully read) for reuse.
+    pub fn put(&self, addr: SocketAddr, conn: UpstreamConn, now: Instant) {
         debug_assert!(conn.buf.is_empty());
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(addr).or_default();
         if list.len() >= MAX_IDLE_PER_UPSTREAM {
             list.remove(0);
         }
-        list.push(Idle {
-            conn,
-            since: Instant::now(),
-        });
+        list.push(Idle { conn, since: now });
     }
 
     /// Closes the connections idle for longer than [`POOL_IDLE_TIMEOUT`].
