@@ -26,8 +26,10 @@
 # the backends to core 1. Each figure is the median of RUNS runs of SECS s,
 # the runs interleaved across the proxies.
 # Measured: requests/s at 50 keep-alive connections and with a new
-# connection per request (4 at a time); p50/p99 at 1 connection and at half
-# of the proxy's peak rate (10 connections); RSS idle and under load; and
+# connection per request (4 at a time); p50/p99 at 1 connection and, over
+# 10 connections, at one rate for all: half the peak of the slowest proxy
+# (so every proxy is at half its own peak or below, and all carry the same
+# load); RSS idle and under load; and
 # failed requests across 20 switches between two backend sets under load
 # (drover: rollouts; nginx: `nginx -s reload`; HAProxy: master-worker reload
 # with SIGUSR2). Rewrites the section between the proxies markers of
@@ -324,7 +326,6 @@ measure new 4 "$SECS" --new-conn
 measure one 1 "$SECS"
 for who in $ONLY; do
   read -r RPS50[$who] _ _ e1 total ticks <<<"$(median k50 $who)"
-  HALF[$who]=$(( ${RPS50[$who]} / 2 ))
   if [ $who != direct ]; then
     # The proxy's CPU time over the 50-connection runs: its share of core 0,
     # and requests per CPU-second (what it could do with a whole core).
@@ -336,6 +337,14 @@ print('%d%%' % round(100 * s / ($RUNS * $SECS)), int($total / max(s, 1e-9)))")"
   read -r _ P50_1[$who] P99_1[$who] e3 _ _ <<<"$(median one $who)"
   ERR[$who]=$((e1 + e2 + e3))
 done
+# The same offered load for every proxy: half the slowest one's peak.
+RATE=
+for who in $ONLY; do
+  [ $who = direct ] && continue
+  h=$(( ${RPS50[$who]} / 2 ))
+  if [ -z "$RATE" ] || [ "$h" -lt "$RATE" ]; then RATE=$h; fi
+done
+for who in $ONLY; do HALF[$who]=${RATE:-$(( ${RPS50[$who]} / 2 ))}; done
 measure half 10 "$SECS"
 for who in $ONLY; do
   read -r _ P50_H[$who] P99_H[$who] e4 _ _ <<<"$(median half $who)"
@@ -407,14 +416,14 @@ OUT=$D/section.md
   echo
   echo "\`bash bench/proxies.sh\` (RUNS=$RUNS, SECS=$SECS), $(date -u +%Y-%m-%d), $(nproc) cores, drover built with \`--profile dist\`. Each proxy has one worker/thread pinned to core 0; the load generator and the two backends are on core 1; medians of $RUNS runs, interleaved across the proxies. \"proxy CPU\" is the proxy's user+system CPU time over its 50-connection runs (of one core), and \"req per proxy CPU-second\" its requests divided by that time: what it would serve with a whole core, whichever side of the machine ran out first. nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), HAProxy $(haproxy -v | head -1 | awk '{print $3}')."
   echo
-  echo "| proxy | req/s, 50 keep-alive conns | proxy CPU (of 1 core) | req per proxy CPU-second | req/s, new conn per request (4) | p50, 1 conn | p99, 1 conn | p50 at half peak | p99 at half peak | RSS idle | RSS under load | errors |"
+  echo "| proxy | req/s, 50 keep-alive conns | proxy CPU (of 1 core) | req per proxy CPU-second | req/s, new conn per request (4) | p50, 1 conn | p99, 1 conn | p50 at $RATE req/s | p99 at $RATE req/s | RSS idle | RSS under load | errors |"
   echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
   row direct
   row drover
   row nginx
   row haproxy
   echo
-  echo "Ratios (drover / other, 50 keep-alive connections): $(ratio "${RPS50[drover]}" "${RPS50[nginx]}") × nginx, $(ratio "${RPS50[drover]}" "${RPS50[haproxy]}") × HAProxy; per proxy CPU-second: $(ratio "${EFF[drover]}" "${EFF[nginx]}") × nginx, $(ratio "${EFF[drover]}" "${EFF[haproxy]}") × HAProxy. Added p99 at 1 connection over calling the instance directly: drover $(( ${P99_1[drover]} - ${P99_1[direct]} )) µs, nginx $(( ${P99_1[nginx]} - ${P99_1[direct]} )) µs, HAProxy $(( ${P99_1[haproxy]} - ${P99_1[direct]} )) µs."
+  echo "Ratios (drover / other, 50 keep-alive connections): $(ratio "${RPS50[drover]}" "${RPS50[nginx]}") × nginx, $(ratio "${RPS50[drover]}" "${RPS50[haproxy]}") × HAProxy; per proxy CPU-second: $(ratio "${EFF[drover]}" "${EFF[nginx]}") × nginx, $(ratio "${EFF[drover]}" "${EFF[haproxy]}") × HAProxy. Added p99 at 1 connection over calling the instance directly: drover $(( ${P99_1[drover]} - ${P99_1[direct]} )) µs, nginx $(( ${P99_1[nginx]} - ${P99_1[direct]} )) µs, HAProxy $(( ${P99_1[haproxy]} - ${P99_1[direct]} )) µs; at $RATE req/s over 10 connections (half the slowest proxy's peak, the same load for each): drover $(( ${P99_H[drover]} - ${P99_H[direct]} )) µs, nginx $(( ${P99_H[nginx]} - ${P99_H[direct]} )) µs, HAProxy $(( ${P99_H[haproxy]} - ${P99_H[direct]} )) µs."
   echo
   echo "User-space instructions per proxied request (callgrind, 5,000 requests over 10 keep-alive connections, all threads): drover $INSTR_DROVER, nginx $INSTR_NGINX."
   echo
