@@ -76,6 +76,10 @@ pub struct ProxyConfig {
     pub tls: Option<(String, String)>,
     /// Which request path serves traffic.
     pub engine: Engine,
+    /// h1: an upgraded connection (WebSocket) with no bytes either way for
+    /// this long is closed, so that clients gone without a FIN and
+    /// half-closed tunnels do not hold connections forever.
+    pub tunnel_idle_timeout: Duration,
 }
 
 /// The proxy's request path. Both route, split, retry, count and drain
@@ -130,9 +134,15 @@ impl Default for ProxyConfig {
             metrics_addr: None,
             tls: None,
             engine: Engine::default(),
+            tunnel_idle_timeout: TUNNEL_IDLE_TIMEOUT,
         }
     }
 }
+
+/// The default [`ProxyConfig::tunnel_idle_timeout`]: an hour, HAProxy's
+/// usual `timeout tunnel` (nginx's 60 s `proxy_read_timeout` closes quiet
+/// WebSockets that ping less often than once a minute).
+pub const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// How long [`run`] waits for a first routing table before it starts
 /// listening anyway (requests then get 503 until a table arrives).

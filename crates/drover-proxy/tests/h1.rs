@@ -355,6 +355,29 @@ impl Client {
     }
 
     /// True once the proxy has closed this connection.
+    /// `GET /upgrade` with `Upgrade: shout`, answered 101.
+    async fn upgrade(&mut self) -> Response {
+        let r = self
+            .request(&format!(
+                "GET /upgrade HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade\r\nUpgrade: shout\r\n\r\n"
+            ))
+            .await;
+        assert_eq!(r.status(), 101);
+        r
+    }
+
+    /// Over an upgraded connection: sends `word`, expects it upper-cased
+    /// back; false if the connection closed first.
+    async fn shout(&mut self, word: &str) -> bool {
+        self.send(word.as_bytes()).await;
+        if !fill(&mut self.s, &mut self.buf, word.len()).await {
+            return false;
+        }
+        let got: Vec<u8> = self.buf.drain(..word.len()).collect();
+        assert_eq!(got, word.to_ascii_uppercase().as_bytes());
+        true
+    }
+
     async fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
         matches!(
@@ -584,19 +607,41 @@ async fn close_delimited_responses_end_the_client_connection() {
 async fn an_upgrade_becomes_a_two_way_byte_stream() {
     let (_b, h) = start("upgrade").await;
     let mut c = Client::connect(&h).await;
-    let r = c
-        .request(&format!(
-            "GET /upgrade HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade\r\nUpgrade: shout\r\n\r\n"
-        ))
-        .await;
-    assert_eq!(r.status(), 101);
+    let r = c.upgrade().await;
     assert_eq!(r.head.get("upgrade"), Some("shout"));
     for word in ["hello", "again"] {
-        c.send(word.as_bytes()).await;
-        assert!(fill(&mut c.s, &mut c.buf, word.len()).await);
-        let got: Vec<u8> = c.buf.drain(..word.len()).collect();
-        assert_eq!(got, word.to_ascii_uppercase().as_bytes());
+        assert!(c.shout(word).await, "the tunnel closed");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_is_closed_after_the_tunnel_idle_timeout() {
+    let (_b, addr) = Backend::start().await;
+    let h = Harness::start_with(
+        "h1",
+        "tunnel-idle",
+        routes(addr),
+        &["--tunnel-idle-timeout", "2"],
+    )
+    .await;
+    let mut c = Client::connect(&h).await;
+    c.upgrade().await;
+    // Busy for twice the timeout, a word every half second: stays open.
+    for i in 0..8 {
+        assert!(
+            c.shout(&format!("w{i}")).await,
+            "closed while busy after {i} words"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Quiet: the proxy closes it, about two seconds after the last byte.
+    let quiet = std::time::Instant::now();
+    assert!(c.closed().await, "an idle tunnel stayed open");
+    let after = quiet.elapsed();
+    assert!(
+        after >= Duration::from_millis(1000),
+        "closed after {after:?}, before the timeout"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

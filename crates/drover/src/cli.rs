@@ -217,6 +217,11 @@ enum Cmd {
         /// The request path: drover's own HTTP/1.1 engine (h1), or pingora.
         #[arg(long, env = "DROVER_PROXY_ENGINE", default_value = "h1")]
         engine: drover_proxy::Engine,
+        /// Close an upgraded connection (WebSocket) after this many seconds
+        /// without a byte either way (h1 engine).
+        #[arg(long, default_value_t = drover_proxy::TUNNEL_IDLE_TIMEOUT.as_secs(),
+              value_parser = clap::value_parser!(u64).range(1..))]
+        tunnel_idle_timeout: u64,
         #[command(flatten)]
         join: JoinArg,
     },
@@ -679,6 +684,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             engine,
+            tunnel_idle_timeout,
             join,
         } => {
             let token = Some(join.token()?);
@@ -694,6 +700,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 token,
                 metrics_addr,
                 engine,
+                tunnel_idle_timeout: std::time::Duration::from_secs(tunnel_idle_timeout),
             })
         }
         Cmd::Tokens {

@@ -4,7 +4,7 @@
 //!
 //! Usage: `drover-proxy-dev [--listen ADDR] [--server URL] [--name NAME]
 //! [--threads N] [--grace SECS] [--engine pingora|h1] [--tls-cert PEM
-//! --tls-key PEM]`; the engine defaults
+//! --tls-key PEM] [--tunnel-idle-timeout SECS]`; the engine defaults
 //! to `$DROVER_PROXY_ENGINE`, then h1; logs follow `RUST_LOG`.
 
 use anyhow::{bail, Context as _};
@@ -34,6 +34,11 @@ fn parse_args() -> anyhow::Result<ProxyConfig> {
             }
             "--tls-cert" => cert = Some(value()?),
             "--tls-key" => key = Some(value()?),
+            "--tunnel-idle-timeout" => {
+                let secs: u64 = value()?.parse().context("--tunnel-idle-timeout")?;
+                anyhow::ensure!(secs > 0, "--tunnel-idle-timeout must be at least 1 second");
+                config.tunnel_idle_timeout = std::time::Duration::from_secs(secs);
+            }
             other => bail!("unknown argument {other}"),
         }
     }

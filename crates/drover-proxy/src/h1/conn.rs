@@ -27,10 +27,12 @@
 //!
 //! Failures become HTTP statuses in one place, [`Failure::status`].
 
+use std::cell::Cell;
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
@@ -84,6 +86,9 @@ pub struct Worker {
     /// Cancelled on SIGTERM: stop accepting, close idle connections, answer
     /// in-flight requests with `Connection: close`.
     pub shutdown: CancellationToken,
+    /// An upgraded connection idle this long (no bytes either way) is
+    /// closed.
+    pub tunnel_idle: Duration,
 }
 
 /// A downstream connection and its buffers, reused request after request.
@@ -1009,7 +1014,7 @@ where
     })?;
 
     if upgrade {
-        tunnel(c, uc).await;
+        tunnel(c, uc, w.tunnel_idle).await;
         return Ok((
             Answered {
                 status,
@@ -1094,9 +1099,9 @@ fn response_status(head: &[u8]) -> Option<u16> {
     parsed.code
 }
 
-/// After `101 Switching Protocols`: bytes both ways until either side
-/// closes.
-async fn tunnel<S>(c: &mut Downstream<S>, uc: &mut UpstreamConn)
+/// After `101 Switching Protocols`: bytes both ways until both sides have
+/// closed, either fails, or no byte has moved for `idle`.
+async fn tunnel<S>(c: &mut Downstream<S>, uc: &mut UpstreamConn, idle: Duration)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -1115,8 +1120,80 @@ where
         let n = c.buf.len();
         c.buf.consume(n);
     }
-    if let Err(e) = tokio::io::copy_bidirectional(&mut c.io, &mut uc.stream).await {
-        tracing::debug!(error = %e, "upgraded connection ended");
+    // Every read that returns bytes stamps `last`; the idle wait sleeps
+    // until `last + idle` and goes back to sleep while bytes keep coming.
+    let last = Cell::new(Instant::now());
+    let mut down = Stamped {
+        io: &mut c.io,
+        last: &last,
+    };
+    let mut up = Stamped {
+        io: &mut uc.stream,
+        last: &last,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    let idled = async {
+        let sleep = tokio::time::sleep_until(last.get() + idle);
+        tokio::pin!(sleep);
+        loop {
+            sleep.as_mut().await;
+            let due = last.get() + idle;
+            if due <= Instant::now() {
+                return;
+            }
+            sleep.as_mut().reset(due);
+        }
+    };
+    tokio::select! {
+        r = copy => if let Err(e) = r {
+            tracing::debug!(error = %e, "upgraded connection ended");
+        },
+        () = idled => tracing::debug!(?idle, "upgraded connection idle: closed"),
+    }
+}
+
+/// A stream whose reads stamp the time of the last bytes received.
+struct Stamped<'a, T> {
+    io: &'a mut T,
+    last: &'a Cell<Instant>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Stamped<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.last.set(Instant::now());
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Stamped<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_shutdown(cx)
     }
 }
 

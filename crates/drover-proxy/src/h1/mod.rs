@@ -119,6 +119,7 @@ pub fn run(config: &ProxyConfig, state: Arc<ProxyState>) -> anyhow::Result<()> {
             state: state.clone(),
             pool: Pool::default(),
             shutdown: shutdown.clone(),
+            tunnel_idle: config.tunnel_idle_timeout,
         };
         let (tls, active) = (tls.clone(), active.clone());
         std::thread::Builder::new()
