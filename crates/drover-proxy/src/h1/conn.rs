@@ -97,7 +97,8 @@ struct Downstream<S> {
     /// The client's address as text, for `x-forwarded-for`.
     peer: String,
     /// The connection's one timer: the keep-alive and header timeouts,
-    /// and the wait for an instance's response head.
+    /// the wait for an instance's response head, an upgraded tunnel's
+    /// idle timeout.
     deadline: Deadline,
     /// Received bytes: the request head, then body and pipelined requests.
     buf: Buf,
@@ -1120,8 +1121,8 @@ where
         let n = c.buf.len();
         c.buf.consume(n);
     }
-    // Every read that returns bytes stamps `last`; the idle wait sleeps
-    // until `last + idle` and goes back to sleep while bytes keep coming.
+    // Every read that returns bytes stamps `last`; the connection's
+    // deadline is moved to `last + idle` each time it passes early.
     let last = Cell::new(Instant::now());
     let mut down = Stamped {
         io: &mut c.io,
@@ -1132,16 +1133,14 @@ where
         last: &last,
     };
     let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    let deadline = &mut c.deadline;
     let idled = async {
-        let sleep = tokio::time::sleep_until(last.get() + idle);
-        tokio::pin!(sleep);
         loop {
-            sleep.as_mut().await;
-            let due = last.get() + idle;
-            if due <= Instant::now() {
+            deadline.set(last.get() + idle);
+            deadline.passed().await;
+            if last.get() + idle <= Instant::now() {
                 return;
             }
-            sleep.as_mut().reset(due);
         }
     };
     tokio::select! {
